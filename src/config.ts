@@ -1,0 +1,94 @@
+/**
+ * The one configuration module. Every knob is an environment variable with a
+ * default; the README's configuration table is this list.
+ */
+import { join, resolve } from 'node:path'
+
+type Parse<T> = (raw: string) => T
+
+interface Knob<T> {
+  env: string
+  default: T
+  parse: Parse<T>
+  doc: string
+}
+
+const str: Parse<string> = (s) => s
+const int: Parse<number> = (s) => {
+  const n = Number(s)
+  if (!Number.isSafeInteger(n) || n < 0) throw new ConfigError(`expected a non-negative integer, got "${s}"`)
+  return n
+}
+const list: Parse<string[]> = (s) =>
+  s
+    .split(',')
+    .map((x) => x.trim())
+    .filter(Boolean)
+const mode: Parse<'dev' | 'production'> = (s) => {
+  if (s !== 'dev' && s !== 'production') throw new ConfigError(`COCORE_MODE must be dev or production, got "${s}"`)
+  return s
+}
+
+export class ConfigError extends Error {
+  override name = 'ConfigError'
+}
+
+const knob = <T>(env: string, def: T, parse: Parse<T>, doc: string): Knob<T> => ({ env, default: def, parse, doc })
+
+/** Every setting, its environment variable, default and meaning. */
+export const knobs = {
+  mode: knob('COCORE_MODE', 'dev' as 'dev' | 'production', mode, '`dev` boots the embedded local network; `production` uses the relay/PDS URLs below'),
+  host: knob('COCORE_HOST', '127.0.0.1', str, 'Address the HTTP services listen on'),
+  dataDir: knob('COCORE_DATA_DIR', 'data', str, 'Directory for local state (SQLite databases, keys)'),
+  appviewPort: knob('COCORE_APPVIEW_PORT', 2584, int, 'AppView XRPC port'),
+  consolePort: knob('COCORE_CONSOLE_PORT', 2585, int, 'Console port'),
+  plcPort: knob('COCORE_PLC_PORT', 2582, int, 'dev only: port of the embedded PLC directory'),
+  pdsPort: knob('COCORE_PDS_PORT', 2583, int, 'dev only: port of the embedded PDS'),
+  appviewDb: knob('COCORE_APPVIEW_DB', '', str, 'AppView SQLite file (default `<dataDir>/appview.sqlite`)'),
+  appviewPublicUrl: knob('COCORE_APPVIEW_PUBLIC_URL', '', str, 'Public https URL of the AppView, used for its did:web (default `http://<host>:<appviewPort>`)'),
+  relayUrl: knob('COCORE_RELAY_URL', '', str, 'production: firehose relay, e.g. `wss://bsky.network`'),
+  pdsUrls: knob('COCORE_PDS_URLS', [] as string[], list, 'Comma-separated PDS URLs to subscribe to directly (instead of, or besides, a relay)'),
+  plcUrl: knob('COCORE_PLC_URL', 'https://plc.directory', str, 'PLC directory (dev: the embedded one)'),
+  didCacheSize: knob('COCORE_DID_CACHE_SIZE', 50_000, int, 'Maximum DID documents kept in the identity cache'),
+  didCacheTtlSec: knob('COCORE_DID_CACHE_TTL_SEC', 3600, int, 'Seconds before a cached DID document is refreshed'),
+  logLevel: knob('COCORE_LOG_LEVEL', 'info', str, 'debug, info, warn, error or silent'),
+} as const
+
+type Knobs = typeof knobs
+export type Config = { -readonly [K in keyof Knobs]: Knobs[K]['default'] } & {
+  /** Resolved absolute paths and URLs derived from the knobs. */
+  appviewDbPath: string
+  appviewUrl: string
+  /** Firehose sources: relay and/or PDS URLs, as ws(s) URLs. */
+  firehoseSources: string[]
+}
+
+export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
+  const out: Record<string, unknown> = {}
+  for (const [key, k] of Object.entries(knobs) as [string, Knob<unknown>][]) {
+    const raw = env[k.env]
+    try {
+      out[key] = raw === undefined || raw === '' ? k.default : k.parse(raw)
+    } catch (err) {
+      throw new ConfigError(`${k.env}: ${(err as Error).message}`)
+    }
+  }
+  const c = out as Config
+  c.dataDir = resolve(c.dataDir)
+  c.appviewDbPath = c.appviewDb ? resolve(c.appviewDb) : join(c.dataDir, 'appview.sqlite')
+  c.appviewUrl = c.appviewPublicUrl || `http://${c.host}:${c.appviewPort}`
+  c.firehoseSources = [...(c.relayUrl ? [c.relayUrl] : []), ...c.pdsUrls].map(toWs)
+  if (c.mode === 'production' && c.firehoseSources.length === 0) {
+    throw new ConfigError('production mode needs COCORE_RELAY_URL or COCORE_PDS_URLS')
+  }
+  return c
+}
+
+/** https://pds.example -> wss://pds.example (the firehose endpoint is on the same host). */
+export function toWs(url: string): string {
+  return url.replace(/^http(s?):\/\//, 'ws$1://').replace(/\/+$/, '')
+}
+
+export function toHttp(url: string): string {
+  return url.replace(/^ws(s?):\/\//, 'http$1://').replace(/\/+$/, '')
+}

@@ -1,0 +1,86 @@
+/**
+ * The one schema file. AppView tables: indexed records and the per-repo and
+ * per-source sync state that makes the indexer exactly-once.
+ * Migrations in `src/db/migrations/` are generated from this file by
+ * `npm run db:generate` and applied at start.
+ */
+import { sql } from 'drizzle-orm'
+import { index, integer, primaryKey, sqliteTable, text } from 'drizzle-orm/sqlite-core'
+
+/**
+ * Every indexed `dev.cocore.*` record, keyed by AT URI. `body` is the record
+ * JSON as published. The typed columns are copies of the fields queries filter
+ * on, so every list is an indexed range scan on (filter, sortAt, uri).
+ */
+export const records = sqliteTable(
+  'records',
+  {
+    uri: text('uri').primaryKey(),
+    did: text('did').notNull(),
+    collection: text('collection').notNull(),
+    rkey: text('rkey').notNull(),
+    cid: text('cid').notNull(),
+    body: text('body').notNull(),
+    /** The record's own timestamp (createdAt, completedAt, settledAt...), normalized ISO; the list order. */
+    sortAt: text('sort_at').notNull(),
+    /** When this AppView indexed it: local, so excluded when two AppViews compare state. */
+    indexedAt: text('indexed_at').notNull(),
+    providerDid: text('provider_did'),
+    requesterDid: text('requester_did'),
+    exchangeDid: text('exchange_did'),
+    subjectDid: text('subject_did'),
+    jobUri: text('job_uri'),
+    receiptUri: text('receipt_uri'),
+    attestationUri: text('attestation_uri'),
+    authorizationUri: text('authorization_uri'),
+    model: text('model'),
+  },
+  (t) => [
+    index('records_collection_sort').on(t.collection, t.sortAt, t.uri),
+    index('records_did_collection').on(t.did, t.collection, t.sortAt, t.uri),
+    index('records_requester').on(t.collection, t.requesterDid, t.sortAt, t.uri),
+    index('records_provider').on(t.collection, t.providerDid, t.sortAt, t.uri),
+    index('records_subject').on(t.collection, t.subjectDid, t.sortAt, t.uri),
+    index('records_exchange').on(t.collection, t.exchangeDid, t.sortAt, t.uri),
+    index('records_job').on(t.jobUri),
+    index('records_receipt').on(t.receiptUri),
+    index('records_attestation').on(t.attestationUri),
+    index('records_model').on(t.collection, t.model),
+  ],
+)
+
+/** Accounts seen on the network: handle and hosting status (replicated state). */
+export const accounts = sqliteTable('accounts', {
+  did: text('did').primaryKey(),
+  handle: text('handle'),
+  /** false while the account is deactivated/suspended: its rows stay but are hidden from reads. */
+  active: integer('active', { mode: 'boolean' }).notNull().default(true),
+  status: text('status'),
+})
+
+/** Per-repo sync state: the last applied commit rev (stale revs are ignored). Local. */
+export const repos = sqliteTable('repos', {
+  did: text('did').primaryKey(),
+  rev: text('rev').notNull(),
+  /** Set when a #sync, a gap or a failed commit calls for a full resync from getRepo. */
+  needsResync: integer('needs_resync', { mode: 'boolean' }).notNull().default(false),
+})
+
+/** Firehose cursor per source, written in the same transaction as the rows it covers. */
+export const cursors = sqliteTable('cursors', {
+  source: text('source').primaryKey(),
+  seq: integer('seq').notNull(),
+})
+
+/** Records and events refused by the indexer, counted by reason. */
+export const rejections = sqliteTable(
+  'rejections',
+  {
+    reason: text('reason').notNull(),
+    collection: text('collection').notNull().default(''),
+    count: integer('count').notNull().default(0),
+    lastUri: text('last_uri'),
+    lastAt: text('last_at').notNull().default(sql`CURRENT_TIMESTAMP`),
+  },
+  (t) => [primaryKey({ columns: [t.reason, t.collection] })],
+)

@@ -1,0 +1,74 @@
+/**
+ * Identity resolution with a bounded DID cache. In production the resolver
+ * keeps `@atproto/identity`'s default SSRF-safe fetch (https only, no private
+ * addresses); only the embedded local network passes plain `fetch` for http.
+ */
+import { IdResolver, type CacheResult, type DidCache, type DidDocument } from '@atproto/identity'
+
+/** An LRU DID cache with a size bound and stale/expiry ages (never an unbounded Map). */
+export class BoundedDidCache implements DidCache {
+  private readonly entries = new Map<string, { doc: DidDocument; updatedAt: number }>()
+  private readonly maxSize: number
+  private readonly staleMs: number
+  private readonly maxAgeMs: number
+  constructor(opts: { maxSize: number; staleMs: number; maxAgeMs?: number }) {
+    this.maxSize = opts.maxSize
+    this.staleMs = opts.staleMs
+    this.maxAgeMs = opts.maxAgeMs ?? opts.staleMs * 24
+  }
+  get size(): number {
+    return this.entries.size
+  }
+  async cacheDid(did: string, doc: DidDocument): Promise<void> {
+    this.entries.delete(did)
+    this.entries.set(did, { doc, updatedAt: Date.now() })
+    // Map iteration order is insertion order: the first key is the least recently used.
+    while (this.entries.size > this.maxSize) this.entries.delete(this.entries.keys().next().value!)
+  }
+  async refreshCache(did: string, getDoc: () => Promise<DidDocument | null>): Promise<void> {
+    const doc = await getDoc()
+    if (doc) await this.cacheDid(did, doc)
+  }
+  async checkCache(did: string): Promise<CacheResult | null> {
+    const val = this.entries.get(did)
+    if (!val) return null
+    const now = Date.now()
+    if (now > val.updatedAt + this.maxAgeMs) {
+      this.entries.delete(did)
+      return null
+    }
+    // Touch for LRU order.
+    this.entries.delete(did)
+    this.entries.set(did, val)
+    return { did, doc: val.doc, updatedAt: val.updatedAt, stale: now > val.updatedAt + this.staleMs, expired: false }
+  }
+  async clearEntry(did: string): Promise<void> {
+    this.entries.delete(did)
+  }
+  async clear(): Promise<void> {
+    this.entries.clear()
+  }
+}
+
+export interface IdentityOpts {
+  plcUrl: string
+  cacheSize: number
+  cacheTtlSec: number
+  /** Local network only: allow plain-http PLC/PDS/did:web fetches. */
+  allowHttp: boolean
+}
+
+export function createIdResolver(opts: IdentityOpts): IdResolver {
+  return new IdResolver({
+    plcUrl: opts.plcUrl,
+    timeout: 5000,
+    didCache: new BoundedDidCache({ maxSize: opts.cacheSize, staleMs: opts.cacheTtlSec * 1000 }),
+    ...(opts.allowHttp ? { fetch: globalThis.fetch } : {}),
+  })
+}
+
+/** The PDS endpoint of a DID document (`#atproto_pds` service), if any. */
+export function pdsEndpoint(doc: DidDocument): string | undefined {
+  const svc = doc.service?.find((s) => s.id === '#atproto_pds' || s.id === `${doc.id}#atproto_pds`)
+  return typeof svc?.serviceEndpoint === 'string' ? svc.serviceEndpoint : undefined
+}

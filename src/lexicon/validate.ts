@@ -1,0 +1,107 @@
+import { Lexicons, ValidationError, type LexUserType } from '@atproto/lexicon'
+import { schemas } from './generated/schemas.ts'
+
+/** The lexicon registry built from `lexicons/` (through the generated schema list). */
+export const lexicons = new Lexicons(schemas)
+
+/** Records over this size are invalid (atproto repository spec). */
+export const MAX_RECORD_BYTES = 1_000_000
+
+export type RecordValidation<T> = { success: true; value: T } | { success: false; reason: string; message: string }
+
+const B64 = /^[A-Za-z0-9+/]*={0,2}$/
+const B64URL = /^[A-Za-z0-9_-]*$/
+
+/** Strict base64 (standard or url-safe, padded or not); null when the string is not base64. */
+export function decodeBase64(s: string): Uint8Array | null {
+  if (B64.test(s)) {
+    if (s.length % 4 === 1) return null
+    return new Uint8Array(Buffer.from(s, 'base64'))
+  }
+  if (B64URL.test(s) && s.length % 4 !== 1) return new Uint8Array(Buffer.from(s, 'base64url'))
+  return null
+}
+
+/**
+ * The live network writes `bytes` fields as plain base64 strings, not as
+ * `{"$bytes": ...}` / CBOR byte strings. Returns a copy of `value` in which the
+ * strings found at `bytes` positions of the schema are decoded, so the standard
+ * validator (which wants Uint8Array there) checks them, lengths included.
+ * Values that are not base64 are left as they are and fail validation.
+ */
+function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, value: unknown, ctx: string): unknown {
+  const d = def as any
+  switch (d.type) {
+    case 'bytes':
+      return typeof value === 'string' ? (decodeBase64(value) ?? value) : value
+    case 'record':
+      return normalizeBytes(d.record, value, ctx)
+    case 'object': {
+      if (!value || typeof value !== 'object' || Array.isArray(value)) return value
+      let out: Record<string, unknown> | undefined
+      for (const [k, propDef] of Object.entries<any>(d.properties ?? {})) {
+        const v = (value as Record<string, unknown>)[k]
+        if (v === undefined) continue
+        const nv = normalizeBytes(propDef, v, ctx)
+        if (nv !== v) (out ??= { ...(value as Record<string, unknown>) })[k] = nv
+      }
+      return out ?? value
+    }
+    case 'array': {
+      if (!Array.isArray(value)) return value
+      let changed = false
+      const arr = value.map((item) => {
+        const n = normalizeBytes(d.items, item, ctx)
+        if (n !== item) changed = true
+        return n
+      })
+      return changed ? arr : value
+    }
+    case 'ref': {
+      const target = resolveRef(d.ref, ctx)
+      return target ? normalizeBytes(target.def, value, target.nsid) : value
+    }
+    case 'union': {
+      const t = (value as { $type?: unknown } | null)?.$type
+      if (typeof t !== 'string') return value
+      const ref = (d.refs as string[]).find((r) => (r.startsWith('#') ? ctx + r : r) === t || (r.startsWith('#') ? false : r + '#main' === t))
+      const target = ref ? resolveRef(ref, ctx) : undefined
+      return target ? normalizeBytes(target.def, value, target.nsid) : value
+    }
+    default:
+      return value
+  }
+}
+
+function resolveRef(ref: string, ctx: string): { def: LexUserType; nsid: string } | undefined {
+  const uri = ref.startsWith('#') ? ctx + ref : ref
+  const def = lexicons.getDef(uri.includes('#') ? uri : uri + '#main')
+  return def ? { def, nsid: uri.split('#')[0]! } : undefined
+}
+
+/**
+ * Validates a record against its collection's lexicon. `bytes` fields may be
+ * base64 strings or Uint8Arrays; the returned value is the record as given.
+ */
+export function validateRecord<T>(collection: string, value: unknown): RecordValidation<T> {
+  const def = lexicons.getDef(collection + '#main')
+  if (!def || def.type !== 'record') {
+    return { success: false, reason: 'unknown-collection', message: `no record lexicon for ${collection}` }
+  }
+  if (!value || typeof value !== 'object' || Array.isArray(value)) {
+    return { success: false, reason: 'not-an-object', message: 'record must be an object' }
+  }
+  const t = (value as { $type?: unknown }).$type
+  if (t !== undefined && t !== collection) {
+    return { success: false, reason: 'wrong-type', message: `$type ${String(t)} does not match collection ${collection}` }
+  }
+  try {
+    lexicons.assertValidRecord(collection, { ...(normalizeBytes(def, value, collection) as object), $type: collection })
+    return { success: true, value: value as T }
+  } catch (err) {
+    if (err instanceof ValidationError) {
+      return { success: false, reason: 'schema', message: err.message }
+    }
+    throw err
+  }
+}
