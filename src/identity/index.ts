@@ -3,7 +3,7 @@
  * keeps `@atproto/identity`'s default SSRF-safe fetch (https only, no private
  * addresses); only the embedded local network passes plain `fetch` for http.
  */
-import { IdResolver, type CacheResult, type DidCache, type DidDocument } from '@atproto/identity'
+import { HandleResolver, IdResolver, type CacheResult, type DidCache, type DidDocument } from '@atproto/identity'
 
 /** An LRU DID cache with a size bound and stale/expiry ages (never an unbounded Map). */
 export class BoundedDidCache implements DidCache {
@@ -56,15 +56,36 @@ export interface IdentityOpts {
   cacheTtlSec: number
   /** Local network only: allow plain-http PLC/PDS/did:web fetches. */
   allowHttp: boolean
+  /**
+   * Local network only: resolve handles by asking this PDS. `.test` handles
+   * have neither DNS records nor a reachable well-known endpoint.
+   */
+  handlesViaPds?: string
+}
+
+/** Resolves handles with `com.atproto.identity.resolveHandle` on one PDS (local network). */
+class PdsHandleResolver extends HandleResolver {
+  private readonly pds: string
+  constructor(pds: string) {
+    super()
+    this.pds = pds
+  }
+  override async resolve(handle: string): Promise<string | undefined> {
+    const res = await fetch(`${this.pds}/xrpc/com.atproto.identity.resolveHandle?handle=${encodeURIComponent(handle)}`)
+    if (!res.ok) return undefined
+    return ((await res.json()) as { did?: string }).did
+  }
 }
 
 export function createIdResolver(opts: IdentityOpts): IdResolver {
-  return new IdResolver({
+  const resolver = new IdResolver({
     plcUrl: opts.plcUrl,
     timeout: 5000,
     didCache: new BoundedDidCache({ maxSize: opts.cacheSize, staleMs: opts.cacheTtlSec * 1000 }),
     ...(opts.allowHttp ? { fetch: globalThis.fetch } : {}),
   })
+  if (opts.handlesViaPds) resolver.handle = new PdsHandleResolver(opts.handlesViaPds)
+  return resolver
 }
 
 /** The PDS endpoint of a DID document (`#atproto_pds` service), if any. */

@@ -1,0 +1,79 @@
+import { and, desc, eq, gte, sql } from 'drizzle-orm'
+import { records } from '../../../../../src/db/schema.ts'
+import { ids } from '../../../../../src/lexicon/generated/ids.ts'
+import type { ComputeLatencyOutput, ComputeLatencyParams } from '../../../../../src/lexicon/generated/types.ts'
+import { visible, type ApiContext } from '../../../util.ts'
+
+const WINDOW_MS = 7 * 24 * 3600_000
+/** Receipts read at most: the newest ones of the window, via the (collection, sort_at, uri) index. */
+const MAX_ROWS = 5000
+
+export interface LatencyStats {
+  sampleCount: number
+  p50Ms: number | null
+  p95Ms: number | null
+  avgMs: number | null
+  lastMs: number | null
+}
+
+/** Stats of samples given newest first; nearest-rank percentiles. */
+export function latencyStats(newestFirst: number[]): LatencyStats {
+  const n = newestFirst.length
+  if (n === 0) return { sampleCount: 0, p50Ms: null, p95Ms: null, avgMs: null, lastMs: null }
+  const sorted = [...newestFirst].sort((a, b) => a - b)
+  const rank = (p: number) => sorted[Math.max(0, Math.ceil((p / 100) * n) - 1)]!
+  return {
+    sampleCount: n,
+    p50Ms: rank(50),
+    p95Ms: rank(95),
+    avgMs: Math.round(sorted.reduce((s, v) => s + v, 0) / n),
+    lastMs: newestFirst[0]!,
+  }
+}
+
+function grouped(groups: Map<string, number[]>) {
+  return [...groups.entries()].map(([key, samples]) => ({ key, stats: latencyStats(samples) })).sort((a, b) => b.stats.sampleCount - a.stats.sampleCount || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0))
+}
+
+/** Latency (completedAt - startedAt) of receipts completed in the last 7 days. */
+export default function latency(ctx: ApiContext, _params: ComputeLatencyParams): ComputeLatencyOutput {
+  const now = Date.now()
+  const rows = ctx.db
+    .select({
+      provider: records.providerDid,
+      model: records.model,
+      startedAt: sql<unknown>`json_extract(${records.body}, '$.startedAt')`,
+      completedAt: sql<unknown>`json_extract(${records.body}, '$.completedAt')`,
+    })
+    .from(records)
+    .where(and(eq(records.collection, ids.ComputeReceipt), gte(records.sortAt, new Date(now - WINDOW_MS).toISOString()), visible()))
+    .orderBy(desc(records.sortAt), desc(records.uri))
+    .limit(MAX_ROWS)
+    .all()
+
+  const overall: number[] = []
+  const byProvider = new Map<string, number[]>()
+  const byModel = new Map<string, number[]>()
+  const push = (m: Map<string, number[]>, key: string | null, v: number) => {
+    if (key === null) return
+    const list = m.get(key)
+    if (list) list.push(v)
+    else m.set(key, [v])
+  }
+  for (const row of rows) {
+    if (typeof row.startedAt !== 'string' || typeof row.completedAt !== 'string') continue
+    const ms = Date.parse(row.completedAt) - Date.parse(row.startedAt)
+    if (!Number.isFinite(ms) || ms < 0) continue
+    overall.push(ms)
+    push(byProvider, row.provider, ms)
+    push(byModel, row.model, ms)
+  }
+
+  const out = {
+    overall: latencyStats(overall),
+    byProvider: grouped(byProvider).map(({ key, stats }) => ({ did: key, stats })),
+    byModel: grouped(byModel).map(({ key, stats }) => ({ modelId: key, stats })),
+    generatedAt: new Date(now).toISOString(),
+  }
+  return out
+}

@@ -1,0 +1,94 @@
+/**
+ * The AppView service: the index database, the firehose indexer and the XRPC
+ * read API, started and stopped together.
+ */
+import type { Server } from 'node:http'
+import { serve } from '@hono/node-server'
+import type { IdResolver } from '@atproto/identity'
+import { openDb, type Db } from '../src/db/index.ts'
+import { createIdResolver } from '../src/identity/index.ts'
+import { appviewLogger as log } from '../src/logger.ts'
+import { Indexer } from './indexer/indexer.ts'
+import { IndexStore } from './indexer/store.ts'
+
+export interface AppViewOpts {
+  dbPath: string
+  /** ws(s):// firehose sources (relay and/or PDSes). */
+  sources: string[]
+  plcUrl: string
+  /** Local network only. */
+  allowHttp?: boolean
+  handlesViaPds?: string
+  didCacheSize?: number
+  didCacheTtlSec?: number
+  /** HTTP listener; no server when port is undefined. */
+  port?: number
+  host?: string
+  /** Public URL, for the service's did:web. */
+  publicUrl?: string
+  /** Start the firehose consumer (false: serve reads only). */
+  index?: boolean
+  /**
+   * Sources with no saved cursor start at seq 0 instead of the live head.
+   * Right for a PDS (it keeps its whole log); a relay's history is short, so
+   * there a new AppView starts at the head and `npm run backfill` fills the past.
+   */
+  replayFromStart?: boolean
+}
+
+export class AppView implements AsyncDisposable {
+  readonly db: Db
+  readonly store: IndexStore
+  readonly idResolver: IdResolver
+  readonly indexer: Indexer
+  private server: Server | null = null
+  private readonly opts: AppViewOpts
+  url = ''
+
+  constructor(opts: AppViewOpts) {
+    this.opts = opts
+    this.db = openDb(opts.dbPath)
+    this.store = new IndexStore(this.db)
+    this.idResolver = createIdResolver({
+      plcUrl: opts.plcUrl,
+      cacheSize: opts.didCacheSize ?? 50_000,
+      cacheTtlSec: opts.didCacheTtlSec ?? 3600,
+      allowHttp: opts.allowHttp ?? false,
+      handlesViaPds: opts.handlesViaPds,
+    })
+    this.indexer = new Indexer({ store: this.store, idResolver: this.idResolver, sources: opts.sources, replayFromStart: opts.replayFromStart })
+  }
+
+  async start(): Promise<this> {
+    if (this.opts.index !== false) this.indexer.start()
+    if (this.opts.port !== undefined) {
+      // Loaded only when serving: an indexer-only process never loads the read API.
+      const { createApp } = await import('./server.ts')
+      const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, publicUrl: this.opts.publicUrl })
+      const host = this.opts.host ?? '127.0.0.1'
+      await new Promise<void>((resolve) => {
+        this.server = serve({ fetch: app.fetch, port: this.opts.port, hostname: host }, (info) => {
+          this.url = `http://${host}:${info.port}`
+          resolve()
+        }) as Server
+      })
+      log.info('appview listening', { url: this.url })
+    }
+    return this
+  }
+
+  async stop(): Promise<void> {
+    await this.indexer.stop()
+    if (this.server) {
+      const server = this.server
+      this.server = null
+      server.closeAllConnections()
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    }
+    this.db.$client.close()
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop()
+  }
+}

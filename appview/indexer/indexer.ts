@@ -1,0 +1,337 @@
+/**
+ * Firehose -> validate -> index. One `@atproto/sync` Firehose per source (a
+ * relay or a PDS). Commits are filtered to `dev.cocore.*` by their op paths
+ * before any signature or MST-proof work; matching commits are verified by the
+ * library against the DID's key (bounded cache, one refresh on failure).
+ *
+ * Per event, everything the event changes is collected while it is handled
+ * (async work such as confirming an account deletion with its PDS happens
+ * there), then applied in one transaction together with the cursor.
+ */
+import { TID } from '@atproto/common-web'
+import type { IdResolver } from '@atproto/identity'
+import { Firehose, FirehoseParseError, FirehoseValidationError, type Event } from '@atproto/sync'
+import { indexerLogger as log } from '../../src/logger.ts'
+import { MAX_RECORD_BYTES, validateRecord } from '../../src/lexicon/validate.ts'
+import { recordCollections } from '../../src/lexicon/generated/ids.ts'
+import { OrderedRunner } from './runner.ts'
+import { COCORE_PREFIX, fetchRepo, getRepoStatus, type FetchedRepo } from './repo-fetch.ts'
+import type { IndexOp, IndexStore, RecordWrite } from './store.ts'
+
+const KNOWN = new Set<string>(recordCollections)
+
+/** Milliseconds encoded in a TID rev; 0 for a malformed one. */
+const revTime = (rev: string): number => (TID.is(rev) ? TID.fromStr(rev).timestamp() / 1000 : 0)
+/** Revs more than this far ahead of our clock are refused (atproto sync spec). */
+const MAX_CLOCK_SKEW_MS = 5 * 60_000
+
+type Change =
+  | { kind: 'commit'; did: string; rev: string; ops: IndexOp[]; rejects: Rejection[] }
+  | { kind: 'reject-commit'; rejection: Rejection }
+  | { kind: 'purge'; did: string }
+  | { kind: 'status'; did: string; active: boolean; status: string | null }
+  | { kind: 'handle'; did: string; handle: string | null }
+  | { kind: 'replace'; repo: FetchedRepo }
+  | { kind: 'needs-resync'; did: string }
+
+interface Rejection {
+  reason: string
+  collection: string
+  uri: string | null
+}
+
+export interface IndexerStats {
+  events: number
+  commitsApplied: number
+  staleCommits: number
+  recordsWritten: number
+  recordsDeleted: number
+  rejected: number
+  purged: number
+  resyncs: number
+}
+
+export interface IndexerOpts {
+  store: IndexStore
+  idResolver: IdResolver
+  /** ws(s):// URLs of relays or PDSes. */
+  sources: string[]
+  fetch?: typeof fetch
+  concurrency?: number
+  /** Sources without a saved cursor start at seq 0 rather than the live head. */
+  replayFromStart?: boolean
+}
+
+export class Indexer implements AsyncDisposable {
+  readonly stats: IndexerStats = { events: 0, commitsApplied: 0, staleCommits: 0, recordsWritten: 0, recordsDeleted: 0, rejected: 0, purged: 0, resyncs: 0 }
+  private readonly opts: IndexerOpts
+  private readonly subs: { source: string; firehose: Firehose; runner: OrderedRunner; running: Promise<void> | null }[] = []
+  private readonly pending = new Map<string, Change[]>()
+  private resyncTimer: NodeJS.Timeout | null = null
+
+  constructor(opts: IndexerOpts) {
+    this.opts = opts
+    for (const source of opts.sources) {
+      const runner = new OrderedRunner({
+        startCursor: opts.store.getCursor(source) ?? (opts.replayFromStart ? 0 : undefined),
+        concurrency: opts.concurrency,
+        commit: (seq, cursor) => this.commit(source, seq, cursor),
+      })
+      const firehose = new Firehose({
+        service: source,
+        idResolver: opts.idResolver,
+        runner,
+        filterCollections: [`${COCORE_PREFIX}*`],
+        unauthenticatedHandles: true,
+        handleEvent: (evt) => this.handleEvent(source, evt),
+        onError: (err) => this.onError(source, err),
+      })
+      this.subs.push({ source, firehose, runner, running: null })
+    }
+  }
+
+  start(): void {
+    for (const sub of this.subs) sub.running ??= sub.firehose.start()
+    // Repos marked for resync (a #sync, or a fetch that failed) are retried until they succeed, across restarts.
+    this.resyncTimer = setInterval(() => void this.retryResyncs(), 5_000)
+    this.resyncTimer.unref()
+    void this.retryResyncs()
+  }
+
+  /** Highest seq of each source below which everything is applied. */
+  cursors(): Record<string, number | undefined> {
+    return Object.fromEntries(this.subs.map((s) => [s.source, s.runner.getCursor()]))
+  }
+
+  async stop(): Promise<void> {
+    if (this.resyncTimer) clearInterval(this.resyncTimer)
+    await Promise.all(
+      this.subs.map(async (s) => {
+        await s.firehose.destroy()
+        await s.runner.close()
+      }),
+    )
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop()
+  }
+
+  private key(source: string, seq: number) {
+    return `${seq}\u0000${source}`
+  }
+
+  private push(source: string, seq: number, change: Change) {
+    const k = this.key(source, seq)
+    const list = this.pending.get(k)
+    if (list) list.push(change)
+    else this.pending.set(k, [change])
+  }
+
+  private async handleEvent(source: string, evt: Event): Promise<void> {
+    const { store } = this.opts
+    switch (evt.event) {
+      case 'create':
+      case 'update':
+      case 'delete': {
+        const k = this.key(source, evt.seq)
+        let change = this.pending.get(k)?.find((c): c is Extract<Change, { kind: 'commit' }> => c.kind === 'commit')
+        if (!change) {
+          if (revTime(evt.rev) > Date.now() + MAX_CLOCK_SKEW_MS) {
+            // One rejection per commit; its ops are dropped.
+            if (!this.pending.get(k)?.some((c) => c.kind === 'reject-commit')) {
+              this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'rev-in-future', collection: '', uri: `at://${evt.did}` } })
+            }
+            return
+          }
+          change = { kind: 'commit', did: evt.did, rev: evt.rev, ops: [], rejects: [] }
+          this.push(source, evt.seq, change)
+          if (!store.isKnown(evt.did)) this.push(source, evt.seq, { kind: 'handle', did: evt.did, handle: await this.verifiedHandle(evt.did) })
+        }
+        const uri = evt.uri.toString()
+        if (evt.event === 'delete') {
+          change.ops.push({ action: 'delete', uri })
+          return
+        }
+        const rejection = this.check(evt.collection, uri, evt.record, evt.blocks.get(evt.cid)?.length ?? 0)
+        if (rejection) {
+          change.rejects.push(rejection)
+          // The repo no longer holds a valid version of this record: drop any older one.
+          change.ops.push({ action: 'delete', uri })
+          return
+        }
+        change.ops.push({ action: evt.event, uri, did: evt.did, collection: evt.collection, rkey: evt.rkey, cid: evt.cid.toString(), record: evt.record })
+        return
+      }
+      case 'account':
+        return this.handleAccount(source, evt.seq, evt.did, evt.active, evt.status ?? null)
+      case 'identity':
+        // Handles are verified both ways by us (the library is told not to), with the DID cache refreshed.
+        if (store.isKnown(evt.did)) this.push(source, evt.seq, { kind: 'handle', did: evt.did, handle: await this.verifiedHandle(evt.did, true) })
+        return
+      case 'sync':
+        // A #sync frame is not signature-checked by the library: it is only a
+        // trigger to fetch and verify the whole repo from its PDS. Only for
+        // repos we index: the relay announces every new account this way.
+        if (store.isKnown(evt.did)) await this.resyncInto(source, evt.seq, evt.did)
+        return
+    }
+  }
+
+  /** Validates one record; a Rejection when it must not be indexed. */
+  private check(collection: string, uri: string, record: unknown, size: number): Rejection | null {
+    if (!KNOWN.has(collection)) return { reason: 'unknown-collection', collection, uri }
+    if (size > MAX_RECORD_BYTES) return { reason: 'too-large', collection, uri }
+    const v = validateRecord(collection, record)
+    if (!v.success) {
+      log.warn('invalid record not indexed', { uri, reason: v.reason, detail: v.message })
+      return { reason: `invalid-${v.reason}`, collection, uri }
+    }
+    return null
+  }
+
+  private async handleAccount(source: string, seq: number, did: string, active: boolean, status: string | null) {
+    const { store, idResolver } = this.opts
+    // Accounts we hold nothing of cost nothing: the full relay carries many.
+    if (!store.isKnown(did)) return
+    if (active) {
+      this.push(source, seq, { kind: 'status', did, active: true, status: null })
+      return
+    }
+    if (status === 'deleted' || status === 'takendown') {
+      // #account frames are unsigned: confirm with the account's PDS before purging.
+      const confirmed = await getRepoStatus(idResolver, did, this.opts.fetch)
+      if (!confirmed) {
+        log.warn('account event not confirmed (PDS unreachable); state kept', { did, status })
+        return
+      }
+      if (!confirmed.exists || confirmed.status === 'deleted' || confirmed.status === 'takendown') {
+        this.push(source, seq, { kind: 'purge', did })
+      } else {
+        this.push(source, seq, { kind: 'status', did, active: confirmed.active, status: confirmed.active ? null : (confirmed.status ?? status) })
+      }
+      return
+    }
+    // deactivated, suspended, or an unknown status: hide, keep.
+    this.push(source, seq, { kind: 'status', did, active: false, status })
+  }
+
+  private async resyncInto(source: string, seq: number, did: string) {
+    try {
+      const repo = await fetchRepo(this.opts.idResolver, did, this.opts.fetch)
+      this.push(source, seq, { kind: 'replace', repo })
+    } catch (err) {
+      log.warn('resync failed; will retry', { did, err })
+      this.push(source, seq, { kind: 'needs-resync', did })
+    }
+  }
+
+  private async verifiedHandle(did: string, refresh = false): Promise<string | null> {
+    try {
+      const data = await this.opts.idResolver.did.resolveAtprotoData(did, refresh)
+      const back = await this.opts.idResolver.handle.resolve(data.handle)
+      return back === did ? data.handle : null
+    } catch (err) {
+      log.debug('handle not verified', { did, err })
+      return null
+    }
+  }
+
+  /** Applies what an event collected, and the cursor, in one transaction. */
+  private commit(source: string, seq: number, cursor: number | undefined) {
+    this.stats.events++
+    const k = this.key(source, seq)
+    const changes = this.pending.get(k)
+    this.pending.delete(k)
+    if (!changes && cursor === undefined) return
+    const { store } = this.opts
+    store.tx(() => {
+      for (const c of changes ?? []) this.apply(c)
+      if (cursor !== undefined) store.setCursor(source, cursor)
+    })
+  }
+
+  private apply(c: Change) {
+    const { store } = this.opts
+    switch (c.kind) {
+      case 'commit':
+        if (!store.applyCommit(c.did, c.rev, c.ops)) {
+          this.stats.staleCommits++
+          return
+        }
+        this.stats.commitsApplied++
+        for (const op of c.ops) op.action === 'delete' ? this.stats.recordsDeleted++ : this.stats.recordsWritten++
+        for (const r of c.rejects) this.reject(r)
+        return
+      case 'reject-commit':
+        return this.reject(c.rejection)
+      case 'purge':
+        this.stats.purged += store.purge(c.did)
+        log.info('account purged', { did: c.did })
+        return
+      case 'status':
+        return store.setStatus(c.did, c.active, c.status)
+      case 'handle':
+        return store.setHandle(c.did, c.handle)
+      case 'replace':
+        return this.applyRepo(c.repo)
+      case 'needs-resync':
+        return store.markResync(c.did)
+    }
+  }
+
+  private reject(r: Rejection) {
+    this.stats.rejected++
+    this.opts.store.reject(r.reason, r.collection, r.uri)
+  }
+
+  /** Replaces a repo's rows with a verified snapshot. Must run inside a transaction. */
+  applyRepo(repo: FetchedRepo): void {
+    const { store } = this.opts
+    const last = store.getRev(repo.did)
+    // Live commits newer than the snapshot already landed: the snapshot is stale.
+    if (last && repo.rev < last) return
+    const writes: RecordWrite[] = []
+    for (const r of repo.records) {
+      const rejection = this.check(r.collection, r.uri, r.record, r.size)
+      if (rejection) this.reject(rejection)
+      else writes.push(r)
+    }
+    store.replaceRepo(repo.did, repo.rev, writes)
+    this.stats.resyncs++
+  }
+
+  private retrying = false
+  private async retryResyncs() {
+    if (this.retrying) return
+    this.retrying = true
+    try {
+      for (const did of this.opts.store.reposNeedingResync()) {
+        try {
+          const repo = await fetchRepo(this.opts.idResolver, did, this.opts.fetch)
+          this.opts.store.tx(() => this.applyRepo(repo))
+        } catch (err) {
+          log.debug('resync retry failed', { did, err })
+        }
+      }
+    } finally {
+      this.retrying = false
+    }
+  }
+
+  private onError(source: string, err: Error) {
+    if (err instanceof FirehoseParseError) {
+      // Signature or MST proof did not verify (after one key refresh): rejected.
+      const did = (err.event as { repo?: string }).repo ?? null
+      this.opts.store.reject('bad-commit', '', did ? `at://${did}` : null)
+      this.stats.rejected++
+      log.warn('commit failed verification; rejected', { source, did, err: err.cause as Error })
+    } else if (err instanceof FirehoseValidationError) {
+      this.opts.store.reject('malformed-frame', '', null)
+      this.stats.rejected++
+      log.warn('malformed firehose frame', { source })
+    } else {
+      log.warn('firehose error', { source, err })
+    }
+  }
+}

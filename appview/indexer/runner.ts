@@ -1,0 +1,120 @@
+/**
+ * An `EventRunner` for `@atproto/sync`'s Firehose that makes the index
+ * exactly-once: events of one repo run in order, repos run concurrently, and
+ * each event's rows are committed together with the cursor, which is the
+ * highest seq below which every event has completed.
+ *
+ * Why not MemoryRunner: it reports the cursor after the fact (`setCursor`),
+ * outside the transaction of the rows, so a crash between the two either
+ * loses events or applies them twice.
+ */
+import type { EventRunner } from '@atproto/sync'
+
+/** Seqs in arrival order; completing one returns the new consecutive high-water mark, if it moved. */
+class ConsecutiveSeqs {
+  private readonly items: { seq: number; done: boolean }[] = []
+  private head = 0
+  push(seq: number) {
+    const item = { seq, done: false }
+    this.items.push(item)
+    return item
+  }
+  complete(item: { done: boolean }): number | undefined {
+    item.done = true
+    let last: number | undefined
+    while (this.head < this.items.length && this.items[this.head]!.done) last = this.items[this.head++]!.seq
+    if (this.head > 1024) {
+      this.items.splice(0, this.head)
+      this.head = 0
+    }
+    return last
+  }
+  get pending(): number {
+    return this.items.length - this.head
+  }
+}
+
+export interface OrderedRunnerOpts {
+  /** Cursor to resume from (read from the database at start). */
+  startCursor: number | undefined
+  /**
+   * Runs after an event's handler: apply what it collected for `seq` and, in
+   * the same transaction, persist `cursor` when defined.
+   */
+  commit: (seq: number, cursor: number | undefined) => void
+  /** Events processed at once across repos. */
+  concurrency?: number
+}
+
+export class OrderedRunner implements EventRunner {
+  private cursor: number | undefined
+  private readonly seqs = new ConsecutiveSeqs()
+  private readonly partitions = new Map<string, Promise<void>>()
+  private readonly opts: OrderedRunnerOpts
+  private active = 0
+  private readonly waiting: (() => void)[] = []
+  private closed = false
+  private idleWaiters: (() => void)[] = []
+
+  constructor(opts: OrderedRunnerOpts) {
+    this.opts = opts
+    this.cursor = opts.startCursor
+  }
+
+  getCursor(): number | undefined {
+    return this.cursor
+  }
+
+  get backlog(): number {
+    return this.seqs.pending
+  }
+
+  async trackEvent(did: string, seq: number, handler: () => Promise<void>): Promise<void> {
+    if (this.closed) return
+    const item = this.seqs.push(seq)
+    const prev = this.partitions.get(did) ?? Promise.resolve()
+    const run = prev.then(async () => {
+      await this.acquire()
+      try {
+        if (this.closed) return
+        await handler()
+        const cursor = this.seqs.complete(item)
+        if (cursor !== undefined) this.cursor = cursor
+        this.opts.commit(seq, cursor)
+      } finally {
+        this.release()
+      }
+    })
+    this.partitions.set(did, run)
+    void run.finally(() => {
+      if (this.partitions.get(did) === run) this.partitions.delete(did)
+      if (this.partitions.size === 0) for (const w of this.idleWaiters.splice(0)) w()
+    })
+    return run
+  }
+
+  private acquire(): Promise<void> {
+    if (this.active < (this.opts.concurrency ?? 32)) {
+      this.active++
+      return Promise.resolve()
+    }
+    return new Promise((resolve) => this.waiting.push(resolve))
+  }
+  private release() {
+    const next = this.waiting.shift()
+    if (next) next()
+    else this.active--
+  }
+
+  /** Resolves when every tracked event has finished. */
+  async idle(): Promise<void> {
+    if (this.partitions.size === 0) return
+    await new Promise<void>((resolve) => this.idleWaiters.push(resolve))
+  }
+
+  /** Stops taking events and waits for those under way. */
+  async close(): Promise<void> {
+    this.closed = true
+    await Promise.allSettled([...this.partitions.values()])
+  }
+}

@@ -1,0 +1,50 @@
+/** The AppView's HTTP surface: XRPC read API, health, and the service's did:web document. */
+import { Hono } from 'hono'
+import type { IdResolver } from '@atproto/identity'
+import type { Db } from '../src/db/index.ts'
+import { appviewLogger as log } from '../src/logger.ts'
+import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
+import { handlers } from './api/index.ts'
+import type { Indexer } from './indexer/indexer.ts'
+import type { IndexStore } from './indexer/store.ts'
+import type { ApiContext } from './api/util.ts'
+
+export interface AppDeps {
+  db: Db
+  store: IndexStore
+  /** Absent when this process serves reads only. */
+  indexer?: Indexer
+  idResolver?: IdResolver
+  publicUrl?: string
+  validateOutput?: boolean
+}
+
+export function createApp(deps: AppDeps): Hono {
+  const app = new Hono()
+  app.onError(xrpcErrorHandler(log))
+  app.notFound((c) => c.json({ error: 'NotFound', message: 'Not found' }, 404))
+
+  const health = () => ({
+    status: 'ok',
+    cursors: deps.indexer?.cursors() ?? {},
+    indexer: deps.indexer?.stats ?? null,
+    rejections: deps.store.rejectionCounts(),
+  })
+  app.get('/xrpc/_health', (c) => c.json(health()))
+  app.get('/health', (c) => c.json(health()))
+
+  // did:web for the AppView service, so clients can address it as a service DID.
+  app.get('/.well-known/did.json', (c) => {
+    const base = new URL(deps.publicUrl ?? new URL(c.req.url).origin)
+    const did = `did:web:${encodeURIComponent(base.host)}`
+    return c.json({
+      '@context': ['https://www.w3.org/ns/did/v1'],
+      id: did,
+      service: [{ id: '#cocore_appview', type: 'CocoreAppView', serviceEndpoint: base.origin }],
+    })
+  })
+
+  app.route('/', xrpcRouter<ApiContext>({ handlers, ctx: { db: deps.db, idResolver: deps.idResolver }, log, validateOutput: deps.validateOutput ?? process.env.NODE_ENV !== 'production' }))
+  return app
+}
+

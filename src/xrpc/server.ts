@@ -1,0 +1,86 @@
+/**
+ * A small XRPC layer on Hono: `/xrpc/<nsid>` is routed to the handler
+ * registered for that NSID; query parameters are coerced by the lexicon's
+ * parameter types and validated with `@atproto/lexicon`; errors are XRPC
+ * `{ error, message }` bodies, never stack traces.
+ *
+ * Why not `@atproto/xrpc-server`: it is Express-based; on this machine Hono
+ * serves JSON ~5x faster (see README), and validation is the same library.
+ */
+import { Hono, type Context } from 'hono'
+import { ValidationError } from '@atproto/lexicon'
+import { lexicons } from '../lexicon/validate.ts'
+import { InternalServerError, InvalidRequestError, MethodNotImplementedError, XrpcError } from './errors.ts'
+import type { Logger } from '../logger.ts'
+
+export type QueryHandler<Ctx> = (ctx: Ctx, params: Record<string, unknown>, c: Context) => unknown | Promise<unknown>
+
+export interface XrpcRouterOpts<Ctx> {
+  handlers: Record<string, QueryHandler<Ctx>>
+  ctx: Ctx
+  log: Logger
+  /** Check every response against the lexicon's output schema (dev and tests). */
+  validateOutput?: boolean
+}
+
+/** Coerces query-string values to the lexicon's parameter types; validation comes after. */
+function coerceParams(nsid: string, url: URL): Record<string, unknown> {
+  const def = lexicons.getDef(nsid) as { parameters?: { properties?: Record<string, { type: string; items?: { type: string } }> } } | undefined
+  const props = def?.parameters?.properties ?? {}
+  const out: Record<string, unknown> = {}
+  for (const key of new Set(url.searchParams.keys())) {
+    const values = url.searchParams.getAll(key)
+    const p = props[key]
+    if (!p) {
+      out[key] = values[0]
+      continue
+    }
+    const one = (type: string | undefined, v: string): unknown => {
+      if (type === 'integer') return /^-?\d+$/.test(v) ? Number(v) : v
+      if (type === 'boolean') return v === 'true' ? true : v === 'false' ? false : v
+      return v
+    }
+    out[key] = p.type === 'array' ? values.map((v) => one(p.items?.type, v)) : one(p.type, values[values.length - 1]!)
+  }
+  return out
+}
+
+export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
+  const app = new Hono()
+  app.all('/xrpc/:nsid', async (c) => {
+    const nsid = c.req.param('nsid')
+    const handler = Object.hasOwn(opts.handlers, nsid) ? opts.handlers[nsid] : undefined
+    if (!handler) throw new MethodNotImplementedError(nsid)
+    const def = lexicons.getDef(nsid)
+    if (def?.type === 'query' && c.req.method !== 'GET' && c.req.method !== 'HEAD') {
+      throw new InvalidRequestError(`${nsid} is a query: use GET`, 'InvalidRequest')
+    }
+    let params: Record<string, unknown>
+    try {
+      params = lexicons.assertValidXrpcParams(nsid, coerceParams(nsid, new URL(c.req.url))) ?? {}
+    } catch (err) {
+      if (err instanceof ValidationError) throw new InvalidRequestError(err.message)
+      throw err
+    }
+    const output = await handler(opts.ctx, params, c)
+    if (opts.validateOutput) {
+      try {
+        lexicons.assertValidXrpcOutput(nsid, output)
+      } catch (err) {
+        opts.log.error('handler output does not match its lexicon', { nsid, err })
+        throw new InternalServerError(`output of ${nsid} failed validation: ${(err as Error).message}`)
+      }
+    }
+    return c.json(output as object)
+  })
+  return app
+}
+
+/** Hono error handler: XRPC errors as they are, anything else as a bare 500. */
+export function xrpcErrorHandler(log: Logger) {
+  return (err: Error, c: Context) => {
+    if (err instanceof XrpcError) return c.json(err.toJSON(), err.status as 400)
+    log.error('unhandled error', { path: c.req.path, err })
+    return c.json({ error: 'InternalServerError', message: 'Internal server error' }, 500)
+  }
+}
