@@ -113,7 +113,7 @@ async function requestDeleteToken(acct: LocalAccount): Promise<{ token: string }
   const res = await net.net.pds.ctx.accountManager.db.db
     .selectFrom('email_token')
     .selectAll()
-    .where('did', '=', acct.did)
+    .where('did', '=', acct.did as never)
     .where('purpose', '=', 'delete_account')
     .executeTakeFirstOrThrow()
   return { token: res.token }

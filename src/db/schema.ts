@@ -46,17 +46,24 @@ export const records = sqliteTable(
     index('records_receipt').on(t.receiptUri),
     index('records_attestation').on(t.attestationUri),
     index('records_model').on(t.collection, t.model),
+    // listFriendEdges: distinct (friender, subject) pairs in key order.
+    index('records_edges').on(t.collection, t.did, t.subjectDid),
   ],
 )
 
 /** Accounts seen on the network: handle and hosting status (replicated state). */
-export const accounts = sqliteTable('accounts', {
-  did: text('did').primaryKey(),
-  handle: text('handle'),
-  /** false while the account is deactivated/suspended: its rows stay but are hidden from reads. */
-  active: integer('active', { mode: 'boolean' }).notNull().default(true),
-  status: text('status'),
-})
+export const accounts = sqliteTable(
+  'accounts',
+  {
+    did: text('did').primaryKey(),
+    handle: text('handle'),
+    /** false while the account is deactivated/suspended: its rows stay but are hidden from reads. */
+    active: integer('active', { mode: 'boolean' }).notNull().default(true),
+    status: text('status'),
+  },
+  // Every read excludes hidden accounts: keep that set an index lookup, not a table scan.
+  (t) => [index('accounts_hidden').on(t.did).where(sql`${t.active} = 0`)],
+)
 
 /** Per-repo sync state: the last applied commit rev (stale revs are ignored). Local. */
 export const repos = sqliteTable('repos', {

@@ -23,11 +23,20 @@ export function decodeBase64(s: string): Uint8Array | null {
 }
 
 /**
- * The live network writes `bytes` fields as plain base64 strings, not as
- * `{"$bytes": ...}` / CBOR byte strings. Returns a copy of `value` in which the
- * strings found at `bytes` positions of the schema are decoded, so the standard
- * validator (which wants Uint8Array there) checks them, lengths included.
- * Values that are not base64 are left as they are and fail validation.
+ * Money-like objects whose `currency` the live network writes as "CC" (its
+ * closed-loop token), one character under the lexicon's `minLength: 3`.
+ */
+const CLOSED_LOOP_CURRENCY = 'CC'
+const MONEY_DEFS = new Set(['dev.cocore.compute.defs#money', 'dev.cocore.compute.defs#tokenRate', 'dev.cocore.compute.defs#modelPrice'])
+
+/**
+ * Maps a record to the form the standard validator checks, for two things the
+ * live network writes that the lexicons, read literally, refuse:
+ *  - `bytes` fields as plain base64 strings (not `{"$bytes": ...}` / CBOR
+ *    bytes): strings at `bytes` positions are decoded, so lengths are checked
+ *    on the bytes; a string that is not base64 is left as is and fails;
+ *  - the closed-loop currency "CC" in money objects.
+ * Returns a copy where anything changed; the record itself is never altered.
  */
 function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, value: unknown, ctx: string): unknown {
   const d = def as any
@@ -59,12 +68,19 @@ function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, v
     }
     case 'ref': {
       const target = resolveRef(d.ref, ctx)
-      return target ? normalizeBytes(target.def, value, target.nsid) : value
+      if (!target) return value
+      let v = value
+      if (MONEY_DEFS.has(target.uri) && (v as { currency?: unknown } | null)?.currency === CLOSED_LOOP_CURRENCY) {
+        // Validated as a stand-in code of legal length; the record keeps its "CC".
+        v = { ...(v as object), currency: 'CCX' }
+      }
+      return normalizeBytes(target.def, v, target.nsid)
     }
     case 'union': {
       const t = (value as { $type?: unknown } | null)?.$type
       if (typeof t !== 'string') return value
-      const ref = (d.refs as string[]).find((r) => (r.startsWith('#') ? ctx + r : r) === t || (r.startsWith('#') ? false : r + '#main' === t))
+      const want = t.includes('#') ? t : t + '#main'
+      const ref = (d.refs as string[]).find((r) => resolveRef(r, ctx)?.uri === want)
       const target = ref ? resolveRef(ref, ctx) : undefined
       return target ? normalizeBytes(target.def, value, target.nsid) : value
     }
@@ -73,10 +89,13 @@ function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, v
   }
 }
 
-function resolveRef(ref: string, ctx: string): { def: LexUserType; nsid: string } | undefined {
-  const uri = ref.startsWith('#') ? ctx + ref : ref
-  const def = lexicons.getDef(uri.includes('#') ? uri : uri + '#main')
-  return def ? { def, nsid: uri.split('#')[0]! } : undefined
+function resolveRef(ref: string, ctx: string): { def: LexUserType; nsid: string; uri: string } | undefined {
+  // Lexicons stores refs as `lex:` URIs.
+  const bare = ref.startsWith('lex:') ? ref.slice(4) : ref
+  const rel = bare.startsWith('#') ? ctx + bare : bare
+  const uri = rel.includes('#') ? rel : rel + '#main'
+  const def = lexicons.getDef(uri)
+  return def ? { def, nsid: uri.split('#')[0]!, uri } : undefined
 }
 
 /**

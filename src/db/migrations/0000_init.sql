@@ -5,6 +5,7 @@ CREATE TABLE `accounts` (
 	`status` text
 );
 --> statement-breakpoint
+CREATE INDEX `accounts_hidden` ON `accounts` (`did`) WHERE "accounts"."active" = 0;--> statement-breakpoint
 CREATE TABLE `cursors` (
 	`source` text PRIMARY KEY NOT NULL,
 	`seq` integer NOT NULL
@@ -40,6 +41,7 @@ CREATE INDEX `records_job` ON `records` (`job_uri`);--> statement-breakpoint
 CREATE INDEX `records_receipt` ON `records` (`receipt_uri`);--> statement-breakpoint
 CREATE INDEX `records_attestation` ON `records` (`attestation_uri`);--> statement-breakpoint
 CREATE INDEX `records_model` ON `records` (`collection`,`model`);--> statement-breakpoint
+CREATE INDEX `records_edges` ON `records` (`collection`,`did`,`subject_did`);--> statement-breakpoint
 CREATE TABLE `rejections` (
 	`reason` text NOT NULL,
 	`collection` text DEFAULT '' NOT NULL,

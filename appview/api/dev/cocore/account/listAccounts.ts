@@ -1,5 +1,4 @@
-import { and, eq, isNotNull, sql, type SQL } from 'drizzle-orm'
-import { alias } from 'drizzle-orm/sqlite-core'
+import { and, eq, sql, type SQL } from 'drizzle-orm'
 import { accounts, records } from '../../../../../src/db/schema.ts'
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { AccountListAccountsOutput, AccountListAccountsParams } from '../../../../../src/lexicon/generated/types.ts'
@@ -34,9 +33,8 @@ export default function listAccounts(ctx: ApiContext, params: AccountListAccount
   const after = decodeCursor(params.cursor, ['string', 'string']) as [string, string] | undefined
   const q = params.q === undefined ? undefined : params.q.trim().replace(/^@/, '').toLowerCase()
 
-  const profile = alias(records, 'p')
-  const account = alias(accounts, 'a')
-  const profileBody = sql`${profile.body}`
+  // `p` is the account's profile record (rkey self), `a` its accounts row.
+  const profileBody = sql`p.body`
 
   // Per DID, one pass over the (did, collection, sort_at, uri) index.
   const perDid = sql`
@@ -46,17 +44,18 @@ export default function listAccounts(ctx: ApiContext, params: AccountListAccount
   const directory = sql`
     SELECT d.did AS did, d.last_at AS lastAt, d.provider_count AS providerCount,
       ${sortBy === 'newest' ? sql`d.joined_at` : sql`d.last_at`} AS sortKey,
-      COALESCE(NULLIF(${account.handle}, ''), ${textField(profileBody, '$.handle')}) AS handle,
+      COALESCE(NULLIF(a.handle, ''), ${textField(profileBody, '$.handle')}) AS handle,
       ${textField(profileBody, '$.displayName')} AS displayName,
       ${textField(profileBody, '$.avatarUrl')} AS avatarUrl
     FROM (${perDid}) d
-    LEFT JOIN ${account} ON ${account.did} = d.did
-    LEFT JOIN ${profile} ON ${profile.did} = d.did AND ${profile.collection} = ${ids.AccountProfile} AND ${profile.rkey} = 'self'`
+    LEFT JOIN ${accounts} a ON a.did = d.did
+    LEFT JOIN ${records} p ON p.did = d.did AND p.collection = ${ids.AccountProfile} AND p.rkey = 'self'`
 
+  // The viewer's friend records, from the (did, collection, …) index. COALESCE: a NULL in a NOT IN list would exclude every row.
   const viewerFriends = ctx.db
-    .select({ subject: records.subjectDid })
+    .select({ subject: sql`COALESCE(${records.subjectDid}, '')` })
     .from(records)
-    .where(and(eq(records.did, params.viewerDid ?? ''), eq(records.collection, ids.AccountFriend), isNotNull(records.subjectDid)))
+    .where(and(eq(records.did, params.viewerDid ?? ''), eq(records.collection, ids.AccountFriend)))
   const filters = and(
     providersOnly ? sql`providerCount > 0` : undefined,
     params.viewerDid ? sql`did <> ${params.viewerDid}` : undefined,
