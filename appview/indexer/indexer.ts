@@ -107,7 +107,8 @@ export class Indexer implements AsyncDisposable {
     if (this.resyncTimer) clearInterval(this.resyncTimer)
     await Promise.all(
       this.subs.map(async (s) => {
-        await s.firehose.destroy()
+        // destroy() waits for the subscription loop to end: only call it on a started one.
+        if (s.running) await s.firehose.destroy()
         await s.runner.close()
       }),
     )
@@ -226,7 +227,8 @@ export class Indexer implements AsyncDisposable {
     }
   }
 
-  private async verifiedHandle(did: string, refresh = false): Promise<string | null> {
+  /** The DID document's handle if it resolves back to the DID, else null. */
+  async verifiedHandle(did: string, refresh = false): Promise<string | null> {
     try {
       const data = await this.opts.idResolver.did.resolveAtprotoData(did, refresh)
       const back = await this.opts.idResolver.handle.resolve(data.handle)

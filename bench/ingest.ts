@@ -1,0 +1,295 @@
+/**
+ * `npm run bench:ingest`: firehose ingest throughput of the AppView indexer.
+ *
+ *  1. Records (or loads from `data/bench/`) a firehose of ~20,000 frames from
+ *     a local PDS, of which ~1 commit in 100 touches dev.cocore.*.
+ *  2. BASELINE: decodes every frame in-process (header + body, two CBOR
+ *     values, with cborg and the atproto decode options) and checks the op
+ *     paths for dev.cocore. — the floor of any consumer.
+ *  3. SYSTEM: an AppView indexer (no HTTP) on a fresh SQLite DB reads the
+ *     recording from a local replay server; timed from start until its cursor
+ *     reaches the last seq of the recording.
+ *
+ * Options: --events N (use the first N frames; records N if the saved
+ * recording is shorter), --runs R (default 3, median reported), --rerecord.
+ * Writes the figures to data/bench/ingest.json.
+ */
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseArgs } from 'node:util'
+import { decodeFirst } from 'cborg'
+import { decodeOptions } from '@atproto/lex-cbor'
+import { AppView } from '../appview/index.ts'
+import { COCORE_PREFIX, DEFAULT_DIR, DEFAULT_EVENTS, loadRecording, recordFirehose, type Recording } from './record-firehose.ts'
+import { startReplayServer } from './replay-server.ts'
+
+const TARGET_EVENTS_PER_SEC = 20_000
+
+const { values: args } = parseArgs({
+  options: {
+    events: { type: 'string' },
+    runs: { type: 'string', default: '3' },
+    rerecord: { type: 'boolean', default: false },
+    help: { type: 'boolean', short: 'h', default: false },
+  },
+})
+if (args.help) {
+  process.stdout.write('usage: npm run bench:ingest -- [--events N] [--runs R] [--rerecord]\n')
+  process.exit(0)
+}
+const eventsArg = args.events === undefined ? undefined : Number(args.events)
+if (eventsArg !== undefined && !(Number.isSafeInteger(eventsArg) && eventsArg > 0)) throw new Error(`--events: expected a positive integer, got ${args.events}`)
+const runs = Number(args.runs)
+if (!(Number.isSafeInteger(runs) && runs > 0)) throw new Error(`--runs: expected a positive integer, got ${args.runs}`)
+
+const log = (msg: string) => process.stderr.write(`[bench] ${msg}\n`)
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b)
+  const m = s.length >> 1
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2
+}
+const mb = (bytes: number) => Math.round(bytes / 1e5) / 10
+
+/** Samples RSS every few ms; the peak since `reset`. */
+class RssSampler {
+  peak = 0
+  private timer: NodeJS.Timeout | null = null
+  start() {
+    this.peak = process.memoryUsage.rss()
+    this.timer = setInterval(() => {
+      const r = process.memoryUsage.rss()
+      if (r > this.peak) this.peak = r
+    }, 10)
+    return this
+  }
+  stop() {
+    if (this.timer) clearInterval(this.timer)
+    const r = process.memoryUsage.rss()
+    if (r > this.peak) this.peak = r
+    return this.peak
+  }
+}
+
+interface FrameBody {
+  seq?: number
+  repo?: string
+  ops?: { action: string; path: string; cid: unknown }[]
+}
+
+/** What the frames hold: commits touching dev.cocore.*, and the dev.cocore records alive at the end. */
+function scan(frames: Buffer[]) {
+  let commits = 0
+  let cocoreCommits = 0
+  let cocoreOps = 0
+  const live = new Set<string>()
+  const kinds: Record<string, number> = {}
+  for (const f of frames) {
+    const [header, rest] = decodeFirst(f, decodeOptions) as [{ t?: string }, Uint8Array]
+    const [body] = decodeFirst(rest, decodeOptions) as [FrameBody, Uint8Array]
+    const t = header.t ?? '?'
+    kinds[t] = (kinds[t] ?? 0) + 1
+    if (t !== '#commit') continue
+    commits++
+    let touched = false
+    for (const op of body.ops ?? []) {
+      if (!op.path.startsWith(COCORE_PREFIX)) continue
+      touched = true
+      cocoreOps++
+      const uri = `at://${body.repo}/${op.path}`
+      if (op.action === 'delete') live.delete(uri)
+      else live.add(uri)
+    }
+    if (touched) cocoreCommits++
+  }
+  return { commits, cocoreCommits, cocoreOps, cocoreRecords: live.size, kinds }
+}
+
+/** BASELINE: decode header + body of every frame and look for dev.cocore. ops. */
+function baseline(frames: Buffer[]): { seconds: number; matched: number } {
+  const t0 = performance.now()
+  let matched = 0
+  for (const f of frames) {
+    const [, rest] = decodeFirst(f, decodeOptions)
+    const [body] = decodeFirst(rest, decodeOptions) as [FrameBody, Uint8Array]
+    const ops = body.ops
+    if (ops && ops.some((op) => op.path.startsWith(COCORE_PREFIX))) matched++
+  }
+  return { seconds: (performance.now() - t0) / 1000, matched }
+}
+
+interface SystemRun {
+  seconds: number
+  events: number
+  records: number
+  cpuSeconds: number
+  peakRss: number
+  rssAtStart: number
+  stats: AppView['indexer']['stats']
+  rejections: { reason: string; collection: string; count: number }[]
+}
+
+async function system(opts: { source: string; plcUrl: string; handlesViaPds: string; lastSeq: number; tmp: string; timeoutMs: number }): Promise<SystemRun> {
+  const dbDir = mkdtempSync(join(opts.tmp, 'db-'))
+  global.gc?.()
+  const rss = new RssSampler().start()
+  const rssAtStart = rss.peak
+  const av = new AppView({ dbPath: join(dbDir, 'appview.sqlite'), sources: [opts.source], plcUrl: opts.plcUrl, allowHttp: true, handlesViaPds: opts.handlesViaPds, replayFromStart: true })
+  try {
+    const cpu0 = process.cpuUsage()
+    const t0 = performance.now()
+    await av.start()
+    await new Promise<void>((resolve, reject) => {
+      const deadline = t0 + opts.timeoutMs
+      const timer = setInterval(() => {
+        const c = av.indexer.cursors()[opts.source]
+        if (c !== undefined && c >= opts.lastSeq) {
+          clearInterval(timer)
+          resolve()
+        } else if (performance.now() > deadline) {
+          clearInterval(timer)
+          reject(new Error(`indexer cursor at ${c} after ${opts.timeoutMs} ms, expected ${opts.lastSeq}`))
+        }
+      }, 2)
+    })
+    const seconds = (performance.now() - t0) / 1000
+    const cpu = process.cpuUsage(cpu0)
+    const records = av.db.$client.prepare('SELECT count(*) FROM records').pluck().get() as number
+    return {
+      seconds,
+      events: av.indexer.stats.events,
+      records,
+      cpuSeconds: (cpu.user + cpu.system) / 1e6,
+      peakRss: rss.stop(),
+      rssAtStart,
+      stats: { ...av.indexer.stats },
+      rejections: av.store.rejectionCounts(),
+    }
+  } finally {
+    rss.stop()
+    await av.stop()
+    rmSync(dbDir, { recursive: true, force: true })
+  }
+}
+
+async function main() {
+  // Our own temp files (AppView DBs) live in a private dir, removed at the end.
+  const tmp = mkdtempSync(join(tmpdir(), 'cocore-bench-ingest-'))
+  let closeNetwork: (() => Promise<void>) | null = null
+  let replay: Awaited<ReturnType<typeof startReplayServer>> | null = null
+  try {
+    // (a) the recording
+    let recording: Recording | null = args.rerecord ? null : loadRecording()
+    const wanted = eventsArg ?? DEFAULT_EVENTS
+    if (recording && recording.frames.length < wanted) {
+      log(`saved recording has ${recording.frames.length} frames, fewer than the ${wanted} wanted: recording again`)
+      recording = null
+    }
+    let identity: { plcUrl: string; handlesViaPds: string } | null = null
+    let source: 'recorded now (live network)' | 'saved recording' = 'saved recording'
+    if (recording) {
+      log(`using saved recording ${DEFAULT_DIR}/firehose.frames (${recording.frames.length} frames, recorded ${recording.meta.createdAt}; --rerecord to make a new one)`)
+    } else {
+      log(`recording a firehose of ~${wanted} frames from a local PDS (takes a few minutes; saved for later runs)`)
+      const res = await recordFirehose({ events: wanted, progress: true })
+      recording = res.recording
+      closeNetwork = res.close
+      identity = { plcUrl: res.network.plcUrl, handlesViaPds: res.network.pdsUrl }
+      source = 'recorded now (live network)'
+    }
+    const n = Math.min(eventsArg ?? recording.frames.length, recording.frames.length)
+    const frames = recording.frames.slice(0, n)
+    const seqs = recording.seqs.slice(0, n)
+    const lastSeq = Math.max(...seqs)
+    const bytes = frames.reduce((a, f) => a + f.length, 0)
+    const mix = scan(frames)
+    const full = n === recording.frames.length
+    log(`${n} frames (${mb(bytes)} MB), ${mix.commits} commits, ${mix.cocoreCommits} touching dev.cocore.* (${mix.cocoreOps} ops), last seq ${lastSeq}`)
+
+    // (b) BASELINE
+    baseline(frames.slice(0, Math.min(n, 2000))) // warm-up
+    const base = Array.from({ length: runs }, () => baseline(frames))
+    const baseFps = median(base.map((b) => n / b.seconds))
+    log(`baseline: ${base.map((b) => Math.round(n / b.seconds)).join(', ')} frames/s (matched ${base[0]!.matched} commits)`)
+
+    // (c) SYSTEM
+    const { didDocs, accounts } = recording.meta
+    replay = await startReplayServer({ frames, seqs, didDocs, handles: Object.fromEntries(accounts.map((a) => [a.handle, a.did])) })
+    // A saved recording's DIDs are not in any running PLC: the replay server serves their recorded documents.
+    identity ??= { plcUrl: replay.httpUrl, handlesViaPds: replay.httpUrl }
+    const sys: SystemRun[] = []
+    for (let r = 0; r < runs; r++) {
+      const run = await system({ source: replay.url, ...identity, lastSeq, tmp, timeoutMs: 600_000 })
+      sys.push(run)
+      log(`system run ${r + 1}/${runs}: ${run.seconds.toFixed(2)} s, ${Math.round(n / run.seconds)} events/s, ${run.records} records, cpu ${Math.round((100 * run.cpuSeconds) / run.seconds)}%, peak RSS ${mb(run.peakRss)} MB`)
+    }
+    const sysSeconds = median(sys.map((s) => s.seconds))
+    const sysEps = n / sysSeconds
+    const last = sys[sys.length - 1]!
+    const recordsOk = sys.every((s) => s.records === mix.cocoreRecords) && (!full || mix.cocoreRecords === recording.meta.writer.cocoreRecords)
+
+    const result = {
+      at: new Date().toISOString(),
+      node: process.version,
+      recording: {
+        source,
+        file: `${DEFAULT_DIR}/firehose.frames`,
+        framesUsed: n,
+        framesInRecording: recording.frames.length,
+        bytes,
+        lastSeq,
+        frameKinds: mix.kinds,
+        commits: mix.commits,
+        cocoreCommits: mix.cocoreCommits,
+        cocoreOps: mix.cocoreOps,
+        writer: recording.meta.writer,
+      },
+      runs,
+      baseline: { framesPerSec: Math.round(baseFps), runsFramesPerSec: base.map((b) => Math.round(n / b.seconds)), matchedCommits: base[0]!.matched },
+      system: {
+        seconds: Number(sysSeconds.toFixed(3)),
+        eventsPerSec: Math.round(sysEps),
+        recordsPerSec: Math.round(last.records / sysSeconds),
+        runsEventsPerSec: sys.map((s) => Math.round(n / s.seconds)),
+        cpuPercent: Math.round((100 * median(sys.map((s) => s.cpuSeconds / s.seconds)))),
+        recordsIndexed: last.records,
+        recordsExpectedFromFrames: mix.cocoreRecords,
+        recordsWrittenByRecorder: full ? recording.meta.writer.cocoreRecords : null,
+        recordsMatch: recordsOk,
+        indexerStats: last.stats,
+        rejections: last.rejections,
+        peakRssMB: mb(Math.max(...sys.map((s) => s.peakRss))),
+        rssAtStartMB: mb(median(sys.map((s) => s.rssAtStart))),
+      },
+      ratioSystemToBaseline: Number((sysEps / baseFps).toFixed(4)),
+      targetEventsPerSec: TARGET_EVENTS_PER_SEC,
+      ratioSystemToTarget: Number((sysEps / TARGET_EVENTS_PER_SEC).toFixed(4)),
+      processMaxRssMB: mb(process.resourceUsage().maxRSS * 1024),
+    }
+
+    const rows: [string, string][] = [
+      ['frames (events)', `${n}  (${mb(bytes)} MB, last seq ${lastSeq})`],
+      ['commits / touching dev.cocore.*', `${mix.commits} / ${mix.cocoreCommits}  (${mix.cocoreOps} cocore ops)`],
+      ['recording', source],
+      [`baseline decode (median of ${runs})`, `${result.baseline.framesPerSec} frames/s`],
+      [`system indexer (median of ${runs})`, `${result.system.eventsPerSec} events/s  (${result.system.seconds} s, cpu ${result.system.cpuPercent}%)`],
+      ['indexed records/s', `${result.system.recordsPerSec}`],
+      ['records indexed / expected', `${last.records} / ${mix.cocoreRecords}${full ? ` (recorder wrote ${recording.meta.writer.cocoreRecords})` : ''}  ${recordsOk ? 'OK' : 'MISMATCH'}`],
+      ['ratio system / baseline', `${result.ratioSystemToBaseline}`],
+      [`vs target ${TARGET_EVENTS_PER_SEC} events/s`, `${result.ratioSystemToTarget}x`],
+      ['peak RSS during system runs', `${result.system.peakRssMB} MB (at start ${result.system.rssAtStartMB} MB; process max ${result.processMaxRssMB} MB)`],
+    ]
+    const w = Math.max(...rows.map((r) => r[0].length))
+    process.stdout.write('\n' + rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n') + '\n')
+    mkdirSync(DEFAULT_DIR, { recursive: true })
+    writeFileSync(join(DEFAULT_DIR, 'ingest.json'), JSON.stringify(result, null, 2) + '\n')
+    process.stdout.write(`\nwritten ${DEFAULT_DIR}/ingest.json\n`)
+    if (!recordsOk) process.exitCode = 1
+  } finally {
+    await replay?.close()
+    await closeNetwork?.()
+    rmSync(tmp, { recursive: true, force: true })
+  }
+}
+
+await main()
