@@ -17,8 +17,8 @@ import { join } from 'node:path'
 import { TID } from '@atproto/common-web'
 import { decodeAll } from '@atproto/lex-cbor'
 import WebSocket from 'ws'
-import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
-import { friend, profile } from '../test/fixture/records.ts'
+import type { LocalNetwork, LocalAccount } from '../src/dev/network.ts'
+import { friend, profile } from '../src/dev/records.ts'
 
 export const COCORE_PREFIX = 'dev.cocore.'
 export const DEFAULT_DIR = 'data/bench'
@@ -184,6 +184,8 @@ export async function recordFirehose(opts: RecordOpts = {}): Promise<RecordResul
     rmSync(tmp, { recursive: true, force: true })
   }
   try {
+    // Loaded here, not at the top: a replay of a saved recording never loads dev-env (and its PDS).
+    const { LocalNetwork } = await import('../src/dev/network.ts')
     network = await LocalNetwork.create()
     const net = network
     const writers: Writer[] = []

@@ -44,7 +44,7 @@ export const knobs = {
   consolePort: knob('COCORE_CONSOLE_PORT', 2585, int, 'Console port'),
   plcPort: knob('COCORE_PLC_PORT', 2582, int, 'dev only: port of the embedded PLC directory'),
   pdsPort: knob('COCORE_PDS_PORT', 2583, int, 'dev only: port of the embedded PDS'),
-  appviewDb: knob('COCORE_APPVIEW_DB', '', str, 'AppView SQLite file (default `<dataDir>/appview.sqlite`)'),
+  appviewDb: knob('COCORE_APPVIEW_DB', '', str, 'AppView SQLite file (default `<dataDir>/appview.sqlite`; dev: `<dataDir>/dev/appview.sqlite`, recreated by each `npm start`)'),
   appviewPublicUrl: knob('COCORE_APPVIEW_PUBLIC_URL', '', str, 'Public https URL of the AppView, used for its did:web (default `http://<host>:<appviewPort>`)'),
   relayUrl: knob('COCORE_RELAY_URL', '', str, 'production: firehose relay, e.g. `wss://bsky.network`'),
   pdsUrls: knob('COCORE_PDS_URLS', [] as string[], list, 'Comma-separated PDS URLs to subscribe to directly (instead of, or besides, a relay)'),
@@ -75,7 +75,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   }
   const c = out as Config
   c.dataDir = resolve(c.dataDir)
-  c.appviewDbPath = c.appviewDb ? resolve(c.appviewDb) : join(c.dataDir, 'appview.sqlite')
+  c.appviewDbPath = c.appviewDb ? resolve(c.appviewDb) : join(c.dataDir, ...(c.mode === 'dev' ? ['dev'] : []), 'appview.sqlite')
   c.appviewUrl = c.appviewPublicUrl || `http://${c.host}:${c.appviewPort}`
   c.firehoseSources = [...(c.relayUrl ? [c.relayUrl] : []), ...c.pdsUrls].map(toWs)
   if (c.mode === 'production' && c.firehoseSources.length === 0) {

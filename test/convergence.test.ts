@@ -9,7 +9,7 @@ import { ids } from '../src/lexicon/generated/ids.ts'
 import { backfill } from '../appview/indexer/backfill.ts'
 import type { AppView } from '../appview/index.ts'
 import { dumpIndex, startAppView, tempDbPath, waitCaughtUp } from './fixture/appview.ts'
-import { authorizationRecord, friend, jobRecord, profile, putRecord, putRecords } from './fixture/records.ts'
+import { authorizationRecord, friend, jobRecord, profile, putRecord, putRecords } from '../src/dev/records.ts'
 
 let net: LocalNetwork
 let users: LocalAccount[] = []

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { pdsTruth, tempDbPath } from './fixture/appview.ts'
-import { friend, profile, putRecord, putRecords } from './fixture/records.ts'
+import { friend, profile, putRecord, putRecords } from '../src/dev/records.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork

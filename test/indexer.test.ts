@@ -8,7 +8,7 @@ import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { AppView } from '../appview/index.ts'
 import { countRecords, startAppView, tempDbPath } from './fixture/appview.ts'
-import { friend, profile, putRecord, putRecords } from './fixture/records.ts'
+import { friend, profile, putRecord, putRecords } from '../src/dev/records.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork

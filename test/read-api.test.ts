@@ -15,7 +15,7 @@ import { ids } from '../src/lexicon/generated/ids.ts'
 import { validateRecord } from '../src/lexicon/validate.ts'
 import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
 import { signReceipt } from '../src/crypto/signing.ts'
-import { attestationRecord, authorizationRecord, hex32, jobRecord, providerRecord } from './fixture/records.ts'
+import { attestationRecord, authorizationRecord, hex32, jobRecord, providerRecord } from '../src/dev/records.ts'
 
 const CID = 'bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm'
 const T0 = Date.now()

@@ -11,7 +11,7 @@ import { signDetached, signReceipt } from '../src/crypto/signing.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { attestationRecord, authorizationRecord, hex32, jobRecord, putRecord, receiptRecord } from './fixture/records.ts'
+import { attestationRecord, authorizationRecord, hex32, jobRecord, putRecord, receiptRecord } from '../src/dev/records.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork

@@ -3,7 +3,7 @@
  * (`@atproto/dev-env`), used by `npm start` and by every end-to-end test.
  * dev-env is a dev dependency: production code never imports this module.
  */
-import { mkdtempSync, rmSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { AtpAgent } from '@atproto/api'
@@ -38,6 +38,7 @@ export class LocalNetwork implements AsyncDisposable {
     const owned: string[] = []
     const dir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'cocore-pds-'))
     if (!opts.dataDir) owned.push(dir)
+    mkdirSync(dir, { recursive: true })
     const net = await TestNetworkNoAppView.create({
       // Absent keys, not undefined ones: dev-env spreads these over its defaults.
       plc: opts.plcPort ? { port: opts.plcPort } : {},

@@ -1,0 +1,44 @@
+/**
+ * Production entry point: the same services as `npm start`, pointed by
+ * configuration at a relay and/or PDSes and the public PLC directory.
+ * Identity and repo fetches use the SSRF-safe default fetch (https only).
+ */
+import { AppView } from '../appview/index.ts'
+import { startConsole } from '../console/index.ts'
+import { ConfigError, loadConfig, type Config } from '../src/config.ts'
+import { appviewLogger as log, setLogLevel } from '../src/logger.ts'
+
+let config: Config
+try {
+  config = loadConfig({ COCORE_MODE: 'production', ...process.env })
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  console.error(`configuration error: ${err.message} (see the configuration table in README.md)`)
+  process.exit(2)
+}
+setLogLevel(config.logLevel)
+
+const appview = await new AppView({
+  dbPath: config.appviewDbPath,
+  sources: config.firehoseSources,
+  plcUrl: config.plcUrl,
+  didCacheSize: config.didCacheSize,
+  didCacheTtlSec: config.didCacheTtlSec,
+  port: config.appviewPort,
+  host: config.host,
+  publicUrl: config.appviewUrl,
+}).start()
+const consoleSrv = await startConsole({ port: config.consolePort, host: config.host, appviewUrl: config.appviewUrl })
+log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })
+
+let stopping = false
+async function shutdown(signal: string) {
+  if (stopping) return
+  stopping = true
+  log.info('shutting down', { signal })
+  await consoleSrv.close()
+  await appview.stop()
+  process.exit(0)
+}
+process.on('SIGINT', () => void shutdown('SIGINT'))
+process.on('SIGTERM', () => void shutdown('SIGTERM'))
