@@ -42,3 +42,14 @@ describe('README', () => {
     for (const k of Object.values(knobs)) expect(readme).toContain(`| \`${k.env}\` |`)
   })
 })
+
+describe('record admission', () => {
+  it('refuses records over 1 MB, unknown collections and invalid records, by reason', async () => {
+    const { checkRecord } = await import('../appview/indexer/indexer.ts')
+    const friend = { $type: 'dev.cocore.account.friend', subject: 'did:plc:abcdefghijklmnopqrstuvwx', createdAt: '2026-01-01T00:00:00Z' }
+    expect(checkRecord('dev.cocore.account.friend', 'at://x/y/z', friend, 200)).toBeNull()
+    expect(checkRecord('dev.cocore.account.friend', 'at://x/y/z', friend, 1_000_001)?.reason).toBe('too-large')
+    expect(checkRecord('dev.cocore.account.nope', 'at://x/y/z', friend, 200)?.reason).toBe('unknown-collection')
+    expect(checkRecord('dev.cocore.account.friend', 'at://x/y/z', { ...friend, subject: 1 }, 200)?.reason).toBe('invalid-schema')
+  })
+})

@@ -94,6 +94,43 @@ describe('indexer', () => {
     await av.stop()
   })
 
+  it('refreshes the handle on #identity', async () => {
+    const av = await startAppView(net, tempDbPath())
+    const gus = await net.createAccount('gus.test')
+    const f = await putRecord(gus.agent, gus.did, friend(alice.did))
+    await waitFor(() => row(av, f.uri), 'record indexed')
+    const handle = () => av.db.$client.prepare('SELECT handle FROM accounts WHERE did = ?').pluck().get(gus.did)
+    expect(handle()).toBe('gus.test')
+    await gus.agent.com.atproto.identity.updateHandle({ handle: 'gus-renamed.test' })
+    await waitFor(() => handle() === 'gus-renamed.test', 'handle refreshed')
+    await av.stop()
+  })
+
+  it('hides a deactivated account, shows it again on reactivation, and resyncs the repo on #sync', async () => {
+    const av = await startAppView(net, tempDbPath(), { http: true })
+    const fay = await net.createAccount('fay.test')
+    const f = await putRecord(fay.agent, fay.did, profile('Fay'), 'self')
+    await waitFor(() => row(av, f.uri), 'record indexed')
+    // Drift the index from the PDS: a row the repo does not hold. Only a resync from getRepo can notice.
+    const bogus = `at://${fay.did}/${ids.AccountFriend}/3kzzzzzzzzzzz`
+    av.db.$client
+      .prepare("INSERT INTO records (uri, did, collection, rkey, cid, body, sort_at, indexed_at) VALUES (?, ?, ?, '3kzzzzzzzzzzz', ?, '{}', '', '')")
+      .run(bogus, fay.did, ids.AccountFriend, f.cid)
+    const getProfile = () => fetch(`${av.url}/xrpc/${ids.AccountGetProfile}?did=${fay.did}`).then((r) => r.status)
+    expect(await getProfile()).toBe(200)
+
+    await fay.agent.com.atproto.server.deactivateAccount({})
+    await waitFor(async () => (await getProfile()) === 404, 'hidden while deactivated')
+    expect(row(av, f.uri)).toBeDefined() // kept, only hidden
+
+    await fay.agent.com.atproto.server.activateAccount()
+    await waitFor(async () => (await getProfile()) === 200, 'shown again after reactivation')
+    // Reactivation emits #sync: the repo is refetched and the drifted row is gone.
+    await waitFor(() => !row(av, bogus), 'resynced from getRepo')
+    expect(row(av, f.uri)).toBeDefined()
+    await av.stop()
+  })
+
   it('purges an account deleted on its PDS', async () => {
     const av = await startAppView(net, tempDbPath())
     const erin = await net.createAccount('erin.test')

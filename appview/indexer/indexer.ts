@@ -34,10 +34,22 @@ type Change =
   | { kind: 'replace'; repo: FetchedRepo }
   | { kind: 'needs-resync'; did: string }
 
-interface Rejection {
+export interface Rejection {
   reason: string
   collection: string
   uri: string | null
+}
+
+/** Checks one record before indexing: known collection, at most 1 MB, valid for its lexicon. */
+export function checkRecord(collection: string, uri: string, record: unknown, size: number): Rejection | null {
+  if (!KNOWN.has(collection)) return { reason: 'unknown-collection', collection, uri }
+  if (size > MAX_RECORD_BYTES) return { reason: 'too-large', collection, uri }
+  const v = validateRecord(collection, record)
+  if (!v.success) {
+    log.warn('invalid record not indexed', { uri, reason: v.reason, detail: v.message })
+    return { reason: `invalid-${v.reason}`, collection, uri }
+  }
+  return null
 }
 
 export interface IndexerStats {
@@ -154,7 +166,7 @@ export class Indexer implements AsyncDisposable {
           change.ops.push({ action: 'delete', uri })
           return
         }
-        const rejection = this.check(evt.collection, uri, evt.record, evt.blocks.get(evt.cid)?.length ?? 0)
+        const rejection = checkRecord(evt.collection, uri, evt.record, evt.blocks.get(evt.cid)?.length ?? 0)
         if (rejection) {
           change.rejects.push(rejection)
           // The repo no longer holds a valid version of this record: drop any older one.
@@ -177,18 +189,6 @@ export class Indexer implements AsyncDisposable {
         if (store.isKnown(evt.did)) await this.resyncInto(source, evt.seq, evt.did)
         return
     }
-  }
-
-  /** Validates one record; a Rejection when it must not be indexed. */
-  private check(collection: string, uri: string, record: unknown, size: number): Rejection | null {
-    if (!KNOWN.has(collection)) return { reason: 'unknown-collection', collection, uri }
-    if (size > MAX_RECORD_BYTES) return { reason: 'too-large', collection, uri }
-    const v = validateRecord(collection, record)
-    if (!v.success) {
-      log.warn('invalid record not indexed', { uri, reason: v.reason, detail: v.message })
-      return { reason: `invalid-${v.reason}`, collection, uri }
-    }
-    return null
   }
 
   private async handleAccount(source: string, seq: number, did: string, active: boolean, status: string | null) {
@@ -295,7 +295,7 @@ export class Indexer implements AsyncDisposable {
     if (last && repo.rev < last) return
     const writes: RecordWrite[] = []
     for (const r of repo.records) {
-      const rejection = this.check(r.collection, r.uri, r.record, r.size)
+      const rejection = checkRecord(r.collection, r.uri, r.record, r.size)
       if (rejection) this.reject(rejection)
       else writes.push(r)
     }
