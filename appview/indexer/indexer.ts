@@ -10,15 +10,26 @@
  */
 import { TID } from '@atproto/common-web'
 import type { IdResolver } from '@atproto/identity'
+import { cborToLex, RepoVerificationError } from '@atproto/repo'
 import { Firehose, FirehoseParseError, FirehoseValidationError, type Event } from '@atproto/sync'
 import { indexerLogger as log } from '../../src/logger.ts'
 import { MAX_RECORD_BYTES, validateRecord } from '../../src/lexicon/validate.ts'
 import { recordCollections } from '../../src/lexicon/generated/ids.ts'
 import { OrderedRunner } from './runner.ts'
-import { COCORE_PREFIX, fetchRepo, getRepoStatus, type FetchedRepo } from './repo-fetch.ts'
+import { COCORE_PREFIX, fetchRepo, getRepoStatus, RepoFetchError, type FetchedRepo } from './repo-fetch.ts'
 import type { IndexOp, IndexStore, RecordWrite } from './store.ts'
 
 const KNOWN = new Set<string>(recordCollections)
+
+/** Whether the commit block the frame points at is signed with the rev the frame claims. */
+function signedRevMatches(commitBlock: Uint8Array | undefined, rev: string): boolean {
+  if (!commitBlock) return false
+  try {
+    return (cborToLex(commitBlock) as { rev?: unknown }).rev === rev
+  } catch {
+    return false
+  }
+}
 
 /** Milliseconds encoded in a TID rev; 0 for a malformed one. */
 const revTime = (rev: string): number => (TID.is(rev) ? TID.fromStr(rev).timestamp() / 1000 : 0)
@@ -52,6 +63,14 @@ export function checkRecord(collection: string, uri: string, record: unknown, si
   return null
 }
 
+interface Sub {
+  source: string
+  firehose: Firehose
+  runner: OrderedRunner
+  running: Promise<void> | null
+  ended: boolean
+}
+
 export interface IndexerStats {
   events: number
   commitsApplied: number
@@ -77,33 +96,71 @@ export interface IndexerOpts {
 export class Indexer implements AsyncDisposable {
   readonly stats: IndexerStats = { events: 0, commitsApplied: 0, staleCommits: 0, recordsWritten: 0, recordsDeleted: 0, rejected: 0, purged: 0, resyncs: 0 }
   private readonly opts: IndexerOpts
-  private readonly subs: { source: string; firehose: Firehose; runner: OrderedRunner; running: Promise<void> | null }[] = []
+  private readonly subs: Sub[] = []
   private readonly pending = new Map<string, Change[]>()
   private resyncTimer: NodeJS.Timeout | null = null
+  private retrying: Promise<void> | null = null
+  private stopping = false
 
   constructor(opts: IndexerOpts) {
     this.opts = opts
-    for (const source of opts.sources) {
-      const runner = new OrderedRunner({
-        startCursor: opts.store.getCursor(source) ?? (opts.replayFromStart ? 0 : undefined),
-        concurrency: opts.concurrency,
-        commit: (seq, cursor) => this.commit(source, seq, cursor),
-      })
-      const firehose = new Firehose({
-        service: source,
-        idResolver: opts.idResolver,
-        runner,
-        filterCollections: [`${COCORE_PREFIX}*`],
-        unauthenticatedHandles: true,
-        handleEvent: (evt) => this.handleEvent(source, evt),
-        onError: (err) => this.onError(source, err),
-      })
-      this.subs.push({ source, firehose, runner, running: null })
-    }
+    this.subs = opts.sources.map((source) => this.makeSub(source))
+  }
+
+  /** A subscription to one source, resuming from that source's persisted cursor. */
+  private makeSub(source: string): Sub {
+    const { store, replayFromStart, concurrency } = this.opts
+    const runner = new OrderedRunner({
+      startCursor: store.getCursor(source) ?? (replayFromStart ? 0 : undefined),
+      concurrency,
+      commit: (seq, cursor) => this.commit(source, seq, cursor),
+      discard: (seq) => this.pending.delete(this.key(source, seq)),
+      onFatal: (err) => {
+        log.error('index write failed; resubscribing from the persisted cursor', { source, err: err as Error })
+        this.restart(source)
+      },
+    })
+    const firehose = new Firehose({
+      service: source,
+      idResolver: this.opts.idResolver,
+      runner,
+      filterCollections: [`${COCORE_PREFIX}*`],
+      unauthenticatedHandles: true,
+      handleEvent: (evt) => this.handleEvent(source, evt),
+      onError: (err) => this.onError(source, err),
+    })
+    return { source, firehose, runner, running: null, ended: false }
+  }
+
+  private launch(sub: Sub): void {
+    sub.running = sub.firehose.start().then(() => {
+      sub.ended = true
+      // The loop also ends, without error, when the server closes normally: keep indexing.
+      if (!this.stopping) this.restart(sub.source)
+    })
+  }
+
+  private async closeSub(sub: Sub): Promise<void> {
+    // destroy() waits for the subscription loop to end: only call it on a loop still running.
+    if (sub.running && !sub.ended) await sub.firehose.destroy()
+    await sub.runner.close()
+  }
+
+  /** Replaces a source's subscription with a fresh one from the persisted cursor, after a pause. */
+  private restart(source: string): void {
+    setTimeout(async () => {
+      const i = this.subs.findIndex((s) => s.source === source)
+      if (i < 0 || this.stopping) return
+      await this.closeSub(this.subs[i]!)
+      if (this.stopping) return
+      const fresh = this.makeSub(source)
+      this.subs[i] = fresh
+      this.launch(fresh)
+    }, 1_000).unref()
   }
 
   start(): void {
-    for (const sub of this.subs) sub.running ??= sub.firehose.start()
+    for (const sub of this.subs) if (!sub.running) this.launch(sub)
     // Repos marked for resync (a #sync, or a fetch that failed) are retried until they succeed, across restarts.
     this.resyncTimer = setInterval(() => void this.retryResyncs(), 5_000)
     this.resyncTimer.unref()
@@ -116,14 +173,10 @@ export class Indexer implements AsyncDisposable {
   }
 
   async stop(): Promise<void> {
+    this.stopping = true
     if (this.resyncTimer) clearInterval(this.resyncTimer)
-    await Promise.all(
-      this.subs.map(async (s) => {
-        // destroy() waits for the subscription loop to end: only call it on a started one.
-        if (s.running) await s.firehose.destroy()
-        await s.runner.close()
-      }),
-    )
+    await Promise.all(this.subs.map((s) => this.closeSub(s)))
+    await this.retrying
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -154,6 +207,13 @@ export class Indexer implements AsyncDisposable {
             // One rejection per commit; its ops are dropped.
             if (!this.pending.get(k)?.some((c) => c.kind === 'reject-commit')) {
               this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'rev-in-future', collection: '', uri: `at://${evt.did}` } })
+            }
+            return
+          }
+          if (!signedRevMatches(evt.blocks.get(evt.commit), evt.rev)) {
+            // The frame's rev is not the signed commit's: it must not steer our stale-rev rule.
+            if (!this.pending.get(k)?.some((c) => c.kind === 'reject-commit')) {
+              this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'rev-mismatch', collection: '', uri: `at://${evt.did}` } })
             }
             return
           }
@@ -203,7 +263,9 @@ export class Indexer implements AsyncDisposable {
       // #account frames are unsigned: confirm with the account's PDS before purging.
       const confirmed = await getRepoStatus(idResolver, did, this.opts.fetch)
       if (!confirmed) {
-        log.warn('account event not confirmed (PDS unreachable); state kept', { did, status })
+        // Keep the state, and check again later through the resync path.
+        log.warn('account event not confirmed (PDS unreachable); state kept, will recheck', { did, status })
+        this.push(source, seq, { kind: 'needs-resync', did })
         return
       }
       if (!confirmed.exists || confirmed.status === 'deleted' || confirmed.status === 'takendown') {
@@ -303,31 +365,52 @@ export class Indexer implements AsyncDisposable {
     this.stats.resyncs++
   }
 
-  private retrying = false
-  private async retryResyncs() {
-    if (this.retrying) return
-    this.retrying = true
-    try {
-      for (const did of this.opts.store.reposNeedingResync()) {
-        try {
-          const repo = await fetchRepo(this.opts.idResolver, did, this.opts.fetch)
-          this.opts.store.tx(() => this.applyRepo(repo))
-        } catch (err) {
-          log.debug('resync retry failed', { did, err })
-        }
+  private retryResyncs(): Promise<void> {
+    this.retrying ??= this.retryOnce().finally(() => (this.retrying = null))
+    return this.retrying
+  }
+
+  private async retryOnce(): Promise<void> {
+    const { store, idResolver } = this.opts
+    for (const did of store.reposNeedingResync()) {
+      if (this.stopping) return
+      try {
+        const repo = await fetchRepo(idResolver, did, this.opts.fetch)
+        // Re-check inside the transaction: a purge may have happened while fetching.
+        store.tx(() => {
+          if (store.needsResync(did)) this.applyRepo(repo)
+        })
+      } catch (err) {
+        if (err instanceof RepoFetchError && err.gone) await this.confirmGone(did)
+        else log.debug('resync retry failed', { did, err })
       }
-    } finally {
-      this.retrying = false
+    }
+  }
+
+  /** A repo its PDS no longer serves: purge once the PDS confirms the account is deleted or taken down. */
+  private async confirmGone(did: string): Promise<void> {
+    const status = await getRepoStatus(this.opts.idResolver, did, this.opts.fetch)
+    if (status && (!status.exists || status.status === 'deleted' || status.status === 'takendown')) {
+      this.opts.store.tx(() => this.apply({ kind: 'purge', did }))
     }
   }
 
   private onError(source: string, err: Error) {
     if (err instanceof FirehoseParseError) {
-      // Signature or MST proof did not verify (after one key refresh): rejected.
-      const did = (err.event as { repo?: string }).repo ?? null
-      this.opts.store.reject('bad-commit', '', did ? `at://${did}` : null)
-      this.stats.rejected++
-      log.warn('commit failed verification; rejected', { source, did, err: err.cause as Error })
+      const evt = err.event as { repo?: string; seq?: number }
+      const did = evt.repo ?? null
+      if (err.cause instanceof RepoVerificationError) {
+        // Signature or MST proof did not verify (after one key refresh): rejected.
+        this.opts.store.reject('bad-commit', '', did ? `at://${did}` : null)
+        this.stats.rejected++
+        log.warn('commit failed verification; rejected', { source, did, err: err.cause })
+      } else if (did && typeof evt.seq === 'number') {
+        // Not a verdict on the commit (the DID's key could not be resolved...): fetch the
+        // whole repo later rather than lose the commit. Called within the event's handler,
+        // so this lands in the event's transaction.
+        this.push(source, evt.seq, { kind: 'needs-resync', did })
+        log.warn('commit could not be checked now; repo marked for resync', { source, did, err: err.cause as Error })
+      }
     } else if (err instanceof FirehoseValidationError) {
       this.opts.store.reject('malformed-frame', '', null)
       this.stats.rejected++

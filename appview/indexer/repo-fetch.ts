@@ -28,8 +28,8 @@ export interface FetchedRepo {
   records: (RecordWrite & { size: number })[]
 }
 
-export async function resolvePds(idResolver: IdResolver, did: string): Promise<string> {
-  const doc = await idResolver.did.resolve(did)
+export async function resolvePds(idResolver: IdResolver, did: string, forceRefresh = false): Promise<string> {
+  const doc = await idResolver.did.resolve(did, forceRefresh)
   if (!doc) throw new RepoFetchError(`DID not resolvable: ${did}`, true)
   const pds = pdsEndpoint(doc)
   if (!pds) throw new RepoFetchError(`no PDS in DID document of ${did}`)
@@ -84,10 +84,10 @@ export async function getRepoStatus(
 ): Promise<{ exists: boolean; active: boolean; status?: string } | null> {
   let pds: string
   try {
-    pds = await resolvePds(idResolver, did)
-  } catch (err) {
-    // A DID that no longer resolves (tombstoned) counts as deleted.
-    if (err instanceof RepoFetchError && err.gone) return { exists: false, active: false, status: 'deleted' }
+    // Fresh DID document: the account may have moved, and its old PDS would say "not found".
+    pds = await resolvePds(idResolver, did, true)
+  } catch {
+    // Unresolvable now may be a blip of the DID's host: unknown, so the caller keeps its state.
     return null
   }
   try {

@@ -19,6 +19,16 @@ class ConsecutiveSeqs {
     this.items.push(item)
     return item
   }
+  /** The high-water mark completing `item` would give, without completing it. */
+  peekComplete(item: { done: boolean }): number | undefined {
+    let last: number | undefined
+    for (let i = this.head; i < this.items.length; i++) {
+      const it = this.items[i]!
+      if (!it.done && it !== item) break
+      last = it.seq
+    }
+    return last
+  }
   complete(item: { done: boolean }): number | undefined {
     item.done = true
     let last: number | undefined
@@ -42,6 +52,14 @@ export interface OrderedRunnerOpts {
    * the same transaction, persist `cursor` when defined.
    */
   commit: (seq: number, cursor: number | undefined) => void
+  /** An event that will not be committed (runner closed or failed): drop what it collected. */
+  discard: (seq: number) => void
+  /**
+   * A commit failed (disk full, database busy past its timeout...). The runner
+   * stops committing, so the persisted cursor never passes the failed event;
+   * the owner restarts the subscription from that cursor.
+   */
+  onFatal: (err: unknown) => void
   /** Events processed at once across repos. */
   concurrency?: number
 }
@@ -73,14 +91,21 @@ export class OrderedRunner implements EventRunner {
     if (this.closed) return
     const item = this.seqs.push(seq)
     const prev = this.partitions.get(did) ?? Promise.resolve()
+    // Never rejects: a failure of one event must not stall the rest of its repo's chain.
     const run = prev.then(async () => {
       await this.acquire()
       try {
-        if (this.closed) return
+        if (this.closed) return this.opts.discard(seq)
         await handler()
-        const cursor = this.seqs.complete(item)
-        if (cursor !== undefined) this.cursor = cursor
+        if (this.closed) return this.opts.discard(seq)
+        const cursor = this.seqs.peekComplete(item)
         this.opts.commit(seq, cursor)
+        this.seqs.complete(item)
+        if (cursor !== undefined) this.cursor = Math.max(this.cursor ?? cursor, cursor)
+      } catch (err) {
+        this.closed = true
+        this.opts.discard(seq)
+        this.opts.onFatal(err)
       } finally {
         this.release()
       }

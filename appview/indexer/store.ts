@@ -27,7 +27,7 @@ export type IndexOp = RecordWrite | RecordDelete
 export class IndexStore {
   readonly db: Db
   private readonly st: Record<
-    'upsert' | 'del' | 'getRev' | 'setRev' | 'setCursor' | 'getCursor' | 'reject' | 'ensureAccount' | 'setHandle' | 'setStatus' | 'purgeRecords' | 'purgeAccount' | 'purgeRepo' | 'urisOfDid' | 'markResync',
+    'upsert' | 'del' | 'getRev' | 'setRev' | 'advanceRev' | 'needsResync' | 'setCursor' | 'getCursor' | 'reject' | 'ensureAccount' | 'setHandle' | 'setStatus' | 'purgeRecords' | 'purgeAccount' | 'clearResync' | 'urisOfDid' | 'markResync',
     Statement
   >
 
@@ -44,6 +44,9 @@ export class IndexStore {
       del: c.prepare('DELETE FROM records WHERE uri = ?'),
       getRev: c.prepare('SELECT rev FROM repos WHERE did = ?').pluck(),
       setRev: c.prepare('INSERT INTO repos (did, rev, needs_resync) VALUES (?, ?, 0) ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, needs_resync = 0'),
+      // A live commit moves the rev but leaves a pending resync pending: only a full snapshot clears it.
+      advanceRev: c.prepare('INSERT INTO repos (did, rev, needs_resync) VALUES (?, ?, 0) ON CONFLICT (did) DO UPDATE SET rev = excluded.rev'),
+      needsResync: c.prepare('SELECT needs_resync FROM repos WHERE did = ?').pluck(),
       markResync: c.prepare("INSERT INTO repos (did, rev, needs_resync) VALUES (?, '', 1) ON CONFLICT (did) DO UPDATE SET needs_resync = 1"),
       setCursor: c.prepare('INSERT INTO cursors (source, seq) VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > cursors.seq'),
       getCursor: c.prepare('SELECT seq FROM cursors WHERE source = ?').pluck(),
@@ -54,7 +57,7 @@ export class IndexStore {
       setStatus: c.prepare('INSERT INTO accounts (did, active, status) VALUES (?, ?, ?) ON CONFLICT (did) DO UPDATE SET active = excluded.active, status = excluded.status'),
       purgeRecords: c.prepare('DELETE FROM records WHERE did = ?'),
       purgeAccount: c.prepare('DELETE FROM accounts WHERE did = ?'),
-      purgeRepo: c.prepare('DELETE FROM repos WHERE did = ?'),
+      clearResync: c.prepare('UPDATE repos SET needs_resync = 0 WHERE did = ?'),
       urisOfDid: c.prepare('SELECT uri FROM records WHERE did = ?').pluck(),
     }
   }
@@ -86,7 +89,7 @@ export class IndexStore {
     if (last !== undefined && last !== '' && rev <= last) return false
     this.st.ensureAccount.run(did)
     for (const op of ops) this.applyOp(op)
-    this.st.setRev.run(did, rev)
+    this.st.advanceRev.run(did, rev)
     return true
   }
 
@@ -130,6 +133,9 @@ export class IndexStore {
   markResync(did: string): void {
     this.st.markResync.run(did)
   }
+  needsResync(did: string): boolean {
+    return this.st.needsResync.get(did) === 1
+  }
   reposNeedingResync(): string[] {
     return this.db.$client.prepare('SELECT did FROM repos WHERE needs_resync = 1').pluck().all() as string[]
   }
@@ -145,11 +151,15 @@ export class IndexStore {
   setStatus(did: string, active: boolean, status: string | null): void {
     this.st.setStatus.run(did, active ? 1 : 0, status)
   }
-  /** Removes every row of an account (deleted or taken down). */
+  /**
+   * Removes every row of an account (deleted or taken down). The repo's sync
+   * row stays, rev included: replays of older commits (after a crash, or from
+   * a lagging second source) remain stale and cannot bring the rows back.
+   */
   purge(did: string): number {
     const n = this.st.purgeRecords.run(did).changes
     this.st.purgeAccount.run(did)
-    this.st.purgeRepo.run(did)
+    this.st.clearResync.run(did)
     return n
   }
 
