@@ -7,6 +7,7 @@ import { AppView } from '../appview/index.ts'
 import { startConsole } from '../console/index.ts'
 import { ConfigError, loadConfig, type Config } from '../src/config.ts'
 import { appviewLogger as log, setLogLevel } from '../src/logger.ts'
+import { shutdownOn } from '../src/shutdown.ts'
 
 let config: Config
 try {
@@ -31,14 +32,4 @@ const appview = await new AppView({
 const consoleSrv = await startConsole({ port: config.consolePort, host: config.host, appviewUrl: config.appviewUrl })
 log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })
 
-let stopping = false
-async function shutdown(signal: string) {
-  if (stopping) return
-  stopping = true
-  log.info('shutting down', { signal })
-  await consoleSrv.close()
-  await appview.stop()
-  process.exit(0)
-}
-process.on('SIGINT', () => void shutdown('SIGINT'))
-process.on('SIGTERM', () => void shutdown('SIGTERM'))
+shutdownOn(['SIGINT', 'SIGTERM'], [() => consoleSrv.close(), () => appview.stop()])

@@ -16,7 +16,8 @@ import { P256Signer } from '../src/crypto/p256.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { attestationRecord, authorizationRecord, friend, hex32, jobRecord, profile, providerRecord, putRecord, receiptRecord } from '../src/dev/records.ts'
 import { stackFile, type StackInfo } from '../src/dev/stack.ts'
-import { devLogger as log, setLogLevel } from '../src/logger.ts'
+import { setLogLevel } from '../src/logger.ts'
+import { shutdownOn } from '../src/shutdown.ts'
 
 const config = loadConfig({ ...process.env, COCORE_MODE: 'dev' })
 setLogLevel(config.logLevel)
@@ -103,16 +104,9 @@ ${stack.accounts.map((a) => `    ${a.handle.padEnd(14)} ${a.role.padEnd(10)} ${a
   Written to ${stackFile(config.dataDir)}. Ctrl-C stops everything.
 `)
 
-let stopping = false
-async function shutdown(signal: string) {
-  if (stopping) return
-  stopping = true
-  log.info('shutting down', { signal })
-  await consoleSrv.close()
-  await appview.stop()
-  await net.close()
-  rmSync(stackFile(config.dataDir), { force: true })
-  process.exit(0)
-}
-process.on('SIGINT', () => void shutdown('SIGINT'))
-process.on('SIGTERM', () => void shutdown('SIGTERM'))
+shutdownOn(['SIGINT', 'SIGTERM'], [
+  () => consoleSrv.close(),
+  () => appview.stop(),
+  () => net.close(),
+  () => rmSync(stackFile(config.dataDir), { force: true }),
+])
