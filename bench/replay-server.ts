@@ -4,6 +4,8 @@
  * with seq > N as fast as the socket takes them (sending pauses while more
  * than `highWaterMark` bytes are buffered, and resumes from the send
  * callback), then keeps the connection open like an idle live stream.
+ * Without a cursor it sends the whole recording (a real host would start at
+ * its live head, which for a recording is nothing).
  *
  * Optionally it also answers what the identity of the recorded accounts
  * needs, for a replay without the network that produced the recording:

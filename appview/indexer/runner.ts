@@ -87,13 +87,14 @@ export class OrderedRunner implements EventRunner {
     return this.seqs.pending
   }
 
-  async trackEvent(did: string, seq: number, handler: () => Promise<void>): Promise<void> {
-    if (this.closed) return
+  trackEvent(did: string, seq: number, handler: () => Promise<void>): Promise<void> {
+    if (this.closed) return Promise.resolve()
     const item = this.seqs.push(seq)
-    const prev = this.partitions.get(did) ?? Promise.resolve()
+    const slot: { run?: Promise<void> } = {}
     // Never rejects: a failure of one event must not stall the rest of its repo's chain.
-    const run = prev.then(async () => {
-      await this.acquire()
+    const task = async () => {
+      // Most events find a free slot: no promise is made for them.
+      if (!this.tryAcquire()) await new Promise<void>((resolve) => this.waiting.push(resolve))
       try {
         if (this.closed) return this.opts.discard(seq)
         await handler()
@@ -108,25 +109,27 @@ export class OrderedRunner implements EventRunner {
         this.opts.onFatal(err)
       } finally {
         this.release()
+        if (this.partitions.get(did) === slot.run) {
+          this.partitions.delete(did)
+          if (this.partitions.size === 0) for (const w of this.idleWaiters.splice(0)) w()
+        }
       }
-    })
+    }
+    const prev = this.partitions.get(did)
+    const run = prev ? prev.then(task) : task()
+    slot.run = run
     this.partitions.set(did, run)
-    void run.finally(() => {
-      if (this.partitions.get(did) === run) this.partitions.delete(did)
-      if (this.partitions.size === 0) for (const w of this.idleWaiters.splice(0)) w()
-    })
     return run
   }
 
-  private acquire(): Promise<void> {
-    if (this.active < (this.opts.concurrency ?? 32)) {
-      this.active++
-      return Promise.resolve()
-    }
-    return new Promise((resolve) => this.waiting.push(resolve))
+  private tryAcquire(): boolean {
+    if (this.active >= (this.opts.concurrency ?? 32)) return false
+    this.active++
+    return true
   }
   private release() {
     const next = this.waiting.shift()
+    // The slot passes straight to the next waiting event.
     if (next) next()
     else this.active--
   }
