@@ -8,6 +8,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { signDetached, signReceipt } from '../src/crypto/signing.ts'
+import { canonicalJson } from '../src/crypto/canonical-json.ts'
+import { verifySettlement as verifySettlementFn } from '../appview/verify/settlement.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
@@ -161,3 +163,45 @@ describe('verifySettlement', () => {
   })
 })
 
+
+describe('verifySettlement signature', () => {
+  // The exchange's settlement key as its DID document publishes it (a JWK verification method).
+  const key = P256Signer.generate()
+  const jwk = key.publicKey.export({ format: 'jwk' })
+  const doc = (k = jwk) => ({ id: 'did:web:market.example', verificationMethod: [{ id: 'did:web:market.example#exchange-signing-key', type: 'JsonWebKey2020', controller: 'did:web:market.example', publicKeyJwk: k }] })
+  const body = {
+    $type: ids.ComputeSettlement,
+    receipt: { uri: 'at://did:plc:p/dev.cocore.compute.receipt/1', cid: 'bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm' },
+    requesterAuthorization: { uri: 'at://did:plc:r/dev.cocore.compute.paymentAuthorization/1', cid: 'bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm' },
+    amountCharged: { amount: 100, currency: 'CC' },
+    providerPayout: { amount: 95, currency: 'CC' },
+    exchangeFee: { amount: 5, currency: 'CC' },
+    processorReference: 'ledger',
+    status: 'settled',
+    settledAt: new Date().toISOString(),
+  }
+  const sigCodes = (v: { findings: { code: string }[] }) => v.findings.map((f) => f.code).filter((c) => /sig|key/.test(c))
+  const run = (s: Record<string, unknown>, d: unknown, att?: string) =>
+    verifySettlementFn(
+      { uri: 'at://did:web:market.example/x/1', cid: 'c', did: 'did:web:market.example', body: s as never },
+      undefined,
+      undefined,
+      att ? ({ uri: 'u', cid: 'c', did: 'd', body: { signingKeyFingerprint: att } } as never) : undefined,
+      d as never,
+    )
+
+  it('accepts a settlement signed by the key in the exchange DID document, pinned by its fingerprint', async () => {
+    const { jwkFingerprint } = await import('../appview/verify/settlement.ts')
+    expect(sigCodes(run(signDetached(body, key), doc()))).toEqual([])
+    expect(sigCodes(run(signDetached(body, key), doc(), jwkFingerprint(jwk)))).toEqual([])
+    // The reference signs some records with $type inside the signed bytes: both forms verify.
+    const withType = { ...body, sig: Buffer.from(key.signRawRS(new TextEncoder().encode(canonicalJson(body)))).toString('base64url') }
+    expect(sigCodes(run(withType, doc()))).toEqual([])
+  })
+  it('refuses a tampered settlement, another key, and a fingerprint that matches no published key', () => {
+    expect(sigCodes(run({ ...signDetached(body, key), exchangeFee: { amount: 6, currency: 'CC' } }, doc()))).toEqual(['signature-invalid'])
+    expect(sigCodes(run(signDetached(body, P256Signer.generate()), doc()))).toEqual(['signature-invalid'])
+    expect(sigCodes(run(signDetached(body, key), doc(), 'not-the-fingerprint'))).toEqual(['signing-key-unresolved'])
+    expect(sigCodes(run(body, doc()))).toEqual(['no-signature'])
+  })
+})
