@@ -1,68 +1,81 @@
 /**
- * The console (Hono). Until the console issue lands this is a placeholder
- * that says where everything is; it loads nothing from other origins.
+ * The console service: its database (sealed OAuth state and sessions,
+ * console sessions, audit log), its OAuth client, and the HTTP server.
  */
 import type { Server } from 'node:http'
+import { join } from 'node:path'
 import { serve } from '@hono/node-server'
-import { Hono } from 'hono'
-import { html } from 'hono/html'
+import { openDb, type Db } from '../src/db/index.ts'
+import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import { consoleLogger as log } from '../src/logger.ts'
+import { createConsoleApp } from './app.ts'
+import { createOAuthClient } from './oauth/client.ts'
+import { stateStore } from './oauth/stores.ts'
+import { AuditLog, ConsoleSessions } from './sessions.ts'
 
 export interface ConsoleOpts {
   port: number
   host: string
+  dbPath: string
+  dataDir: string
+  mode: 'dev' | 'production'
   appviewUrl: string
-  /** Shown on the page in dev mode only. */
+  /** Public URL; defaults to http://<host>:<port>. */
+  publicUrl?: string
+  /** COCORE_SECRET_KEY, else a key file in dataDir. */
+  secretKey?: string
+  /** dev: the embedded network. */
+  plcUrl?: string
+  pdsUrl?: string
+  /** dev: shown on the sign-in page. */
   demoAccounts?: { handle: string; password: string; role: string }[]
 }
 
-export function createConsoleApp(opts: ConsoleOpts): Hono {
-  const app = new Hono()
-  app.use(async (c, next) => {
-    await next()
-    // Nothing from other origins, no framing.
-    c.header('Content-Security-Policy', "default-src 'self'; frame-ancestors 'none'")
-    c.header('X-Content-Type-Options', 'nosniff')
-  })
-  app.get('/', (c) =>
-    c.html(html`<!doctype html>
-      <html lang="en">
-        <head><meta charset="utf-8" /><title>cocore console</title></head>
-        <body>
-          <h1>cocore console</h1>
-          <p>Sign-in with your AT Protocol identity is coming with the console release. The AppView is live:</p>
-          <ul>
-            <li><a href="${opts.appviewUrl}/xrpc/dev.cocore.compute.listProviders">providers</a></li>
-            <li><a href="${opts.appviewUrl}/xrpc/dev.cocore.account.listAccounts">accounts</a></li>
-            <li><a href="${opts.appviewUrl}/health">AppView health</a></li>
-          </ul>
-          ${opts.demoAccounts?.length
-            ? html`<h2>Demo accounts (local network)</h2>
-                <ul>${opts.demoAccounts.map((a) => html`<li>${a.handle} (${a.role}), password <code>${a.password}</code></li>`)}</ul>`
-            : ''}
-        </body>
-      </html>`),
-  )
-  app.get('/health', (c) => c.json({ status: 'ok' }))
-  return app
+export interface ConsoleService {
+  url: string
+  db: Db
+  close(): Promise<void>
 }
 
-export async function startConsole(opts: ConsoleOpts): Promise<{ url: string; close: () => Promise<void> }> {
-  const app = createConsoleApp(opts)
-  let url = ''
-  const server = await new Promise<Server>((resolve) => {
-    const s = serve({ fetch: app.fetch, port: opts.port, hostname: opts.host }, (info) => {
-      url = `http://${opts.host}:${info.port}`
-      resolve(s as Server)
-    })
+export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
+  const db = openDb(opts.dbPath)
+  const box = new SecretBox(loadKeyring(opts.secretKey, join(opts.dataDir, 'secret.key')))
+  // The loopback client id must name the exact port, so bind first when the port is 0.
+  let server: Server
+  const port = await new Promise<number>((resolve) => {
+    server = serve({ fetch: (req, env) => app.fetch(req, env), port: opts.port, hostname: opts.host }, (info) => resolve(info.port)) as Server
+  })
+  const url = opts.publicUrl ?? `http://${opts.host}:${port}`
+  const oauth = await createOAuthClient({
+    db,
+    box,
+    consoleUrl: url,
+    mode: opts.mode,
+    plcUrl: opts.plcUrl,
+    handleResolverUrl: opts.pdsUrl,
+    clientKeyFile: join(opts.dataDir, 'oauth-client-key.json'),
+  })
+  const app = createConsoleApp({
+    oauth,
+    states: stateStore(db, box),
+    sessions: new ConsoleSessions(db, box.deriveKey('ip-hash')),
+    audit: new AuditLog(db),
+    appviewUrl: opts.appviewUrl,
+    consoleUrl: url,
+    secureCookies: opts.mode === 'production',
+    demoAccounts: opts.demoAccounts,
   })
   log.info('console listening', { url })
   return {
     url,
+    db,
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections()
-        server.close(() => resolve())
+        server.close(() => {
+          db.$client.close()
+          resolve()
+        })
       }),
   }
 }

@@ -29,7 +29,16 @@ const appview = await new AppView({
   host: config.host,
   publicUrl: config.appviewUrl,
 }).start()
-const consoleSrv = await startConsole({ port: config.consolePort, host: config.host, appviewUrl: config.appviewUrl })
+const consoleSrv = await startConsole({
+  port: config.consolePort,
+  host: config.host,
+  dbPath: config.consoleDbPath,
+  dataDir: config.dataDir,
+  mode: 'production',
+  publicUrl: config.consoleUrl,
+  secretKey: config.secretKey || undefined,
+  appviewUrl: config.appviewUrl,
+})
 log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })
 
 shutdownOn(['SIGINT', 'SIGTERM'], [() => consoleSrv.close(), () => appview.stop()])

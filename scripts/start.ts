@@ -26,7 +26,7 @@ process.env.LOG_ENABLED ??= 'false'
 
 const devDir = join(config.dataDir, 'dev')
 rmSync(devDir, { recursive: true, force: true })
-for (const suffix of ['', '-wal', '-shm']) rmSync(config.appviewDbPath + suffix, { force: true })
+for (const db of [config.appviewDbPath, config.consoleDbPath]) for (const suffix of ['', '-wal', '-shm']) rmSync(db + suffix, { force: true })
 mkdirSync(devDir, { recursive: true })
 
 const net = await LocalNetwork.create({ plcPort: config.plcPort, pdsPort: config.pdsPort, dataDir: join(devDir, 'pds') })
@@ -73,6 +73,12 @@ await putRecord(rig.agent, rig.did, receiptRecord(signer, { job, requester: alic
 const consoleSrv = await startConsole({
   port: config.consolePort,
   host: config.host,
+  dbPath: config.consoleDbPath,
+  dataDir: config.dataDir,
+  mode: 'dev',
+  secretKey: config.secretKey || undefined,
+  plcUrl: net.plcUrl,
+  pdsUrl: net.pdsUrl,
   appviewUrl: appview.url,
   demoAccounts: demo.map((d) => ({ handle: d.handle, password, role: d.role })),
 })

@@ -46,6 +46,9 @@ export const knobs = {
   pdsPort: knob('COCORE_PDS_PORT', 2583, int, 'dev only: port of the embedded PDS'),
   appviewDb: knob('COCORE_APPVIEW_DB', '', str, 'AppView SQLite file (default `<dataDir>/appview.sqlite`; dev: `<dataDir>/dev/appview.sqlite`, recreated by each `npm start`)'),
   appviewPublicUrl: knob('COCORE_APPVIEW_PUBLIC_URL', '', str, 'Public https URL of the AppView, used for its did:web (default `http://<host>:<appviewPort>`)'),
+  consoleDb: knob('COCORE_CONSOLE_DB', '', str, 'Console SQLite file: OAuth sessions (sealed), console sessions, audit log (default `<dataDir>/console.sqlite`; dev: `<dataDir>/dev/console.sqlite`)'),
+  consolePublicUrl: knob('COCORE_CONSOLE_PUBLIC_URL', '', str, 'production: public https URL of the console; its OAuth client metadata and JWKS are served there (default `http://<host>:<consolePort>`)'),
+  secretKey: knob('COCORE_SECRET_KEY', '', str, 'Keys sealing OAuth state and sessions at rest: `kid:base64(32 bytes)[,older...]`, current first. Default: a key file `<dataDir>/secret.key` created on first start with mode 0600'),
   relayUrl: knob('COCORE_RELAY_URL', '', str, 'production: firehose relay, e.g. `wss://bsky.network`'),
   pdsUrls: knob('COCORE_PDS_URLS', [] as string[], list, 'Comma-separated PDS URLs to subscribe to directly (instead of, or besides, a relay)'),
   plcUrl: knob('COCORE_PLC_URL', 'https://plc.directory', str, 'PLC directory (dev: the embedded one)'),
@@ -59,6 +62,9 @@ export type Config = { -readonly [K in keyof Knobs]: Knobs[K]['default'] } & {
   /** Resolved absolute paths and URLs derived from the knobs. */
   appviewDbPath: string
   appviewUrl: string
+  consoleDbPath: string
+  consoleUrl: string
+  secretKeyFile: string
   /** Firehose sources: relay and/or PDS URLs, as ws(s) URLs. */
   firehoseSources: string[]
 }
@@ -77,6 +83,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   c.dataDir = resolve(c.dataDir)
   c.appviewDbPath = c.appviewDb ? resolve(c.appviewDb) : join(c.dataDir, ...(c.mode === 'dev' ? ['dev'] : []), 'appview.sqlite')
   c.appviewUrl = c.appviewPublicUrl || `http://${c.host}:${c.appviewPort}`
+  c.consoleDbPath = c.consoleDb ? resolve(c.consoleDb) : join(c.dataDir, ...(c.mode === 'dev' ? ['dev'] : []), 'console.sqlite')
+  c.consoleUrl = c.consolePublicUrl || `http://${c.host}:${c.consolePort}`
+  c.secretKeyFile = join(c.dataDir, 'secret.key')
   c.firehoseSources = [...(c.relayUrl ? [c.relayUrl] : []), ...c.pdsUrls].map(toWs)
   if (c.mode === 'production' && c.firehoseSources.length === 0) {
     throw new ConfigError('production mode needs COCORE_RELAY_URL or COCORE_PDS_URLS')

@@ -91,3 +91,55 @@ export const rejections = sqliteTable(
   },
   (t) => [primaryKey({ columns: [t.reason, t.collection] })],
 )
+
+// ---------------------------------------------------------------------------
+// Console tables. The console keeps its own SQLite file (data/console.sqlite);
+// the migrations are shared, so each file simply leaves the other's tables empty.
+
+/** OAuth authorizations in flight. `sealed`: AES-256-GCM (src/crypto/secretbox.ts), never plaintext. */
+export const oauthStates = sqliteTable('oauth_states', {
+  key: text('key').primaryKey(),
+  sealed: text('sealed').notNull(),
+  createdAt: text('created_at').notNull(),
+})
+
+/** OAuth sessions per DID: tokens and the DPoP private key, sealed. */
+export const oauthSessions = sqliteTable('oauth_sessions', {
+  did: text('did').primaryKey(),
+  sealed: text('sealed').notNull(),
+  updatedAt: text('updated_at').notNull(),
+})
+
+/**
+ * Console sign-in sessions. The cookie carries a random 256-bit token; only
+ * its SHA-256 is stored. `id` is a separate public handle used to list and
+ * revoke sessions. The IP is kept only as a keyed SHA-256.
+ */
+export const consoleSessions = sqliteTable(
+  'console_sessions',
+  {
+    id: text('id').primaryKey(),
+    tokenHash: text('token_hash').notNull().unique(),
+    did: text('did').notNull(),
+    userAgent: text('user_agent'),
+    ipHash: text('ip_hash'),
+    createdAt: text('created_at').notNull(),
+    lastSeenAt: text('last_seen_at').notNull(),
+    expiresAt: text('expires_at').notNull(),
+  },
+  (t) => [index('console_sessions_did').on(t.did)],
+)
+
+/** Security-relevant actions of an account: who, what, when, hashed IP. */
+export const auditLog = sqliteTable(
+  'audit_log',
+  {
+    id: integer('id').primaryKey({ autoIncrement: true }),
+    did: text('did').notNull(),
+    action: text('action').notNull(),
+    detail: text('detail'),
+    ipHash: text('ip_hash'),
+    at: text('at').notNull(),
+  },
+  (t) => [index('audit_log_did').on(t.did, t.id)],
+)

@@ -1,0 +1,196 @@
+/**
+ * The console's routes: OAuth sign-in, console sessions, activity log.
+ * Every cookie-authenticated state change goes through the CSRF origin check.
+ */
+import { randomBytes, timingSafeEqual } from 'node:crypto'
+import { Hono, type Context } from 'hono'
+import { csrf } from 'hono/csrf'
+import { HTTPException } from 'hono/http-exception'
+import { deleteCookie, getCookie, setCookie } from 'hono/cookie'
+import type { NodeOAuthClient } from '@atproto/oauth-client-node'
+import { consoleLogger as log } from '../src/logger.ts'
+import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
+import type { stateStore } from './oauth/stores.ts'
+import { auditPage, dashboardPage, errorPage, sessionsPage, signInPage } from './pages.ts'
+import { SESSION_TTL_MS, type AuditLog, type ConsoleSession, type ConsoleSessions } from './sessions.ts'
+
+export interface ConsoleDeps {
+  oauth: NodeOAuthClient
+  states: ReturnType<typeof stateStore>
+  sessions: ConsoleSessions
+  audit: AuditLog
+  appviewUrl: string
+  /** The console's own origin, for the CSRF check and cookie security. */
+  consoleUrl: string
+  /** production: `__Host-` cookies with Secure. */
+  secureCookies: boolean
+  /** Shown on the sign-in page in dev mode only. */
+  demoAccounts?: { handle: string; password: string; role: string }[]
+  /** Test hook: the client address, where the HTTP server is not Node's. */
+  clientIp?: (c: Context) => string | undefined
+}
+
+type Env = { Variables: { session: ConsoleSession | null } }
+
+const SESSION_COOKIE = 'cocore_session'
+const BINDING_COOKIE = 'cocore_oauth_binding'
+
+function clientIpOf(c: Context): string | undefined {
+  const incoming = (c.env as { incoming?: { socket?: { remoteAddress?: string } } } | undefined)?.incoming
+  return incoming?.socket?.remoteAddress
+}
+
+export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
+  const app = new Hono<Env>()
+  const origin = new URL(deps.consoleUrl).origin
+  const ip = (c: Context) => (deps.clientIp ?? clientIpOf)(c)
+  const cookieOpts = deps.secureCookies
+    ? ({ prefix: 'host', secure: true, httpOnly: true, sameSite: 'Lax', path: '/' } as const)
+    : ({ httpOnly: true, sameSite: 'Lax', path: '/' } as const)
+  const readCookie = (c: Context, name: string) => (deps.secureCookies ? getCookie(c, name, 'host') : getCookie(c, name))
+
+  app.onError((err, c) => {
+    if (err instanceof HTTPException && err.status === 403) {
+      return c.html(errorPage('Request refused', 'This request did not come from a console page (cross-site requests are refused). Nothing was changed.'), 403)
+    }
+    log.error('console error', { path: c.req.path, err })
+    return c.html(errorPage('Something went wrong', 'The console could not complete this request. Nothing was changed.'), 500)
+  })
+
+  app.use(async (c, next) => {
+    await next()
+    // Nothing from other origins: no analytics, no third-party assets, no framing.
+    c.header('Content-Security-Policy', "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self' http: https:; base-uri 'none'")
+    c.header('X-Content-Type-Options', 'nosniff')
+    c.header('Referrer-Policy', 'same-origin')
+    c.header('Cache-Control', 'no-store')
+  })
+
+  // CSRF: a state-changing request must come from a page of this origin. A
+  // request without an Origin header is refused, as is any other origin.
+  app.use(csrf({ origin }))
+
+  app.use(async (c, next) => {
+    c.set('session', deps.sessions.lookup(readCookie(c, SESSION_COOKIE)))
+    await next()
+  })
+
+  const who = async (c: Context<Env>) => {
+    const s = c.get('session')!
+    let handle: string | null = null
+    try {
+      const info = await deps.oauth.oauthResolver.identityResolver.resolve(s.did)
+      handle = info.handle === 'handle.invalid' ? null : info.handle
+    } catch {
+      // The page still works without a handle.
+    }
+    return { did: s.did, handle }
+  }
+
+  const requireSession = async (c: Context<Env>, next: () => Promise<void>) => {
+    if (!c.get('session')) return c.redirect('/', 303)
+    await next()
+  }
+
+  app.get('/', async (c) => {
+    if (!c.get('session')) return c.html(signInPage(undefined, '', deps.demoAccounts))
+    return c.html(dashboardPage(await who(c), deps.appviewUrl))
+  })
+
+  app.post('/login', async (c) => {
+    const form = await c.req.parseBody()
+    const identifier = String(form.identifier ?? '').trim()
+    if (!identifier || identifier.length > 512) return c.html(signInPage('Type your handle (like alice.bsky.social), your DID, or your PDS address.', identifier), 400)
+    // Binds the OAuth state to this browser: the callback must present the same cookie.
+    const binding = randomBytes(32).toString('base64url')
+    let url: URL
+    try {
+      url = await deps.oauth.authorize(identifier, { state: binding })
+    } catch (err) {
+      log.info('sign-in could not start', { err: err as Error })
+      const unreachable = /fetch|ECONN|timeout|network/i.test(String((err as Error)?.message) + String((err as Error)?.cause ?? ''))
+      const message = unreachable
+        ? `Could not reach the server for "${identifier}". Check the address, or try again later.`
+        : `Could not find an AT Protocol account or PDS for "${identifier}".`
+      return c.html(signInPage(message, identifier), 400)
+    }
+    setCookie(c, BINDING_COOKIE, binding, { ...cookieOpts, maxAge: 600 })
+    return c.redirect(url.toString(), 303)
+  })
+
+  app.get(CALLBACK_PATH, async (c) => {
+    const params = new URL(c.req.url).searchParams
+    const stateKey = params.get('state')
+    if (params.get('error')) {
+      if (stateKey) await deps.states.del(stateKey)
+      const denied = params.get('error') === 'access_denied'
+      return c.html(errorPage(denied ? 'Sign-in cancelled' : 'Sign-in failed', denied ? 'You did not grant access, so you are not signed in.' : `Your PDS answered: ${params.get('error_description') ?? params.get('error')}`, 'sign-in'), 400)
+    }
+    // Before any code is exchanged: this browser must be the one that started this sign-in.
+    const stored = stateKey ? await deps.states.get(stateKey) : undefined
+    const binding = readCookie(c, BINDING_COOKIE)
+    const expected = stored?.appState
+    if (!stored || !binding || !expected || binding.length !== expected.length || !timingSafeEqual(Buffer.from(binding), Buffer.from(expected))) {
+      return c.html(errorPage('Sign-in refused', 'This sign-in was not started in this browser, or it expired. Start again from the sign-in page.', 'sign-in'), 400)
+    }
+    deleteCookie(c, BINDING_COOKIE, cookieOpts)
+    let did: string
+    try {
+      const { session } = await deps.oauth.callback(params)
+      did = session.did
+    } catch (err) {
+      log.info('sign-in callback failed', { err: err as Error })
+      return c.html(errorPage('Sign-in failed', 'Your PDS did not confirm the sign-in. Start again from the sign-in page.', 'sign-in'), 400)
+    }
+    const { token, session } = deps.sessions.create(did, c.req.header('user-agent'), ip(c))
+    deps.audit.record(did, 'sign-in', session.ipHash, { session: session.id })
+    setCookie(c, SESSION_COOKIE, token, { ...cookieOpts, maxAge: SESSION_TTL_MS / 1000 })
+    return c.redirect('/', 303)
+  })
+
+  app.post('/logout', async (c) => {
+    const s = c.get('session')
+    if (s) {
+      // Ends this console session only: the OAuth session stays, so API keys keep working.
+      deps.sessions.revoke(s.did, s.id)
+      deps.audit.record(s.did, 'sign-out', deps.sessions.hashIp(ip(c)), { session: s.id })
+    }
+    deleteCookie(c, SESSION_COOKIE, cookieOpts)
+    return c.redirect('/', 303)
+  })
+
+  app.post('/logout-everywhere', requireSession, async (c) => {
+    const s = c.get('session')!
+    const n = deps.sessions.revokeAll(s.did)
+    await deps.oauth.revoke(s.did).catch((err) => log.warn('OAuth revoke failed', { err: err as Error }))
+    deps.audit.record(s.did, 'sign-out-everywhere', deps.sessions.hashIp(ip(c)), { sessions: n })
+    deleteCookie(c, SESSION_COOKIE, cookieOpts)
+    return c.redirect('/', 303)
+  })
+
+  app.get('/sessions', requireSession, async (c) => {
+    const s = c.get('session')!
+    return c.html(sessionsPage(await who(c), deps.sessions.list(s.did), s.id))
+  })
+
+  app.post('/sessions/:id/revoke', requireSession, async (c) => {
+    const s = c.get('session')!
+    const id = c.req.param('id') ?? ''
+    if (!deps.sessions.revoke(s.did, id)) return c.html(errorPage('Not found', 'No such session of yours.'), 404)
+    deps.audit.record(s.did, 'session-revoke', deps.sessions.hashIp(ip(c)), { session: id })
+    if (id === s.id) deleteCookie(c, SESSION_COOKIE, cookieOpts)
+    return c.redirect(id === s.id ? '/' : '/sessions', 303)
+  })
+
+  app.get('/audit', requireSession, async (c) => {
+    const s = c.get('session')!
+    return c.html(auditPage(await who(c), deps.audit.list(s.did)))
+  })
+
+  // Production OAuth client metadata and public keys (a confidential client is identified by these URLs).
+  app.get(CLIENT_METADATA_PATH, (c) => c.json(deps.oauth.clientMetadata))
+  app.get(JWKS_PATH, (c) => c.json(deps.oauth.jwks))
+
+  app.get('/health', (c) => c.json({ status: 'ok' }))
+  return app
+}
