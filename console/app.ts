@@ -9,6 +9,10 @@ import { HTTPException } from 'hono/http-exception'
 import { deleteCookie, getCookie, setCookie } from 'hono/cookie'
 import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { consoleLogger as log } from '../src/logger.ts'
+import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
+import { authenticate, handlers } from './api/index.ts'
+import type { ApiDeps } from './api/context.ts'
+import type { RateLimiter } from './api-keys.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
 import { auditPage, dashboardPage, errorPage, sessionsPage, signInPage } from './pages.ts'
@@ -26,6 +30,8 @@ export interface ConsoleDeps {
   secureCookies: boolean
   /** Shown on the sign-in page in dev mode only. */
   demoAccounts?: { handle: string; password: string; role: string }[]
+  api: ApiDeps
+  limiter: RateLimiter
   /** Test hook: the client address, where the HTTP server is not Node's. */
   clientIp?: (c: Context) => string | undefined
 }
@@ -66,9 +72,12 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     c.header('Cache-Control', 'no-store')
   })
 
-  // CSRF: a state-changing request must come from a page of this origin. A
-  // request without an Origin header is refused, as is any other origin.
-  app.use(csrf({ origin }))
+  // CSRF: a state-changing form request must come from a page of this origin.
+  // A request without an Origin header is refused, as is any other origin.
+  // XRPC (below) accepts only JSON, which no cross-site form can send, and
+  // checks the Origin of cookie-authenticated calls itself.
+  const formCsrf = csrf({ origin })
+  app.use(async (c, next) => (isXrpc(c.req.path) ? next() : formCsrf(c, next)))
 
   app.use(async (c, next) => {
     c.set('session', deps.sessions.lookup(readCookie(c, SESSION_COOKIE)))
@@ -192,5 +201,24 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   app.get(JWKS_PATH, (c) => c.json(deps.oauth.jwks))
 
   app.get('/health', (c) => c.json({ status: 'ok' }))
+
+  // XRPC: the account's API keys (and more to come), at /xrpc/ and /api/xrpc/.
+  const api = new Hono()
+  api.onError(xrpcErrorHandler(log))
+  api.use(
+    '/xrpc/*',
+    authenticate({
+      deps: deps.api,
+      limiter: deps.limiter,
+      origin,
+      sessionCookie: deps.secureCookies ? { name: SESSION_COOKIE, prefix: 'host' } : { name: SESSION_COOKIE },
+      clientIp: ip,
+    }),
+  )
+  api.route('/', xrpcRouter({ handlers, ctx: deps.api, log, validateOutput: process.env.NODE_ENV !== 'production' }))
+  app.route('/', api)
+  app.route('/api', api)
   return app
 }
+
+const isXrpc = (path: string) => path.startsWith('/xrpc/') || path.startsWith('/api/xrpc/')

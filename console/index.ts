@@ -12,6 +12,7 @@ import { createConsoleApp } from './app.ts'
 import { createOAuthClient } from './oauth/client.ts'
 import { stateStore } from './oauth/stores.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
+import { ApiKeys, RateLimiter, UsageCounters } from './api-keys.ts'
 
 export interface ConsoleOpts {
   port: number
@@ -27,6 +28,8 @@ export interface ConsoleOpts {
   /** dev: the embedded network. */
   plcUrl?: string
   pdsUrl?: string
+  /** Requests per minute one API key may make (token bucket). */
+  apiKeyRatePerMinute?: number
   /** dev: shown on the sign-in page. */
   demoAccounts?: { handle: string; password: string; role: string }[]
 }
@@ -55,11 +58,15 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     handleResolverUrl: opts.pdsUrl,
     clientKeyFile: join(opts.dataDir, 'oauth-client-key.json'),
   })
+  const sessions = new ConsoleSessions(db, box.deriveKey('ip-hash'))
+  const audit = new AuditLog(db)
   const app = createConsoleApp({
     oauth,
     states: stateStore(db, box),
-    sessions: new ConsoleSessions(db, box.deriveKey('ip-hash')),
-    audit: new AuditLog(db),
+    sessions,
+    audit,
+    api: { keys: new ApiKeys(db), usage: new UsageCounters(db), audit, sessions },
+    limiter: new RateLimiter(opts.apiKeyRatePerMinute ?? 600),
     appviewUrl: opts.appviewUrl,
     consoleUrl: url,
     secureCookies: opts.mode === 'production',

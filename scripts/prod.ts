@@ -37,6 +37,7 @@ const consoleSrv = await startConsole({
   mode: 'production',
   publicUrl: config.consoleUrl,
   secretKey: config.secretKey || undefined,
+  apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   appviewUrl: config.appviewUrl,
 })
 log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })

@@ -77,6 +77,7 @@ const consoleSrv = await startConsole({
   dataDir: config.dataDir,
   mode: 'dev',
   secretKey: config.secretKey || undefined,
+  apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   plcUrl: net.plcUrl,
   pdsUrl: net.pdsUrl,
   appviewUrl: appview.url,

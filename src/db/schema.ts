@@ -143,3 +143,38 @@ export const auditLog = sqliteTable(
   },
   (t) => [index('audit_log_did').on(t.did, t.id)],
 )
+
+/** API keys: only the SHA-256 of a key is stored. Revoked keys keep their row; deleted ones do not. */
+export const apiKeys = sqliteTable(
+  'api_keys',
+  {
+    id: text('id').primaryKey(),
+    did: text('did').notNull(),
+    name: text('name').notNull(),
+    /** The first characters of the key, to recognise it in a list. */
+    prefix: text('prefix').notNull(),
+    keyHash: text('key_hash').notNull().unique(),
+    /** JSON array of scopes: read, inference, records:write, keys:manage. */
+    scopes: text('scopes').notNull(),
+    createdAt: text('created_at').notNull(),
+    expiresAt: text('expires_at'),
+    revokedAt: text('revoked_at'),
+    lastUsedAt: text('last_used_at'),
+  },
+  (t) => [index('api_keys_did').on(t.did)],
+)
+
+/** Daily usage per account (`key_id` '') and per key: counts and cost only, never content. */
+export const usageDaily = sqliteTable(
+  'usage_daily',
+  {
+    did: text('did').notNull(),
+    keyId: text('key_id').notNull(),
+    day: text('day').notNull(),
+    requests: integer('requests').notNull().default(0),
+    tokensIn: integer('tokens_in').notNull().default(0),
+    tokensOut: integer('tokens_out').notNull().default(0),
+    cost: integer('cost').notNull().default(0),
+  },
+  (t) => [primaryKey({ columns: [t.did, t.keyId, t.day] })],
+)

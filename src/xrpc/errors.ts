@@ -31,8 +31,24 @@ export class NotFoundError extends XrpcError {
 
 export class AuthRequiredError extends XrpcError {
   override name = 'AuthRequiredError'
-  constructor(message = 'Authentication required') {
-    super(401, 'AuthenticationRequired', message)
+  constructor(message = 'Authentication required', error = 'AuthenticationRequired') {
+    super(401, error, message)
+  }
+}
+
+export class ForbiddenError extends XrpcError {
+  override name = 'ForbiddenError'
+  constructor(message: string, error = 'Forbidden') {
+    super(403, error, message)
+  }
+}
+
+export class RateLimitExceededError extends XrpcError {
+  override name = 'RateLimitExceededError'
+  readonly retryAfterSec: number
+  constructor(retryAfterSec: number) {
+    super(429, 'RateLimitExceeded', `Rate limit exceeded; retry after ${retryAfterSec} s`)
+    this.retryAfterSec = retryAfterSec
   }
 }
 

@@ -10,10 +10,13 @@
 import { Hono, type Context } from 'hono'
 import { ValidationError } from '@atproto/lexicon'
 import { lexicons } from '../lexicon/validate.ts'
-import { InternalServerError, InvalidRequestError, MethodNotImplementedError, XrpcError } from './errors.ts'
+import { InternalServerError, InvalidRequestError, MethodNotImplementedError, PayloadTooLargeError, RateLimitExceededError, XrpcError } from './errors.ts'
 import type { Logger } from '../logger.ts'
 
-export type QueryHandler<Ctx> = (ctx: Ctx, params: Record<string, unknown>, c: Context) => unknown | Promise<unknown>
+export type QueryHandler<Ctx> = (ctx: Ctx, params: Record<string, unknown>, c: Context, input?: unknown) => unknown | Promise<unknown>
+
+/** Largest procedure input accepted (JSON). */
+export const MAX_INPUT_BYTES = 256 * 1024
 
 export interface XrpcRouterOpts<Ctx> {
   handlers: Record<string, QueryHandler<Ctx>>
@@ -55,6 +58,11 @@ export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
     if (def?.type === 'query' && c.req.method !== 'GET' && c.req.method !== 'HEAD') {
       throw new InvalidRequestError(`${nsid} is a query: use GET`, 'InvalidRequest')
     }
+    let input: unknown
+    if (def?.type === 'procedure') {
+      if (c.req.method !== 'POST') throw new InvalidRequestError(`${nsid} is a procedure: use POST`)
+      input = await readInput(nsid, c)
+    }
     let params: Record<string, unknown>
     try {
       params = lexicons.assertValidXrpcParams(nsid, coerceParams(nsid, new URL(c.req.url))) ?? {}
@@ -62,7 +70,7 @@ export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
       if (err instanceof ValidationError) throw new InvalidRequestError(err.message)
       throw err
     }
-    const output = await handler(opts.ctx, params, c)
+    const output = await handler(opts.ctx, params, c, input)
     if (opts.validateOutput) {
       try {
         lexicons.assertValidXrpcOutput(nsid, output)
@@ -76,9 +84,34 @@ export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
   return app
 }
 
+/** A procedure's JSON input: content type, size cap, parse, then lexicon validation. */
+async function readInput(nsid: string, c: Context): Promise<unknown> {
+  const def = lexicons.getDef(nsid) as { input?: { encoding?: string; schema?: unknown } } | undefined
+  if (!def?.input) return undefined
+  const type = (c.req.header('content-type') ?? '').split(';')[0]!.trim().toLowerCase()
+  if (type !== 'application/json') throw new InvalidRequestError(`${nsid} takes application/json input`, 'InvalidRequest')
+  const declared = Number(c.req.header('content-length') ?? '0')
+  if (declared > MAX_INPUT_BYTES) throw new PayloadTooLargeError()
+  const buf = await c.req.arrayBuffer()
+  if (buf.byteLength > MAX_INPUT_BYTES) throw new PayloadTooLargeError()
+  let body: unknown
+  try {
+    body = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(buf))
+  } catch {
+    throw new InvalidRequestError('input is not valid JSON')
+  }
+  try {
+    return lexicons.assertValidXrpcInput(nsid, body)
+  } catch (err) {
+    if (err instanceof ValidationError) throw new InvalidRequestError(err.message)
+    throw err
+  }
+}
+
 /** Hono error handler: XRPC errors as they are, anything else as a bare 500. */
 export function xrpcErrorHandler(log: Logger) {
   return (err: Error, c: Context) => {
+    if (err instanceof RateLimitExceededError) c.header('Retry-After', String(err.retryAfterSec))
     if (err instanceof XrpcError) return c.json(err.toJSON(), err.status as 400)
     log.error('unhandled error', { path: c.req.path, err })
     return c.json({ error: 'InternalServerError', message: 'Internal server error' }, 500)

@@ -52,6 +52,20 @@ export const schemas: LexiconDoc[] = [
                 "type": "string",
                 "description": "Time after which the key stops working; omit for a key with no expiry.",
                 "format": "datetime"
+              },
+              "scopes": {
+                "type": "array",
+                "description": "What the key may do: read, inference, records:write, keys:manage. Optional (an addition of ours); omitted means read and inference.",
+                "maxLength": 8,
+                "items": {
+                  "type": "string",
+                  "knownValues": [
+                    "read",
+                    "inference",
+                    "records:write",
+                    "keys:manage"
+                  ]
+                }
               }
             }
           }
@@ -72,7 +86,7 @@ export const schemas: LexiconDoc[] = [
               },
               "secret": {
                 "type": "string",
-                "description": "Plaintext key of the form `cocore-…`; it cannot be retrieved again after this response."
+                "description": "Plaintext key (`cocore_` + 43 base62 characters + a 6-character checksum); it cannot be retrieved again after this response."
               }
             }
           }
@@ -139,6 +153,19 @@ export const schemas: LexiconDoc[] = [
             "type": "string",
             "description": "Most recent time the key was used successfully; missing if it never has been.",
             "format": "datetime"
+          },
+          "scopes": {
+            "type": "array",
+            "description": "What the key may do (an addition of ours).",
+            "items": {
+              "type": "string",
+              "knownValues": [
+                "read",
+                "inference",
+                "records:write",
+                "keys:manage"
+              ]
+            }
           }
         }
       }

@@ -20,12 +20,14 @@ export type AccountCreateApiKeyInput = {
   name: string
   /** Time after which the key stops working; omit for a key with no expiry. */
   expiresAt?: string
+  /** What the key may do: read, inference, records:write, keys:manage. Optional (an addition of ours); omitted means read and inference. */
+  scopes?: Array<"read" | "inference" | "records:write" | "keys:manage" | (string & {})>
 }
 
 export type AccountCreateApiKeyOutput = {
   /** Metadata of the newly created key. */
   key: AccountDefsApiKeyView
-  /** Plaintext key of the form `cocore-…`; it cannot be retrieved again after this response. */
+  /** Plaintext key (`cocore_` + 43 base62 characters + a 6-character checksum); it cannot be retrieved again after this response. */
   secret: string
 }
 
@@ -47,6 +49,8 @@ export interface AccountDefsApiKeyView {
   revokedAt?: string
   /** Most recent time the key was used successfully; missing if it never has been. */
   lastUsedAt?: string
+  /** What the key may do (an addition of ours). */
+  scopes?: Array<"read" | "inference" | "records:write" | "keys:manage" | (string & {})>
 }
 
 /** Permanently remove one of the caller's API keys, including its audit row; returns `deleted: false` when the caller has no key with that id. */

@@ -1,0 +1,199 @@
+/**
+ * API keys: `cocore_` + 43 base62 characters (256 random bits) + a 6-character
+ * base62 CRC32 of the body, so secret scanners can recognise a key and typos
+ * are caught without a lookup. Only the SHA-256 of a key is stored; the key is
+ * shown once, at creation. Unknown, revoked, expired and malformed keys are
+ * refused the same way.
+ */
+import { createHash, randomBytes } from 'node:crypto'
+import type { Db } from '../src/db/index.ts'
+
+export const KEY_PREFIX = 'cocore_'
+export const SCOPES = ['read', 'inference', 'records:write', 'keys:manage'] as const
+export type Scope = (typeof SCOPES)[number]
+
+const B62 = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+
+function base62(bytes: Uint8Array, width: number): string {
+  let n = BigInt('0x' + (Buffer.from(bytes).toString('hex') || '0'))
+  let out = ''
+  while (n > 0n) {
+    out = B62[Number(n % 62n)] + out
+    n /= 62n
+  }
+  return out.padStart(width, '0')
+}
+
+const CRC_TABLE = Array.from({ length: 256 }, (_, i) => {
+  let c = i
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
+  return c >>> 0
+})
+function crc32(s: string): number {
+  let c = 0xffffffff
+  for (const b of Buffer.from(s)) c = CRC_TABLE[(c ^ b) & 0xff]! ^ (c >>> 8)
+  return (c ^ 0xffffffff) >>> 0
+}
+const checksum = (body: string) => base62(Buffer.from(crc32(body).toString(16).padStart(8, '0'), 'hex'), 6)
+
+const BODY_LEN = 43
+const KEY_RE = new RegExp(`^${KEY_PREFIX}([0-9A-Za-z]{${BODY_LEN}})([0-9A-Za-z]{6})$`)
+
+export function generateKey(): string {
+  const body = base62(randomBytes(32), BODY_LEN)
+  return `${KEY_PREFIX}${body}${checksum(body)}`
+}
+
+/** Format and checksum only: a key that fails this is refused without touching the database. */
+export function wellFormed(key: string): boolean {
+  const m = KEY_RE.exec(key)
+  return !!m && checksum(m[1]!) === m[2]
+}
+
+export const hashKey = (key: string) => createHash('sha256').update(key).digest('hex')
+
+export interface ApiKey {
+  id: string
+  did: string
+  name: string
+  prefix: string
+  scopes: Scope[]
+  createdAt: string
+  expiresAt?: string
+  revokedAt?: string
+  lastUsedAt?: string
+}
+
+interface Row {
+  id: string
+  did: string
+  name: string
+  prefix: string
+  scopes: string
+  created_at: string
+  expires_at: string | null
+  revoked_at: string | null
+  last_used_at: string | null
+}
+
+const toKey = (r: Row): ApiKey => ({
+  id: r.id,
+  did: r.did,
+  name: r.name,
+  prefix: r.prefix,
+  scopes: JSON.parse(r.scopes) as Scope[],
+  createdAt: r.created_at,
+  ...(r.expires_at ? { expiresAt: r.expires_at } : {}),
+  ...(r.revoked_at ? { revokedAt: r.revoked_at } : {}),
+  ...(r.last_used_at ? { lastUsedAt: r.last_used_at } : {}),
+})
+
+export class ApiKeys {
+  private readonly db: Db
+  constructor(db: Db) {
+    this.db = db
+  }
+
+  /** Creates a key; the secret is returned here and nowhere else. */
+  create(did: string, name: string, scopes: Scope[], expiresAt?: string): { key: ApiKey; secret: string } {
+    const secret = generateKey()
+    const row: Row = {
+      id: `key_${randomBytes(9).toString('base64url')}`,
+      did,
+      name,
+      // Enough to recognise a key in a list, far too little to use it.
+      prefix: secret.slice(0, KEY_PREFIX.length + 6),
+      scopes: JSON.stringify([...new Set(scopes)].sort()),
+      created_at: new Date().toISOString(),
+      expires_at: expiresAt ?? null,
+      revoked_at: null,
+      last_used_at: null,
+    }
+    this.db.$client
+      .prepare('INSERT INTO api_keys (id, did, name, prefix, key_hash, scopes, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+      .run(row.id, did, name, row.prefix, hashKey(secret), row.scopes, row.created_at, row.expires_at)
+    return { key: toKey(row), secret }
+  }
+
+  list(did: string): ApiKey[] {
+    return (this.db.$client.prepare('SELECT * FROM api_keys WHERE did = ? ORDER BY created_at DESC, id').all(did) as Row[]).map(toKey)
+  }
+
+  /**
+   * Revoking keeps the row (the account sees what existed); true only when an
+   * active key of this account was revoked, so another account's key id and
+   * an unknown one answer alike.
+   */
+  revoke(did: string, id: string): boolean {
+    return this.db.$client.prepare('UPDATE api_keys SET revoked_at = ? WHERE id = ? AND did = ? AND revoked_at IS NULL').run(new Date().toISOString(), id, did).changes > 0
+  }
+
+  delete(did: string, id: string): boolean {
+    return this.db.$client.prepare('DELETE FROM api_keys WHERE id = ? AND did = ?').run(id, did).changes > 0
+  }
+
+  deleteAll(did: string): number {
+    return this.db.$client.prepare('DELETE FROM api_keys WHERE did = ?').run(did).changes
+  }
+
+  /** The live key a secret names, looked up by its hash; null for anything else. */
+  authenticate(secret: string): ApiKey | null {
+    if (!wellFormed(secret)) return null
+    const now = new Date().toISOString()
+    const row = this.db.$client.prepare('SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)').get(hashKey(secret), now) as Row | undefined
+    if (!row) return null
+    // lastUsedAt at minute resolution: no write per request.
+    if (row.last_used_at?.slice(0, 16) !== now.slice(0, 16)) this.db.$client.prepare('UPDATE api_keys SET last_used_at = ? WHERE id = ?').run(now, row.id)
+    return toKey({ ...row, last_used_at: now })
+  }
+}
+
+/** Daily usage counters per account and per key: metadata only (counts and cost, never content). */
+export class UsageCounters {
+  private readonly db: Db
+  constructor(db: Db) {
+    this.db = db
+  }
+  add(did: string, keyId: string | null, u: { requests?: number; tokensIn?: number; tokensOut?: number; cost?: number }): void {
+    const day = new Date().toISOString().slice(0, 10)
+    const st = this.db.$client.prepare(`INSERT INTO usage_daily (did, key_id, day, requests, tokens_in, tokens_out, cost) VALUES (?, ?, ?, ?, ?, ?, ?)
+      ON CONFLICT (did, key_id, day) DO UPDATE SET requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in,
+        tokens_out = tokens_out + excluded.tokens_out, cost = cost + excluded.cost`)
+    const v = [u.requests ?? 0, u.tokensIn ?? 0, u.tokensOut ?? 0, u.cost ?? 0]
+    this.db.$client.transaction(() => {
+      // '' is the account-wide row.
+      st.run(did, '', day, ...v)
+      if (keyId) st.run(did, keyId, day, ...v)
+    })()
+  }
+  list(did: string): { keyId: string; day: string; requests: number; tokensIn: number; tokensOut: number; cost: number }[] {
+    return this.db.$client
+      .prepare('SELECT key_id AS keyId, day, requests, tokens_in AS tokensIn, tokens_out AS tokensOut, cost FROM usage_daily WHERE did = ? ORDER BY day DESC, key_id')
+      .all(did) as never
+  }
+}
+
+/** A token bucket per key: `perMinute` requests, refilled continuously. In memory: limits are per process. */
+export class RateLimiter {
+  private readonly buckets = new Map<string, { tokens: number; at: number }>()
+  private readonly perMinute: number
+  constructor(perMinute: number) {
+    this.perMinute = perMinute
+  }
+  /** 0 when allowed; otherwise the seconds to wait. */
+  take(key: string, now = Date.now()): number {
+    const rate = this.perMinute / 60_000
+    const b = this.buckets.get(key) ?? { tokens: this.perMinute, at: now }
+    b.tokens = Math.min(this.perMinute, b.tokens + (now - b.at) * rate)
+    b.at = now
+    this.buckets.delete(key)
+    this.buckets.set(key, b)
+    // Bounded: the least recently used buckets go first (they are full again anyway).
+    if (this.buckets.size > 100_000) this.buckets.delete(this.buckets.keys().next().value!)
+    if (b.tokens >= 1) {
+      b.tokens -= 1
+      return 0
+    }
+    return Math.ceil((1 - b.tokens) / rate / 1000)
+  }
+}

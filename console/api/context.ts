@@ -1,0 +1,27 @@
+/** What the console's XRPC handlers get: the services, and the authenticated caller. */
+import type { Context } from 'hono'
+import { ForbiddenError } from '../../src/xrpc/errors.ts'
+import type { ApiKeys, Scope, UsageCounters } from '../api-keys.ts'
+import type { AuditLog, ConsoleSessions } from '../sessions.ts'
+
+export interface Caller {
+  did: string
+  /** A console session may do everything its owner may; a key only what its scopes say. */
+  via: 'session' | 'key'
+  keyId?: string
+  scopes: readonly Scope[]
+  ipHash: string | null
+}
+
+export interface ApiDeps {
+  keys: ApiKeys
+  usage: UsageCounters
+  audit: AuditLog
+  sessions: ConsoleSessions
+}
+
+export const callerOf = (c: Context): Caller => c.get('caller') as Caller
+
+export function requireScope(caller: Caller, scope: Scope): void {
+  if (!caller.scopes.includes(scope)) throw new ForbiddenError(`this API key lacks the ${scope} scope`, 'InsufficientScope')
+}

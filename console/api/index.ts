@@ -1,0 +1,65 @@
+/**
+ * The console's XRPC methods (one handler file per NSID under dev/cocore/),
+ * served at /xrpc/ and, for cocore clients, /api/xrpc/. Every call is
+ * authenticated here first: a console session, or `Authorization: Bearer
+ * <api key>` (rate-limited per key and counted per day).
+ */
+import type { Context, MiddlewareHandler } from 'hono'
+import { getCookie } from 'hono/cookie'
+import { ids } from '../../src/lexicon/generated/ids.ts'
+import { lexicons } from '../../src/lexicon/validate.ts'
+import { AuthRequiredError, ForbiddenError, RateLimitExceededError } from '../../src/xrpc/errors.ts'
+import type { QueryHandler } from '../../src/xrpc/server.ts'
+import { SCOPES, type RateLimiter } from '../api-keys.ts'
+import type { ApiDeps, Caller } from './context.ts'
+import createApiKey from './dev/cocore/account/createApiKey.ts'
+import deleteApiKey from './dev/cocore/account/deleteApiKey.ts'
+import listApiKeys from './dev/cocore/account/listApiKeys.ts'
+import revokeApiKey from './dev/cocore/account/revokeApiKey.ts'
+
+export const handlers = {
+  [ids.AccountCreateApiKey]: createApiKey,
+  [ids.AccountDeleteApiKey]: deleteApiKey,
+  [ids.AccountListApiKeys]: listApiKeys,
+  [ids.AccountRevokeApiKey]: revokeApiKey,
+} as unknown as Record<string, QueryHandler<ApiDeps>>
+
+export interface AuthOpts {
+  deps: ApiDeps
+  limiter: RateLimiter
+  origin: string
+  sessionCookie: { name: string; prefix?: 'host' }
+  clientIp: (c: Context) => string | undefined
+}
+
+/** One answer for every unusable key, so nothing tells whether a key exists, was revoked or expired. */
+const INVALID_KEY = 'Invalid API key'
+
+export function authenticate(opts: AuthOpts): MiddlewareHandler {
+  return async (c, next) => {
+    const { deps } = opts
+    const ipHash = deps.sessions.hashIp(opts.clientIp(c))
+    const header = c.req.header('authorization')
+    let caller: Caller
+    if (header !== undefined) {
+      const m = /^Bearer (\S+)$/.exec(header)
+      const key = m ? deps.keys.authenticate(m[1]!) : null
+      if (!key) throw new AuthRequiredError(INVALID_KEY, 'AuthRequired')
+      const wait = opts.limiter.take(key.id)
+      if (wait > 0) throw new RateLimitExceededError(wait)
+      deps.usage.add(key.did, key.id, { requests: 1 })
+      caller = { did: key.did, via: 'key', keyId: key.id, scopes: key.scopes, ipHash }
+    } else {
+      const session = deps.sessions.lookup(opts.sessionCookie.prefix ? getCookie(c, opts.sessionCookie.name, opts.sessionCookie.prefix) : getCookie(c, opts.sessionCookie.name))
+      if (!session) throw new AuthRequiredError('Sign in to the console or send an API key', 'AuthRequired')
+      // Cookie-authenticated changes must come from the console's own pages.
+      const nsid = c.req.path.split('/').pop() ?? ''
+      if (lexicons.getDef(nsid)?.type === 'procedure' && c.req.header('origin') !== opts.origin) {
+        throw new ForbiddenError('cross-site request refused', 'CrossSiteRequest')
+      }
+      caller = { did: session.did, via: 'session', scopes: SCOPES, ipHash }
+    }
+    c.set('caller', caller)
+    await next()
+  }
+}

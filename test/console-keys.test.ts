@@ -1,0 +1,163 @@
+/**
+ * API keys over XRPC on the console: created with a console session or a
+ * key, shown once, stored only hashed, scoped, rate-limited, counted, and
+ * refused identically when unknown, revoked, expired or malformed.
+ */
+import { randomBytes } from 'node:crypto'
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { startConsole, type ConsoleService } from '../console/index.ts'
+import { ConsoleSessions } from '../console/sessions.ts'
+import { generateKey, hashKey, wellFormed } from '../console/api-keys.ts'
+import { ids } from '../src/lexicon/generated/ids.ts'
+
+const ALICE = 'did:plc:aliceaaaaaaaaaaaaaaaaaaa'
+const BOB = 'did:plc:bobbbbbbbbbbbbbbbbbbbbbb'
+let svc: ConsoleService
+let dbPath: string
+let aliceCookie: string
+let bobCookie: string
+
+beforeAll(async () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'cocore-keys-'))
+  dbPath = join(dataDir, 'console.sqlite')
+  svc = await startConsole({ port: 0, host: '127.0.0.1', dbPath, dataDir, mode: 'dev', secretKey: `k:${randomBytes(32).toString('base64')}`, appviewUrl: 'http://127.0.0.1:1', apiKeyRatePerMinute: 30 })
+  // Console sessions as a sign-in would create them (the sign-in itself is tested in a browser).
+  const sessions = new ConsoleSessions(svc.db, Buffer.alloc(32))
+  aliceCookie = `cocore_session=${sessions.create(ALICE, 'test', undefined).token}`
+  bobCookie = `cocore_session=${sessions.create(BOB, 'test', undefined).token}`
+})
+afterAll(async () => {
+  await svc?.close()
+})
+
+type Auth = { cookie: string } | { key: string } | Record<string, never>
+async function call(nsid: string, auth: Auth, input?: unknown, opts: { base?: string; headers?: Record<string, string>; body?: string } = {}) {
+  const headers: Record<string, string> = { ...opts.headers }
+  if ('cookie' in auth) {
+    headers.cookie = auth.cookie
+    headers.origin ??= svc.url
+  }
+  if ('key' in auth) headers.authorization = `Bearer ${auth.key}`
+  const init: RequestInit = { headers }
+  if (input !== undefined || opts.body !== undefined) {
+    init.method = 'POST'
+    headers['content-type'] ??= 'application/json'
+    init.body = opts.body ?? JSON.stringify(input)
+  }
+  const res = await fetch(`${svc.url}${opts.base ?? ''}/xrpc/${nsid}`, init)
+  return { status: res.status, headers: res.headers, body: (await res.json()) as any }
+}
+const create = (auth: Auth, input: Record<string, unknown>) => call(ids.AccountCreateApiKey, auth, input)
+
+describe('API keys', () => {
+  it('have a recognisable format with a checksum', () => {
+    const k = generateKey()
+    expect(k).toMatch(/^cocore_[0-9A-Za-z]{49}$/)
+    expect(wellFormed(k)).toBe(true)
+    const typo = k.slice(0, 20) + (k[20] === 'a' ? 'b' : 'a') + k.slice(21)
+    expect(wellFormed(typo)).toBe(false)
+  })
+
+  it('are shown once, stored only as a SHA-256, and listed without secrets', async () => {
+    const res = await create({ cookie: aliceCookie }, { name: 'laptop', scopes: ['read', 'keys:manage'] })
+    expect(res.status).toBe(200)
+    const { key, secret } = res.body
+    expect(wellFormed(secret)).toBe(true)
+    expect(key.scopes).toEqual(['keys:manage', 'read'])
+    expect(secret.startsWith(key.prefix)).toBe(true)
+    const list = await call(ids.AccountListApiKeys, { cookie: aliceCookie })
+    expect(JSON.stringify(list.body)).not.toContain(secret)
+    expect(JSON.stringify(list.body)).not.toContain(hashKey(secret))
+    expect(list.body.keys.map((k: { id: string }) => k.id)).toContain(key.id)
+    const raw = Buffer.concat([dbPath, `${dbPath}-wal`].filter(existsSync).map((f) => readFileSync(f)))
+    expect(raw.includes(Buffer.from(secret))).toBe(false)
+    expect(raw.includes(Buffer.from(hashKey(secret)))).toBe(true)
+  })
+
+  it('authenticate with Bearer on /xrpc and /api/xrpc, within their scopes, and record lastUsedAt and daily usage', async () => {
+    const { secret, key } = (await create({ cookie: aliceCookie }, { name: 'ci', scopes: ['keys:manage', 'read'] })).body
+    for (const base of ['', '/api']) {
+      const list = await call(ids.AccountListApiKeys, { key: secret }, undefined, { base })
+      expect(list.status).toBe(200)
+      expect(list.body.keys.find((k: { id: string }) => k.id === key.id).lastUsedAt).toBeDefined()
+    }
+    // A key without keys:manage may not manage keys, nor mint a stronger key.
+    const weak = (await create({ key: secret }, { name: 'weak', scopes: ['read'] })).body.secret
+    const denied = await call(ids.AccountListApiKeys, { key: weak })
+    expect(denied.status).toBe(403)
+    expect(denied.body.error).toBe('InsufficientScope')
+    const escalate = await create({ key: secret }, { name: 'more', scopes: ['inference'] })
+    expect(escalate.status).toBe(400)
+
+    const usage = svc.db.$client.prepare('SELECT key_id, requests FROM usage_daily WHERE did = ? ORDER BY key_id').all(ALICE) as { key_id: string; requests: number }[]
+    expect(usage.find((u) => u.key_id === key.id)?.requests).toBe(4)
+    expect(usage.find((u) => u.key_id === '')!.requests).toBeGreaterThanOrEqual(5)
+  })
+
+  it('refuse unknown, revoked, expired, checksum-broken and malformed keys with the same 401', async () => {
+    const live = (await create({ cookie: aliceCookie }, { name: 'soon revoked', scopes: ['keys:manage'] })).body
+    const expiring = (await create({ cookie: aliceCookie }, { name: 'expiring', scopes: ['keys:manage'], expiresAt: new Date(Date.now() + 1500).toISOString() })).body.secret
+    expect((await call(ids.AccountListApiKeys, { key: expiring })).status).toBe(200)
+    expect((await call(ids.AccountRevokeApiKey, { cookie: aliceCookie }, { id: live.key.id })).body).toEqual({ revoked: true })
+    await new Promise((r) => setTimeout(r, 1600))
+    const broken = live.secret.slice(0, -1) + (live.secret.endsWith('A') ? 'B' : 'A')
+    const answers = []
+    for (const k of [generateKey(), live.secret, expiring, broken, 'cocore_short', 'not-a-key-at-all']) {
+      const r = await call(ids.AccountListApiKeys, { key: k })
+      answers.push({ status: r.status, body: r.body })
+    }
+    for (const a of answers) expect(a).toEqual({ status: 401, body: { error: 'AuthRequired', message: 'Invalid API key' } })
+    expect((await call(ids.AccountListApiKeys, {})).status).toBe(401)
+    const auditActions = svc.db.$client.prepare('SELECT action FROM audit_log WHERE did = ?').pluck().all(ALICE)
+    expect(auditActions).toEqual(expect.arrayContaining(['api-key-create', 'api-key-revoke']))
+  })
+
+  it('keep accounts apart: bob cannot list, revoke or delete alice\'s keys', async () => {
+    const alices = (await create({ cookie: aliceCookie }, { name: 'mine', scopes: ['keys:manage'] })).body
+    const bobList = await call(ids.AccountListApiKeys, { cookie: bobCookie })
+    expect(bobList.body.keys.some((k: { did: string }) => k.did === ALICE)).toBe(false)
+    expect((await call(ids.AccountRevokeApiKey, { cookie: bobCookie }, { id: alices.key.id })).body).toEqual({ revoked: false })
+    expect((await call(ids.AccountDeleteApiKey, { cookie: bobCookie }, { id: alices.key.id })).body).toEqual({ deleted: false })
+    // Same answer as for an id that does not exist at all.
+    expect((await call(ids.AccountRevokeApiKey, { cookie: bobCookie }, { id: 'key_nope' })).body).toEqual({ revoked: false })
+    expect((await call(ids.AccountListApiKeys, { key: alices.secret })).status).toBe(200)
+    // Alice deletes it: the row is gone.
+    expect((await call(ids.AccountDeleteApiKey, { cookie: aliceCookie }, { id: alices.key.id })).body).toEqual({ deleted: true })
+    expect(svc.db.$client.prepare('SELECT count(*) FROM api_keys WHERE id = ?').pluck().get(alices.key.id)).toBe(0)
+    expect((await call(ids.AccountListApiKeys, { key: alices.secret })).status).toBe(401)
+  })
+
+  it('rate-limits per key with 429 and Retry-After', async () => {
+    const { secret } = (await create({ cookie: aliceCookie }, { name: 'busy', scopes: ['keys:manage'] })).body
+    const statuses: number[] = []
+    let retryAfter: string | null = null
+    for (let i = 0; i < 32; i++) {
+      const r = await call(ids.AccountListApiKeys, { key: secret })
+      statuses.push(r.status)
+      if (r.status === 429) retryAfter = r.headers.get('retry-after')
+    }
+    expect(statuses.filter((s) => s === 200).length).toBe(30)
+    expect(statuses.at(-1)).toBe(429)
+    expect(Number(retryAfter)).toBeGreaterThanOrEqual(1)
+  })
+
+  it('refuses cross-site cookie calls and bad input with XRPC errors', async () => {
+    const crossSite = await call(ids.AccountCreateApiKey, { cookie: aliceCookie }, { name: 'x' }, { headers: { origin: 'http://evil.example' } })
+    expect(crossSite.status).toBe(403)
+    expect(crossSite.body.error).toBe('CrossSiteRequest')
+    const form = await call(ids.AccountCreateApiKey, { cookie: aliceCookie }, undefined, { body: 'name=x', headers: { 'content-type': 'application/x-www-form-urlencoded' } })
+    expect(form.status).toBe(400)
+    expect((await call(ids.AccountCreateApiKey, { cookie: aliceCookie }, undefined, { body: '{"name":' })).status).toBe(400)
+    expect((await create({ cookie: aliceCookie }, { name: 'x'.repeat(101) })).body.error).toBe('InvalidRequest')
+    expect((await create({ cookie: aliceCookie }, { name: 'x', scopes: ['root'] })).status).toBe(400)
+    expect((await create({ cookie: aliceCookie }, { name: 'x', expiresAt: '2001-01-01T00:00:00Z' })).status).toBe(400)
+    const huge = await call(ids.AccountCreateApiKey, { cookie: aliceCookie }, undefined, { body: JSON.stringify({ name: 'x', pad: 'y'.repeat(300_000) }) })
+    expect(huge.status).toBe(413)
+    const query = await fetch(`${svc.url}/xrpc/${ids.AccountCreateApiKey}`, { headers: { cookie: aliceCookie, origin: svc.url } })
+    expect(query.status).toBe(400)
+    expect(((await query.json()) as { message: string }).message).toContain('use POST')
+  })
+})
