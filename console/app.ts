@@ -12,10 +12,11 @@ import { consoleLogger as log } from '../src/logger.ts'
 import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
 import { authenticate, handlers } from './api/index.ts'
 import type { ApiDeps } from './api/context.ts'
-import type { RateLimiter } from './api-keys.ts'
+import { SCOPES, type RateLimiter } from './api-keys.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
-import { auditPage, dashboardPage, errorPage, sessionsPage, signInPage } from './pages.ts'
+import { auditPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage } from './pages.ts'
+import { InvalidRecordError, type Publisher } from './publisher.ts'
 import { SESSION_TTL_MS, type AuditLog, type ConsoleSession, type ConsoleSessions } from './sessions.ts'
 
 export interface ConsoleDeps {
@@ -32,6 +33,7 @@ export interface ConsoleDeps {
   demoAccounts?: { handle: string; password: string; role: string }[]
   api: ApiDeps
   limiter: RateLimiter
+  publisher: Publisher
   /** Test hook: the client address, where the HTTP server is not Node's. */
   clientIp?: (c: Context) => string | undefined
 }
@@ -189,6 +191,125 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     deps.audit.record(s.did, 'session-revoke', deps.sessions.hashIp(ip(c)), { session: id })
     if (id === s.id) deleteCookie(c, SESSION_COOKIE, cookieOpts)
     return c.redirect(id === s.id ? '/' : '/sessions', 303)
+  })
+
+  // Publishing on the user's behalf: everything goes through the Publisher.
+  const failure = (err: unknown) => (err instanceof InvalidRecordError ? `Not saved: ${err.message}.` : null)
+
+  app.get('/profile', requireSession, async (c) => {
+    const s = c.get('session')!
+    const p = await deps.publisher.getProfile(s.did)
+    return c.html(profilePage(await who(c), p?.value ?? null, { saved: c.req.query('saved') === '1' }))
+  })
+
+  app.post('/profile', requireSession, async (c) => {
+    const s = c.get('session')!
+    const form = await c.req.parseBody()
+    const edit = { displayName: String(form.displayName ?? '').trim(), bio: String(form.bio ?? '').trim() }
+    try {
+      const saved = await deps.publisher.putProfile(s.did, edit)
+      deps.audit.record(s.did, 'profile-update', deps.sessions.hashIp(ip(c)), { cid: saved.cid })
+      // Read-after-write: the page shows what was just written, before the firehose brings it back.
+      return c.html(profilePage(await who(c), saved.value, { saved: true }))
+    } catch (err) {
+      const message = failure(err)
+      if (!message) throw err
+      return c.html(profilePage(await who(c), edit, { error: message }), 400)
+    }
+  })
+
+  app.get('/friends', requireSession, async (c) => {
+    const s = c.get('session')!
+    return c.html(friendsPage(await who(c), await deps.publisher.listFriends(s.did)))
+  })
+
+  app.post('/friends', requireSession, async (c) => {
+    const s = c.get('session')!
+    const form = await c.req.parseBody()
+    const input = String(form.subject ?? '').trim().replace(/^@/, '')
+    const note = String(form.note ?? '').trim() || undefined
+    let subject = input
+    if (!input.startsWith('did:')) {
+      try {
+        subject = (await deps.oauth.oauthResolver.identityResolver.resolve(input)).did
+      } catch {
+        return c.html(friendsPage(await who(c), await deps.publisher.listFriends(s.did), { error: `Could not find an account for "${input}".` }), 400)
+      }
+    }
+    try {
+      await deps.publisher.addFriend(s.did, subject, note)
+    } catch (err) {
+      const message = failure(err)
+      if (!message) throw err
+      return c.html(friendsPage(await who(c), await deps.publisher.listFriends(s.did), { error: message }), 400)
+    }
+    return c.html(friendsPage(await who(c), await deps.publisher.listFriends(s.did), { saved: true }))
+  })
+
+  app.post('/friends/:rkey/remove', requireSession, async (c) => {
+    const s = c.get('session')!
+    await deps.publisher.removeFriend(s.did, c.req.param('rkey') ?? '')
+    return c.redirect('/friends', 303)
+  })
+
+  app.get('/machines', requireSession, async (c) => {
+    const s = c.get('session')!
+    return c.html(machinesPage(await who(c), await deps.publisher.listProviders(s.did), { saved: c.req.query('saved') === '1' }))
+  })
+
+  app.post('/machines/:rkey', requireSession, async (c) => {
+    const s = c.get('session')!
+    const form = await c.req.parseBody()
+    const desired = String(form.desiredModels ?? '')
+      .split(',')
+      .map((m) => m.trim())
+      .filter(Boolean)
+    const mode = String(form.proBono ?? '')
+    try {
+      await deps.publisher.setProviderIntent(s.did, c.req.param('rkey') ?? '', {
+        desiredModels: desired.length ? desired : undefined,
+        active: form.active === '1',
+        shareLocation: form.shareLocation === '1',
+        proBono: mode ? { mode } : undefined,
+      })
+    } catch (err) {
+      const message = failure(err)
+      if (!message) throw err
+      return c.html(machinesPage(await who(c), await deps.publisher.listProviders(s.did), { error: message }), 400)
+    }
+    return c.redirect('/machines?saved=1', 303)
+  })
+
+  // API keys from the browser (the same store as the XRPC methods).
+  app.get('/keys', requireSession, async (c) => {
+    const s = c.get('session')!
+    return c.html(keysPage(await who(c), deps.api.keys.list(s.did)))
+  })
+
+  app.post('/keys', requireSession, async (c) => {
+    const s = c.get('session')!
+    const form = await c.req.parseBody({ all: true })
+    const name = String(form.name ?? '').trim()
+    const scopes = ([] as unknown[]).concat(form.scopes ?? []).map(String)
+    const expires = String(form.expires ?? '')
+    const bad = scopes.filter((x) => !(SCOPES as readonly string[]).includes(x))
+    const expiresAt = expires ? new Date(`${expires}T23:59:59Z`) : undefined
+    if (!name || name.length > 100 || bad.length || scopes.length === 0 || (expiresAt && (Number.isNaN(expiresAt.getTime()) || expiresAt.getTime() < Date.now()))) {
+      return c.html(keysPage(await who(c), deps.api.keys.list(s.did), { error: 'Give the key a name (up to 100 characters), at least one scope, and an expiry date in the future if any.' }), 400)
+    }
+    const { key, secret } = deps.api.keys.create(s.did, name, scopes as never, expiresAt?.toISOString())
+    deps.audit.record(s.did, 'api-key-create', deps.sessions.hashIp(ip(c)), { key: key.id, name, scopes: key.scopes, via: 'session' })
+    // Shown in this response only; a reload does not show it again.
+    return c.html(keysPage(await who(c), deps.api.keys.list(s.did), { created: { name, secret } }))
+  })
+
+  app.post('/keys/:id/:action{revoke|delete}', requireSession, async (c) => {
+    const s = c.get('session')!
+    const id = c.req.param('id') ?? ''
+    const action = c.req.param('action')
+    const done = action === 'revoke' ? deps.api.keys.revoke(s.did, id) : deps.api.keys.delete(s.did, id)
+    if (done) deps.audit.record(s.did, `api-key-${action}`, deps.sessions.hashIp(ip(c)), { key: id, via: 'session' })
+    return c.redirect('/keys', 303)
   })
 
   app.get('/audit', requireSession, async (c) => {

@@ -13,6 +13,7 @@ import { createOAuthClient } from './oauth/client.ts'
 import { stateStore } from './oauth/stores.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
 import { ApiKeys, RateLimiter, UsageCounters } from './api-keys.ts'
+import { Publisher } from './publisher.ts'
 
 export interface ConsoleOpts {
   port: number
@@ -67,6 +68,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     audit,
     api: { keys: new ApiKeys(db), usage: new UsageCounters(db), audit, sessions },
     limiter: new RateLimiter(opts.apiKeyRatePerMinute ?? 600),
+    publisher: new Publisher(oauth),
     appviewUrl: opts.appviewUrl,
     consoleUrl: url,
     secureCookies: opts.mode === 'production',

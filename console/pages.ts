@@ -30,7 +30,8 @@ export function layout(title: string, body: Html, who?: { did: string; handle?: 
           <h1><a href="/">cocore</a></h1>
           ${who
             ? html`<nav>
-                <a href="/sessions">Sessions</a><a href="/audit">Activity</a>
+                <a href="/profile">Profile</a><a href="/friends">Friends</a><a href="/machines">Machines</a>
+                <a href="/keys">API keys</a><a href="/sessions">Sessions</a><a href="/audit">Activity</a>
                 <form class="inline" method="post" action="/logout"><button>Sign out</button></form>
               </nav>`
             : ''}
@@ -107,6 +108,118 @@ export function auditPage(who: { did: string; handle?: string | null }, rows: { 
         <tr><th>When</th><th>What</th><th>Details</th><th>IP (keyed hash)</th></tr>
         ${rows.map((r) => html`<tr><td>${r.at.slice(0, 19).replace('T', ' ')}</td><td>${r.action}</td><td>${r.detail ?? ''}</td><td><code>${r.ipHash?.slice(0, 12) ?? ''}</code></td></tr>`)}
       </table>`,
+    who,
+  )
+}
+
+type Who = { did: string; handle?: string | null }
+
+const notice = (error?: string, saved?: boolean) =>
+  error ? html`<p class="err" role="alert">${error}</p>` : saved ? html`<p role="status">Saved to your PDS.</p>` : ''
+
+export function profilePage(who: Who, profile: { displayName?: string; bio?: string } | null, opts: { error?: string; saved?: boolean } = {}): Html {
+  return layout(
+    'Profile',
+    html`<h2>Your cocore profile</h2>
+      ${notice(opts.error, opts.saved)}
+      <form method="post" action="/profile">
+        <p><label>Display name<br /><input type="text" name="displayName" value="${profile?.displayName ?? ''}" /></label></p>
+        <p><label>Bio<br /><textarea name="bio" rows="4" cols="60">${profile?.bio ?? ''}</textarea></label></p>
+        <button type="submit">Save profile</button>
+      </form>
+      <p>Stored on your own PDS as <code>dev.cocore.account.profile</code>.</p>`,
+    who,
+  )
+}
+
+export function friendsPage(who: Who, friends: { uri: string; value: { subject: string; note?: string; createdAt: string } }[], opts: { error?: string; saved?: boolean } = {}): Html {
+  return layout(
+    'Friends',
+    html`<h2>Friends</h2>
+      <p>Friends can use your machines through the private tier. The list lives on your PDS.</p>
+      ${notice(opts.error, opts.saved)}
+      <table>
+        <tr><th>Friend</th><th>Note</th><th>Since</th><th></th></tr>
+        ${friends.map(
+          (f) => html`<tr><td><code>${f.value.subject}</code></td><td>${f.value.note ?? ''}</td><td>${f.value.createdAt.slice(0, 10)}</td>
+            <td><form class="inline" method="post" action="/friends/${f.uri.split('/').pop()}/remove"><button>Remove</button></form></td></tr>`,
+        )}
+      </table>
+      <form method="post" action="/friends">
+        <p><label>Handle or DID<br /><input type="text" name="subject" required /></label>
+        <label>Note<br /><input type="text" name="note" /></label></p>
+        <button type="submit">Add friend</button>
+      </form>`,
+    who,
+  )
+}
+
+export function machinesPage(
+  who: Who,
+  machines: { uri: string; value: { machineLabel: string; supportedModels: string[]; desiredModels?: string[]; active?: boolean; proBono?: { mode?: string }; shareLocation?: boolean } }[],
+  opts: { error?: string; saved?: boolean } = {},
+): Html {
+  return layout(
+    'Machines',
+    html`<h2>Your machines</h2>
+      ${notice(opts.error, opts.saved)}
+      ${machines.length === 0 ? html`<p>No provider machine is published on your PDS yet. Run the provider agent to add one.</p>` : ''}
+      ${machines.map((m) => {
+        const rkey = m.uri.split('/').pop()
+        return html`<form method="post" action="/machines/${rkey}">
+          <h3>${m.value.machineLabel}</h3>
+          <p>Serves: <code>${m.value.supportedModels.join(', ')}</code></p>
+          <p><label>Models you want it to serve (comma-separated)<br /><input type="text" name="desiredModels" value="${(m.value.desiredModels ?? []).join(', ')}" /></label></p>
+          <p><label><input type="checkbox" name="active" value="1" ${m.value.active === false ? '' : 'checked'} /> Active</label>
+          <label><input type="checkbox" name="shareLocation" value="1" ${m.value.shareLocation ? 'checked' : ''} /> Share coarse location</label></p>
+          <p><label>Pro bono <select name="proBono">
+            <option value="" ${m.value.proBono ? '' : 'selected'}>off</option>
+            <option value="any" ${m.value.proBono?.mode === 'any' ? 'selected' : ''}>anyone</option>
+            <option value="direct" ${m.value.proBono?.mode === 'direct' ? 'selected' : ''}>friends who pick this machine</option>
+          </select></label></p>
+          <button type="submit">Save ${m.value.machineLabel}</button>
+        </form>`
+      })}`,
+    who,
+  )
+}
+
+export function keysPage(
+  who: Who,
+  keys: { id: string; name: string; prefix: string; scopes?: string[]; createdAt: string; expiresAt?: string; revokedAt?: string; lastUsedAt?: string }[],
+  opts: { created?: { name: string; secret: string }; error?: string } = {},
+): Html {
+  return layout(
+    'API keys',
+    html`<h2>API keys</h2>
+      ${opts.error ? html`<p class="err" role="alert">${opts.error}</p>` : ''}
+      ${opts.created
+        ? html`<div role="status"><p>Your new key <strong>${opts.created.name}</strong>. Copy it now: it is shown only once and cannot be recovered.</p>
+            <p><code id="new-key">${opts.created.secret}</code></p></div>`
+        : ''}
+      <table>
+        <tr><th>Name</th><th>Key</th><th>Scopes</th><th>Created</th><th>Last used</th><th>Status</th><th></th></tr>
+        ${keys.map(
+          (k) => html`<tr>
+            <td>${k.name}</td><td><code>${k.prefix}…</code></td><td>${(k.scopes ?? []).join(' ')}</td>
+            <td>${k.createdAt.slice(0, 10)}</td><td>${k.lastUsedAt?.slice(0, 16).replace('T', ' ') ?? 'never'}</td>
+            <td>${k.revokedAt ? 'revoked' : k.expiresAt && k.expiresAt < new Date().toISOString() ? 'expired' : 'active'}</td>
+            <td>
+              ${k.revokedAt ? '' : html`<form class="inline" method="post" action="/keys/${k.id}/revoke"><button>Revoke</button></form>`}
+              <form class="inline" method="post" action="/keys/${k.id}/delete"><button>Delete</button></form>
+            </td>
+          </tr>`,
+        )}
+      </table>
+      <h3>New key</h3>
+      <form method="post" action="/keys">
+        <p><label>Name<br /><input type="text" name="name" required maxlength="100" /></label></p>
+        <p>${['read', 'inference', 'records:write', 'keys:manage'].map(
+          (s) => html`<label><input type="checkbox" name="scopes" value="${s}" ${s === 'read' || s === 'inference' ? 'checked' : ''} /> ${s}</label> `,
+        )}</p>
+        <p><label>Expires (optional)<br /><input type="date" name="expires" /></label></p>
+        <button type="submit">Create key</button>
+      </form>`,
     who,
   )
 }
