@@ -77,6 +77,11 @@ export class AppView implements AsyncDisposable {
     return this
   }
 
+  /** What the console needs of the index when both run in one process. */
+  consoleIndex(): { purge(did: string): number; records(did: string): unknown[] } {
+    return { purge: (did) => this.store.tx(() => this.store.purge(did)), records: (did) => this.store.recordsOf(did) }
+  }
+
   async stop(): Promise<void> {
     await this.indexer.stop()
     if (this.server) {

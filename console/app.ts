@@ -15,7 +15,8 @@ import type { ApiDeps } from './api/context.ts'
 import { SCOPES, type RateLimiter } from './api-keys.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
-import { auditPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage } from './pages.ts'
+import { accountPage, auditPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
+import type { Wiper } from './wipe.ts'
 import { InvalidRecordError, type Publisher } from './publisher.ts'
 import { SESSION_TTL_MS, type AuditLog, type ConsoleSession, type ConsoleSessions } from './sessions.ts'
 
@@ -34,6 +35,9 @@ export interface ConsoleDeps {
   api: ApiDeps
   limiter: RateLimiter
   publisher: Publisher
+  wiper: Wiper
+  /** The account's rows in the AppView index, for the export; absent without an in-process AppView. */
+  indexedRecords?: (did: string) => Promise<unknown[]> | unknown[]
   /** Test hook: the client address, where the HTTP server is not Node's. */
   clientIp?: (c: Context) => string | undefined
 }
@@ -310,6 +314,48 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     const done = action === 'revoke' ? deps.api.keys.revoke(s.did, id) : deps.api.keys.delete(s.did, id)
     if (done) deps.audit.record(s.did, `api-key-${action}`, deps.sessions.hashIp(ip(c)), { key: id, via: 'session' })
     return c.redirect('/keys', 303)
+  })
+
+  // Your data: export and wipe.
+  app.get('/account', requireSession, async (c) => c.html(accountPage(await who(c))))
+
+  app.get('/account/export', requireSession, async (c) => {
+    const s = c.get('session')!
+    const ipHash = deps.sessions.hashIp(ip(c))
+    deps.audit.record(s.did, 'export', ipHash)
+    const data = {
+      exportedAt: new Date().toISOString(),
+      did: s.did,
+      handle: (await who(c)).handle,
+      howToGetYourRepo: `Every record you published is on your own PDS. Download the whole repository with com.atproto.sync.getRepo?did=${s.did} on your PDS, at any time, without this service.`,
+      apiKeys: deps.api.keys.list(s.did),
+      sessions: deps.sessions.list(s.did),
+      usage: deps.api.usage.list(s.did),
+      activity: deps.audit.list(s.did, 10_000),
+      indexedRecords: deps.indexedRecords ? await deps.indexedRecords(s.did) : [],
+    }
+    c.header('Content-Disposition', `attachment; filename="cocore-export-${s.did.replace(/[^a-z0-9]/gi, '_')}.json"`)
+    return c.json(data)
+  })
+
+  app.post('/account/wipe', requireSession, async (c) => {
+    const s = c.get('session')!
+    const form = await c.req.parseBody()
+    const me = await who(c)
+    const typed = String(form.confirm ?? '').trim()
+    if (typed !== `wipe ${me.handle ?? me.did}` && typed !== `wipe ${me.did}`) {
+      return c.html(accountPage(me, { error: `To confirm, type exactly: wipe ${me.handle ?? me.did}` }), 400)
+    }
+    deps.audit.record(s.did, 'wipe-start', deps.sessions.hashIp(ip(c)))
+    const job = deps.wiper.start(s.did)
+    // The job id is the capability to read the report: the wipe ends this session.
+    return c.redirect(`/wipe/${job.id}`, 303)
+  })
+
+  app.get('/wipe/:id', async (c) => {
+    const job = deps.wiper.get(c.req.param('id') ?? '')
+    if (!job) return c.html(errorPage('Not found', 'No such wipe report (reports are kept for 7 days).'), 404)
+    return c.html(wipePage(job))
   })
 
   app.get('/audit', requireSession, async (c) => {

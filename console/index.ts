@@ -14,6 +14,7 @@ import { stateStore } from './oauth/stores.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
 import { ApiKeys, RateLimiter, UsageCounters } from './api-keys.ts'
 import { Publisher } from './publisher.ts'
+import { Wiper } from './wipe.ts'
 
 export interface ConsoleOpts {
   port: number
@@ -29,6 +30,10 @@ export interface ConsoleOpts {
   /** dev: the embedded network. */
   plcUrl?: string
   pdsUrl?: string
+  /** The AppView index, when it runs in this process: wipe removes the account's rows, export lists them. */
+  index?: { purge(did: string): number; records(did: string): unknown[] }
+  /** Wipe retry timing (tests shorten it). */
+  wipeRetry?: { firstMs: number; maxMs: number; giveUpAfterMs: number; attemptMs?: number }
   /** Requests per minute one API key may make (token bucket). */
   apiKeyRatePerMinute?: number
   /** dev: shown on the sign-in page. */
@@ -38,6 +43,7 @@ export interface ConsoleOpts {
 export interface ConsoleService {
   url: string
   db: Db
+  wiper: Wiper
   close(): Promise<void>
 }
 
@@ -61,6 +67,14 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   })
   const sessions = new ConsoleSessions(db, box.deriveKey('ip-hash'))
   const audit = new AuditLog(db)
+  const publisher = new Publisher(oauth)
+  const wiper = new Wiper({
+    db,
+    publisher,
+    purgeIndex: opts.index ? (did) => opts.index!.purge(did) : null,
+    revokeOAuth: (did) => oauth.revoke(did),
+    retry: opts.wipeRetry,
+  })
   const app = createConsoleApp({
     oauth,
     states: stateStore(db, box),
@@ -68,23 +82,30 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     audit,
     api: { keys: new ApiKeys(db), usage: new UsageCounters(db), audit, sessions },
     limiter: new RateLimiter(opts.apiKeyRatePerMinute ?? 600),
-    publisher: new Publisher(oauth),
+    publisher,
+    wiper,
+    indexedRecords: opts.index ? (did) => opts.index!.records(did) : undefined,
     appviewUrl: opts.appviewUrl,
     consoleUrl: url,
     secureCookies: opts.mode === 'production',
     demoAccounts: opts.demoAccounts,
   })
+  // Wipes a previous process left running continue now.
+  wiper.resumeAll()
   log.info('console listening', { url })
   return {
     url,
     db,
-    close: () =>
-      new Promise<void>((resolve) => {
+    wiper,
+    close: async () => {
+      await wiper.stop()
+      await new Promise<void>((resolve) => {
         server.closeAllConnections()
         server.close(() => {
           db.$client.close()
           resolve()
         })
-      }),
+      })
+    },
   }
 }

@@ -31,7 +31,7 @@ export function layout(title: string, body: Html, who?: { did: string; handle?: 
           ${who
             ? html`<nav>
                 <a href="/profile">Profile</a><a href="/friends">Friends</a><a href="/machines">Machines</a>
-                <a href="/keys">API keys</a><a href="/sessions">Sessions</a><a href="/audit">Activity</a>
+                <a href="/keys">API keys</a><a href="/sessions">Sessions</a><a href="/audit">Activity</a><a href="/account">Your data</a>
                 <form class="inline" method="post" action="/logout"><button>Sign out</button></form>
               </nav>`
             : ''}
@@ -222,4 +222,62 @@ export function keysPage(
       </form>`,
     who,
   )
+}
+
+export function accountPage(who: Who, opts: { error?: string } = {}): Html {
+  return layout(
+    'Your data',
+    html`<h2>Your data</h2>
+      <h3>Take it with you</h3>
+      <p><a href="/account/export" download>Download everything this service holds about you</a> (JSON).
+      Your records themselves live on your own PDS: <code>com.atproto.sync.getRepo?did=${who.did}</code> exports the whole repository at any time.</p>
+      <h3>Wipe all my data</h3>
+      ${opts.error ? html`<p class="err" role="alert">${opts.error}</p>` : ''}
+      <p>Deletes every <code>dev.cocore.*</code> record from your PDS, removes them from the index, and deletes your API keys,
+      sessions, usage counters and activity log here; then revokes the console's access to your PDS. This cannot be undone.</p>
+      <form method="post" action="/account/wipe">
+        <p><label>Type <strong>wipe ${who.handle ?? who.did}</strong> to confirm<br /><input type="text" name="confirm" autocomplete="off" required /></label></p>
+        <button type="submit">Wipe all my data</button>
+      </form>`,
+    who,
+  )
+}
+
+export function wipePage(job: { status: string; phase: string; report: { removed: Record<string, number>; failed: Record<string, string>; local: Record<string, number>; remaining: Record<string, number>; kept: string[]; error?: string } }): Html {
+  const running = job.status === 'running'
+  const r = job.report
+  const total = Object.values(r.removed).reduce((a, b) => a + b, 0)
+  return html`<!doctype html>
+    <html lang="en">
+      <head>
+        <meta charset="utf-8" />
+        ${running ? raw('<meta http-equiv="refresh" content="2" />') : ''}
+        <title>Wipe · cocore console</title>
+        ${STYLE}
+      </head>
+      <body>
+        <main>
+          <h2>${running ? 'Wiping your data…' : job.status === 'done' ? 'Your data is wiped' : 'The wipe did not finish'}</h2>
+          <p role="status">Status: <strong id="wipe-status">${job.status}</strong> (${job.phase}). ${total} records deleted from your PDS so far.</p>
+          ${r.error ? html`<p class="err" role="alert">${r.error}</p>` : ''}
+          <h3>Deleted from your PDS</h3>
+          <table>
+            <tr><th>Collection</th><th>Records</th></tr>
+            ${Object.entries(r.removed).map(([c, n]) => html`<tr><td><code>${c}</code></td><td>${n}</td></tr>`)}
+          </table>
+          ${Object.keys(r.failed).length
+            ? html`<h3>Could not be deleted</h3><ul>${Object.entries(r.failed).map(([c, e]) => html`<li><code>${c}</code>: ${e}</li>`)}</ul>`
+            : ''}
+          ${Object.keys(r.remaining).length && !running
+            ? html`<h3>Still on your PDS</h3><ul>${Object.entries(r.remaining).map(([c, n]) => html`<li><code>${c}</code>: ${n}</li>`)}</ul>`
+            : ''}
+          ${Object.keys(r.local).length
+            ? html`<h3>Removed from this service</h3><ul>${Object.entries(r.local).map(([k, n]) => html`<li>${k}: ${n}</li>`)}</ul>`
+            : ''}
+          <h3>What is kept, and why</h3>
+          <ul>${r.kept.map((k) => html`<li>${k}</li>`)}</ul>
+          ${running ? '' : html`<p><a href="/">Back to the console</a></p>`}
+        </main>
+      </body>
+    </html>`
 }

@@ -38,6 +38,7 @@ const consoleSrv = await startConsole({
   publicUrl: config.consoleUrl,
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
+  index: appview.consoleIndex(),
   appviewUrl: config.appviewUrl,
 })
 log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })

@@ -78,6 +78,7 @@ const consoleSrv = await startConsole({
   mode: 'dev',
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
+  index: appview.consoleIndex(),
   plcUrl: net.plcUrl,
   pdsUrl: net.pdsUrl,
   appviewUrl: appview.url,

@@ -163,6 +163,13 @@ export class IndexStore {
     return n
   }
 
+  /** Every indexed record of an account (for its data export). */
+  recordsOf(did: string): { uri: string; cid: string; collection: string; indexedAt: string; body: unknown }[] {
+    return (this.db.$client.prepare('SELECT uri, cid, collection, indexed_at AS indexedAt, body FROM records WHERE did = ? ORDER BY collection, uri').all(did) as { uri: string; cid: string; collection: string; indexedAt: string; body: string }[]).map(
+      (r) => ({ ...r, body: JSON.parse(r.body) }),
+    )
+  }
+
   rejectionCounts(): { reason: string; collection: string; count: number }[] {
     return this.db.$client.prepare('SELECT reason, collection, count FROM rejections ORDER BY reason, collection').all() as never
   }

@@ -178,3 +178,25 @@ export const usageDaily = sqliteTable(
   },
   (t) => [primaryKey({ columns: [t.did, t.keyId, t.day] })],
 )
+
+/**
+ * "Wipe all my data" jobs: durable, resumed after a restart. The row keeps
+ * only the account's DID and counts, for the report; it is removed 7 days
+ * after the job ends.
+ */
+export const wipeJobs = sqliteTable(
+  'wipe_jobs',
+  {
+    id: text('id').primaryKey(),
+    did: text('did').notNull(),
+    /** running | done | incomplete */
+    status: text('status').notNull(),
+    /** pds | verify | local | finished */
+    phase: text('phase').notNull(),
+    /** JSON: removed per collection, failures, what is kept and why. */
+    report: text('report').notNull(),
+    createdAt: text('created_at').notNull(),
+    updatedAt: text('updated_at').notNull(),
+  },
+  (t) => [index('wipe_jobs_did').on(t.did)],
+)
