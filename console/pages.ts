@@ -70,8 +70,10 @@ export function dashboardPage(who: { did: string; handle?: string | null }, appv
       <ul>
         <li><a href="/sessions">Your sessions</a>: where you are signed in, revoke any.</li>
         <li><a href="/audit">Activity</a>: sign-ins and other security events of your account.</li>
-        <li><a href="${appviewUrl}/xrpc/dev.cocore.compute.listProviders">Providers on the network</a> (AppView)</li>
+        <li><a href="/profile">Profile</a>, <a href="/friends">friends</a> and <a href="/machines">machines</a>: published on your own PDS.</li>
+        <li><a href="/keys">API keys</a> and <a href="/account">your data</a> (export, wipe).</li>
       </ul>
+      <p>The network's index (AppView) is served at <code>${appviewUrl}</code>.</p>
       <form method="post" action="/logout-everywhere">
         <button>Sign out everywhere</button> (ends every console session and revokes the console's access to your PDS)
       </form>`,
@@ -258,7 +260,7 @@ export function wipePage(job: { status: string; phase: string; report: { removed
       <body>
         <main>
           <h2>${running ? 'Wiping your data…' : job.status === 'done' ? 'Your data is wiped' : 'The wipe did not finish'}</h2>
-          <p role="status">Status: <strong id="wipe-status">${job.status}</strong> (${job.phase}). ${total} records deleted from your PDS so far.</p>
+          <p role="status">Status: <strong id="wipe-status">${job.status}</strong> (${job.phase}). ${total} records deleted from your PDS${running ? ' so far' : ''}.</p>
           ${r.error ? html`<p class="err" role="alert">${r.error}</p>` : ''}
           <h3>Deleted from your PDS</h3>
           <table>

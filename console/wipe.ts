@@ -274,8 +274,11 @@ export class Wiper {
       job.report.local.auditEntries = c.prepare('DELETE FROM audit_log WHERE did = ?').run(did).changes
     })()
     this.save(job)
+    // Counted before the revoke, which removes the stored session itself.
+    const held = c.prepare('SELECT count(*) FROM oauth_sessions WHERE did = ?').pluck().get(did) as number
     await this.deps.revokeOAuth(did).catch((err) => log.warn('OAuth revoke at the PDS failed; the local session is deleted anyway', { err: err as Error }))
-    job.report.local.oauthSessions = c.prepare('DELETE FROM oauth_sessions WHERE did = ?').run(did).changes
+    c.prepare('DELETE FROM oauth_sessions WHERE did = ?').run(did)
+    job.report.local.oauthSessions = held
   }
 
   private retryOpts() {

@@ -161,3 +161,47 @@ describe('API keys', () => {
     expect(((await query.json()) as { message: string }).message).toContain('use POST')
   })
 })
+
+describe('export, activity and accounts kept apart', () => {
+  const page = (path: string, cookie: string, init: RequestInit = {}) =>
+    fetch(`${svc.url}${path}`, { ...init, redirect: 'manual', headers: { cookie, origin: svc.url, ...(init.headers as Record<string, string>) } })
+
+  it('exports everything held about the account as JSON, without secrets or hashes', async () => {
+    const { secret } = (await create({ cookie: aliceCookie }, { name: 'exported', scopes: ['read'] })).body
+    const res = await page('/account/export', aliceCookie)
+    expect(res.status).toBe(200)
+    expect(res.headers.get('content-disposition')).toContain('attachment')
+    const text = await res.text()
+    const data = JSON.parse(text)
+    expect(data.did).toBe(ALICE)
+    expect(data.apiKeys.map((k: { name: string }) => k.name)).toContain('exported')
+    expect(data.sessions.length).toBeGreaterThan(0)
+    expect(data.activity.map((a: { action: string }) => a.action)).toContain('api-key-create')
+    expect(data.usage.length).toBeGreaterThan(0)
+    expect(data.howToGetYourRepo).toContain('com.atproto.sync.getRepo')
+    expect(text).not.toContain(secret)
+    expect(text).not.toContain(hashKey(secret))
+    expect(text).not.toMatch(/token_?hash/i)
+    expect(text).not.toContain(aliceCookie.split('=')[1])
+    const bobs = JSON.parse(await (await page('/account/export', bobCookie)).text())
+    expect(JSON.stringify(bobs)).not.toContain(ALICE)
+  })
+
+  it("bob cannot revoke alice's sessions nor read her activity", async () => {
+    const aliceSession = svc.db.$client.prepare('SELECT id FROM console_sessions WHERE did = ? LIMIT 1').pluck().get(ALICE) as string
+    const res = await page(`/sessions/${aliceSession}/revoke`, bobCookie, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' } })
+    expect(res.status).toBe(404)
+    expect(svc.db.$client.prepare('SELECT count(*) FROM console_sessions WHERE id = ?').pluck().get(aliceSession)).toBe(1)
+    const bobAudit = await (await page('/audit', bobCookie)).text()
+    expect(bobAudit).not.toContain('exported')
+    expect(await (await page('/sessions', bobCookie)).text()).not.toContain(aliceSession)
+  })
+
+  it('serves every page with a same-origin-only CSP', async () => {
+    for (const path of ['/', '/sessions', '/audit', '/keys', '/account', '/oauth/client-metadata.json']) {
+      const res = await page(path, aliceCookie)
+      expect(res.headers.get('content-security-policy'), path).toContain("default-src 'self'")
+      expect(await res.text(), path).not.toMatch(/(src|href)="https?:\/\//)
+    }
+  })
+})

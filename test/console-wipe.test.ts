@@ -147,7 +147,8 @@ describe('wipe all my data', () => {
     const report = (await page.textContent('main'))!
     await screenshot(page, 'console-wipe-report')
     expect(report).toContain('Your data is wiped')
-    expect(report).toContain(`${total} records deleted from your PDS`)
+    expect(report).toContain(`${total} records deleted from your PDS.`)
+    expect(report).toContain('oauthSessions: 1')
     expect(report).toContain("Records about you in other people's repos")
     for (const c of [ids.AccountFriend, ids.ComputeJob, ids.ComputeProvider, ids.AccountProfile]) expect(report).toContain(c)
 
