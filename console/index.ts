@@ -41,7 +41,10 @@ export interface ConsoleOpts {
 }
 
 export interface ConsoleService {
+  /** The public URL (in dev, the address it listens on). */
   url: string
+  /** Where it listens. */
+  localUrl: string
   db: Db
   wiper: Wiper
   close(): Promise<void>
@@ -95,6 +98,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   log.info('console listening', { url })
   return {
     url,
+    localUrl: `http://${opts.host}:${port}`,
     db,
     wiper,
     close: async () => {
