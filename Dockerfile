@@ -20,4 +20,5 @@ RUN mkdir -p /data && chown node:node /data
 USER node
 VOLUME /data
 EXPOSE 2584 2585
-CMD ["node", "scripts/prod.ts"]
+# A larger young generation: fewer scavenges on the firehose hot path (+6-9% ingest, see README).
+CMD ["node", "--max-semi-space-size=64", "scripts/prod.ts"]
