@@ -5,6 +5,7 @@
 import type { Server } from 'node:http'
 import { join } from 'node:path'
 import { serve } from '@hono/node-server'
+import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { openDb, type Db } from '../src/db/index.ts'
 import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import { consoleLogger as log } from '../src/logger.ts'
@@ -45,6 +46,8 @@ export interface ConsoleService {
   url: string
   /** Where it listens. */
   localUrl: string
+  oauth: NodeOAuthClient
+  publisher: Publisher
   db: Db
   wiper: Wiper
   close(): Promise<void>
@@ -99,6 +102,8 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   return {
     url,
     localUrl: `http://${opts.host}:${port}`,
+    oauth,
+    publisher,
     db,
     wiper,
     close: async () => {

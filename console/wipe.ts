@@ -58,6 +58,7 @@ const KEPT = [
   "Records about you in other people's repos (for example friend records that name you, or receipts of jobs you ran on someone's machine) live on their PDSes; only they can delete them.",
   "Settlements and grants the exchange published on its own repo stay there: they are its books. They hold your DID and amounts, not your prompts.",
   'This report (your DID and the counts above) is kept for 7 days so you can read it, then deleted.',
+  'One activity entry saying that this wipe happened (when, and these counts; no content, no IP) is kept for security for the same 7 days, then deleted.',
 ]
 
 export class TransientError extends Error {
@@ -108,7 +109,9 @@ export class Wiper {
 
   /** Resumes every job a previous process left running, and forgets old reports. */
   resumeAll(): void {
-    this.deps.db.$client.prepare("DELETE FROM wipe_jobs WHERE status != 'running' AND updated_at < ?").run(new Date(Date.now() - REPORT_TTL_MS).toISOString())
+    const cutoff = new Date(Date.now() - REPORT_TTL_MS).toISOString()
+    this.deps.db.$client.prepare("DELETE FROM wipe_jobs WHERE status != 'running' AND updated_at < ?").run(cutoff)
+    this.deps.db.$client.prepare("DELETE FROM audit_log WHERE action = 'wipe-end' AND at < ?").run(cutoff)
     for (const id of this.deps.db.$client.prepare("SELECT id FROM wipe_jobs WHERE status = 'running'").pluck().all() as string[]) this.run(id)
   }
 
@@ -279,6 +282,12 @@ export class Wiper {
     await this.deps.revokeOAuth(did).catch((err) => log.warn('OAuth revoke at the PDS failed; the local session is deleted anyway', { err: err as Error }))
     c.prepare('DELETE FROM oauth_sessions WHERE did = ?').run(did)
     job.report.local.oauthSessions = held
+    // After every earlier entry is gone: the one record that the wipe ran.
+    c.prepare("INSERT INTO audit_log (did, action, detail, ip_hash, at) VALUES (?, 'wipe-end', ?, NULL, ?)").run(
+      did,
+      JSON.stringify({ job: job.id, removed: job.report.removed }),
+      new Date().toISOString(),
+    )
   }
 
   private retryOpts() {

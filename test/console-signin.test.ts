@@ -167,6 +167,38 @@ describe('console sign-in', () => {
     await context.close()
   })
 
+  it('signs in with a DID, and with the address of a PDS', async () => {
+    for (const identifier of [alice.did, net.pdsUrl]) {
+      const context = await browser.newContext()
+      const page = await context.newPage()
+      await page.goto(console_.url)
+      await page.locator('input[name=identifier]').fill(identifier)
+      await page.getByRole('button', { name: 'Sign in' }).click()
+      await page.waitForURL((u) => !u.toString().startsWith(console_.url))
+      if (identifier === net.pdsUrl) {
+        // Only the server is known: the PDS asks who is signing in.
+        await page.getByRole('button', { name: 'Sign in' }).click()
+        await page.getByRole('textbox', { name: /username/i }).fill('alice.test')
+      }
+      await approveOnPds(page, 'alice-pass')
+      await page.waitForURL((u) => u.toString() === `${console_.url}/`)
+      expect(await page.textContent('main'), identifier).toContain('Signed in as alice.test')
+      await context.close()
+    }
+  })
+
+  it('refreshes tokens under a lock: concurrent refreshes of one session all succeed', async () => {
+    // Refresh tokens are single use: without the lock, the second refresh would present a spent token.
+    const before = JSON.parse(box.open(console_.db.$client.prepare('SELECT sealed FROM oauth_sessions WHERE did = ?').pluck().get(alice.did) as string, `oauth_sessions:${alice.did}`))
+    const sessions = await Promise.all([1, 2, 3].map(() => console_.oauth.restore(alice.did, true)))
+    expect(sessions.map((s) => s.did)).toEqual([alice.did, alice.did, alice.did])
+    const after = JSON.parse(box.open(console_.db.$client.prepare('SELECT sealed FROM oauth_sessions WHERE did = ?').pluck().get(alice.did) as string, `oauth_sessions:${alice.did}`))
+    expect(after.tokenSet.refresh_token).not.toBe(before.tokenSet.refresh_token)
+    // The refreshed session still writes to the PDS.
+    const res = await (await console_.publisher.agent(alice.did)).com.atproto.repo.describeRepo({ repo: alice.did })
+    expect(res.data.did).toBe(alice.did)
+  })
+
   it('serves every page with a same-origin-only Content-Security-Policy and no other origin referenced', async () => {
     const res = await fetch(console_.url)
     expect(res.headers.get('content-security-policy')).toContain("default-src 'self'")

@@ -103,6 +103,8 @@ function consoleRows(dbPath: string, did: string): Record<string, number> {
   try {
     const out: Record<string, number> = {}
     for (const t of ['api_keys', 'console_sessions', 'usage_daily', 'audit_log', 'oauth_sessions']) out[t] = db.prepare(`SELECT count(*) FROM ${t} WHERE did = ?`).pluck().get(did) as number
+    // The one activity entry left is the record that the wipe ran.
+    if (out.audit_log) expect(db.prepare('SELECT action FROM audit_log WHERE did = ?').pluck().all(did)).toEqual(['wipe-end'])
     return out
   } finally {
     db.close()
@@ -154,7 +156,7 @@ describe('wipe all my data', () => {
 
     expect(await pdsCocoreCount(amy.did)).toBe(0)
     await waitFor(() => av.db.$client.prepare('SELECT count(*) FROM records WHERE did = ?').pluck().get(amy.did) === 0, 'index empty for amy')
-    expect(consoleRows(join(dataDir, 'console.sqlite'), amy.did)).toEqual({ api_keys: 0, console_sessions: 0, usage_daily: 0, audit_log: 0, oauth_sessions: 0 })
+    expect(consoleRows(join(dataDir, 'console.sqlite'), amy.did)).toEqual({ api_keys: 0, console_sessions: 0, usage_daily: 0, audit_log: 1, oauth_sessions: 0 })
     expect((await fetch(`${svc.url}/xrpc/${ids.AccountListApiKeys}`, { headers: { authorization: `Bearer ${secret}` } })).status).toBe(401)
     // Ben's record naming amy is still on ben's repo.
     expect((await ben.agent.com.atproto.repo.getRecord({ repo: ben.did, collection: ids.AccountFriend, rkey: bensFriend.uri.split('/').pop()! })).data.uri).toBe(bensFriend.uri)
@@ -231,7 +233,7 @@ describe('wipe all my data', () => {
     await waitFor(async () => (await (await fetch(`${url}/wipe/${jobId}`)).text()).includes('id="wipe-status">done'), 'resumed wipe done', 120_000)
     expect(await pdsCocoreCount(dee.did)).toBe(0)
     expect(removedSoFar()).toBe(total)
-    expect(consoleRows(dbPath, dee.did)).toEqual({ api_keys: 0, console_sessions: 0, usage_daily: 0, audit_log: 0, oauth_sessions: 0 })
+    expect(consoleRows(dbPath, dee.did)).toEqual({ api_keys: 0, console_sessions: 0, usage_daily: 0, audit_log: 1, oauth_sessions: 0 })
     b.child.kill('SIGTERM')
     await new Promise((r) => b.child.once('exit', r))
   })
