@@ -4,7 +4,7 @@
  */
 import { randomBytes, timingSafeEqual } from 'node:crypto'
 import { Hono, type Context } from 'hono'
-import { csrf } from 'hono/csrf'
+import { bodyLimit } from 'hono/body-limit'
 import { HTTPException } from 'hono/http-exception'
 import { deleteCookie, getCookie, setCookie } from 'hono/cookie'
 import type { NodeOAuthClient } from '@atproto/oauth-client-node'
@@ -34,6 +34,10 @@ export interface ConsoleDeps {
   demoAccounts?: { handle: string; password: string; role: string }[]
   api: ApiDeps
   limiter: RateLimiter
+  /** Sign-in attempts per client address. */
+  loginLimiter: RateLimiter
+  /** Forgets sign-ins in flight that were abandoned. */
+  oauthStateGc: () => void
   publisher: Publisher
   wiper: Wiper
   /** The account's rows in the AppView index, for the export; absent without an in-process AppView. */
@@ -45,6 +49,9 @@ export interface ConsoleDeps {
 type Env = { Variables: { session: ConsoleSession | null } }
 
 const SESSION_COOKIE = 'cocore_session'
+const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS'])
+const formBodyLimit = bodyLimit({ maxSize: 64 * 1024, onError: (c) => c.html(errorPage('Too large', 'That form was too large.'), 413) })
+
 const BINDING_COOKIE = 'cocore_oauth_binding'
 
 function clientIpOf(c: Context): string | undefined {
@@ -78,12 +85,17 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     c.header('Cache-Control', 'no-store')
   })
 
-  // CSRF: a state-changing form request must come from a page of this origin.
-  // A request without an Origin header is refused, as is any other origin.
-  // XRPC (below) accepts only JSON, which no cross-site form can send, and
-  // checks the Origin of cookie-authenticated calls itself.
-  const formCsrf = csrf({ origin })
-  app.use(async (c, next) => (isXrpc(c.req.path) ? next() : formCsrf(c, next)))
+  // CSRF: every state-changing request to a page must come from a page of this
+  // origin, whatever its content type. A request without an Origin header is
+  // refused, as is any other origin. XRPC (below) accepts only JSON and checks
+  // the Origin of cookie-authenticated calls itself.
+  app.use(async (c, next) => {
+    if (isXrpc(c.req.path) || SAFE_METHODS.has(c.req.method)) return next()
+    if (c.req.header('origin') !== origin) throw new HTTPException(403, { message: 'cross-site request' })
+    return next()
+  })
+  // Forms are small: refuse big bodies before reading them.
+  app.use(async (c, next) => (isXrpc(c.req.path) ? next() : formBodyLimit(c, next)))
 
   app.use(async (c, next) => {
     c.set('session', deps.sessions.lookup(readCookie(c, SESSION_COOKIE)))
@@ -113,6 +125,13 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   })
 
   app.post('/login', async (c) => {
+    // Each sign-in makes the server call out to a PDS: limited per client address.
+    const wait = deps.loginLimiter.take(deps.sessions.hashIp(ip(c)) ?? 'unknown')
+    if (wait > 0) {
+      c.header('Retry-After', String(wait))
+      return c.html(signInPage(`Too many sign-in attempts from here; try again in ${wait} s.`), 429)
+    }
+    deps.oauthStateGc()
     const form = await c.req.parseBody()
     const identifier = String(form.identifier ?? '').trim()
     if (!identifier || identifier.length > 512) return c.html(signInPage('Type your handle (like alice.bsky.social), your DID, or your PDS address.', identifier), 400)
@@ -138,8 +157,9 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     const stateKey = params.get('state')
     if (params.get('error')) {
       if (stateKey) await deps.states.del(stateKey)
+      // Fixed wording: the PDS's own text is not echoed on this origin.
       const denied = params.get('error') === 'access_denied'
-      return c.html(errorPage(denied ? 'Sign-in cancelled' : 'Sign-in failed', denied ? 'You did not grant access, so you are not signed in.' : `Your PDS answered: ${params.get('error_description') ?? params.get('error')}`, 'sign-in'), 400)
+      return c.html(errorPage(denied ? 'Sign-in cancelled' : 'Sign-in failed', denied ? 'You did not grant access, so you are not signed in.' : 'Your PDS did not complete the sign-in. Start again from the sign-in page.', 'sign-in'), 400)
     }
     // Before any code is exchanged: this browser must be the one that started this sign-in.
     const stored = stateKey ? await deps.states.get(stateKey) : undefined
@@ -319,7 +339,8 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   // Your data: export and wipe.
   app.get('/account', requireSession, async (c) => c.html(accountPage(await who(c))))
 
-  app.get('/account/export', requireSession, async (c) => {
+  // A POST: the download writes an activity entry, which no cross-site link may trigger.
+  app.post('/account/export', requireSession, async (c) => {
     const s = c.get('session')!
     const ipHash = deps.sessions.hashIp(ip(c))
     deps.audit.record(s.did, 'export', ipHash)

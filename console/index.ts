@@ -35,6 +35,8 @@ export interface ConsoleOpts {
   index?: { purge(did: string): number; records(did: string): unknown[] }
   /** Wipe retry timing (tests shorten it). */
   wipeRetry?: { firstMs: number; maxMs: number; giveUpAfterMs: number; attemptMs?: number }
+  /** Sign-in attempts per minute from one client address. */
+  loginRatePerMinute?: number
   /** Requests per minute one API key may make (token bucket). */
   apiKeyRatePerMinute?: number
   /** dev: shown on the sign-in page. */
@@ -88,6 +90,8 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     audit,
     api: { keys: new ApiKeys(db), usage: new UsageCounters(db), audit, sessions },
     limiter: new RateLimiter(opts.apiKeyRatePerMinute ?? 600),
+    loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
+    oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
     publisher,
     wiper,
     indexedRecords: opts.index ? (did) => opts.index!.records(did) : undefined,
@@ -98,6 +102,12 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   })
   // Wipes a previous process left running continue now.
   wiper.resumeAll()
+  // Hourly: expired console sessions and old wipe reports go.
+  const housekeeping = setInterval(() => {
+    db.$client.prepare('DELETE FROM console_sessions WHERE expires_at < ?').run(new Date().toISOString())
+    wiper.purgeExpired()
+  }, 3600_000)
+  housekeeping.unref()
   log.info('console listening', { url })
   return {
     url,
@@ -107,6 +117,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     db,
     wiper,
     close: async () => {
+      clearInterval(housekeeping)
       await wiper.stop()
       await new Promise<void>((resolve) => {
         server.closeAllConnections()

@@ -231,7 +231,8 @@ export function accountPage(who: Who, opts: { error?: string } = {}): Html {
     'Your data',
     html`<h2>Your data</h2>
       <h3>Take it with you</h3>
-      <p><a href="/account/export" download>Download everything this service holds about you</a> (JSON).
+      <form method="post" action="/account/export"><button type="submit">Download everything this service holds about you</button> (JSON)</form>
+      <p>
       Your records themselves live on your own PDS: <code>com.atproto.sync.getRepo?did=${who.did}</code> exports the whole repository at any time.</p>
       <h3>Wipe all my data</h3>
       ${opts.error ? html`<p class="err" role="alert">${opts.error}</p>` : ''}

@@ -11,6 +11,9 @@ import { ids } from '../src/lexicon/generated/ids.ts'
 import type { AccountFriend, AccountProfile, ComputeProvider } from '../src/lexicon/generated/types.ts'
 import { validateRecord } from '../src/lexicon/validate.ts'
 
+/** The most records a console page lists from a PDS (friends, machines). */
+const MAX_LIST = 2_000
+
 export class PublishError extends Error {
   override name = 'PublishError'
 }
@@ -115,11 +118,13 @@ export class Publisher {
     return { uri: res.data.uri, cid: res.data.cid, value: record as unknown as ComputeProvider }
   }
 
+  /** Up to MAX_LIST records: a page of the console never pulls an unbounded list from a PDS. */
   private async listAll<T>(did: string, collection: string): Promise<RepoRecord<T>[]> {
     const agent = await this.agent(did)
     const out: RepoRecord<T>[] = []
     let cursor: string | undefined
     do {
+      if (out.length >= MAX_LIST) break
       const page = await agent.com.atproto.repo.listRecords({ repo: did, collection, limit: 100, cursor })
       for (const r of page.data.records) out.push({ uri: r.uri, cid: r.cid, value: r.value as T })
       cursor = page.data.records.length === 100 ? page.data.cursor : undefined

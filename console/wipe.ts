@@ -107,11 +107,16 @@ export class Wiper {
     return id ? this.get(id) : null
   }
 
-  /** Resumes every job a previous process left running, and forgets old reports. */
-  resumeAll(): void {
+  /** Forgets reports (and their wipe-end entries) older than 7 days. */
+  purgeExpired(): void {
     const cutoff = new Date(Date.now() - REPORT_TTL_MS).toISOString()
     this.deps.db.$client.prepare("DELETE FROM wipe_jobs WHERE status != 'running' AND updated_at < ?").run(cutoff)
     this.deps.db.$client.prepare("DELETE FROM audit_log WHERE action = 'wipe-end' AND at < ?").run(cutoff)
+  }
+
+  /** Resumes every job a previous process left running, and forgets old reports. */
+  resumeAll(): void {
+    this.purgeExpired()
     for (const id of this.deps.db.$client.prepare("SELECT id FROM wipe_jobs WHERE status = 'running'").pluck().all() as string[]) this.run(id)
   }
 
@@ -129,7 +134,8 @@ export class Wiper {
   private run(id: string): void {
     if (this.running.has(id)) return
     const p = this.execute(id)
-      .catch((err) => log.error('wipe job crashed; it resumes at next start', { id, err: err as Error }))
+      // The job id is the key to its report: not logged.
+      .catch((err) => log.error('wipe job crashed; it resumes at next start', { err: err as Error }))
       .finally(() => this.running.delete(id))
     this.running.set(id, p)
   }
@@ -230,8 +236,21 @@ export class Wiper {
   /** A batch a previous process sent without recording the outcome: count what is gone. */
   private async settleInFlight(job: WipeJob): Promise<void> {
     const { collection, rkeys } = job.report.inFlight!
-    const present = new Set(await this.withRetry((signal) => this.listRkeys(job.did, collection, Number.MAX_SAFE_INTEGER, signal)))
-    const gone = rkeys.filter((r) => !present.has(r)).length
+    let gone = 0
+    // One look-up per record of the batch (at most 200): bounded, whatever the collection's size.
+    for (const rkey of rkeys) {
+      const exists = await this.withRetry(async (signal) => {
+        const agent = await this.deps.publisher.agent(job.did)
+        try {
+          await agent.com.atproto.repo.getRecord({ repo: job.did, collection, rkey }, { signal })
+          return true
+        } catch (err) {
+          if ((err as { error?: string }).error === 'RecordNotFound') return false
+          throw err
+        }
+      })
+      if (!exists) gone++
+    }
     if (gone) job.report.removed[collection] = (job.report.removed[collection] ?? 0) + gone
     delete job.report.inFlight
     this.save(job)

@@ -23,7 +23,7 @@ let bobCookie: string
 beforeAll(async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'cocore-keys-'))
   dbPath = join(dataDir, 'console.sqlite')
-  svc = await startConsole({ port: 0, host: '127.0.0.1', dbPath, dataDir, mode: 'dev', secretKey: `k:${randomBytes(32).toString('base64')}`, appviewUrl: 'http://127.0.0.1:1', apiKeyRatePerMinute: 30 })
+  svc = await startConsole({ port: 0, host: '127.0.0.1', dbPath, dataDir, mode: 'dev', secretKey: `k:${randomBytes(32).toString('base64')}`, appviewUrl: 'http://127.0.0.1:1', apiKeyRatePerMinute: 30, loginRatePerMinute: 5 })
   // Console sessions as a sign-in would create them (the sign-in itself is tested in a browser).
   const sessions = new ConsoleSessions(svc.db, Buffer.alloc(32))
   aliceCookie = `cocore_session=${sessions.create(ALICE, 'test', undefined).token}`
@@ -168,7 +168,8 @@ describe('export, activity and accounts kept apart', () => {
 
   it('exports everything held about the account as JSON, without secrets or hashes', async () => {
     const { secret } = (await create({ cookie: aliceCookie }, { name: 'exported', scopes: ['read'] })).body
-    const res = await page('/account/export', aliceCookie)
+    expect((await page('/account/export', aliceCookie)).status).toBe(404)
+    const res = await page('/account/export', aliceCookie, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' } })
     expect(res.status).toBe(200)
     expect(res.headers.get('content-disposition')).toContain('attachment')
     const text = await res.text()
@@ -183,7 +184,7 @@ describe('export, activity and accounts kept apart', () => {
     expect(text).not.toContain(hashKey(secret))
     expect(text).not.toMatch(/token_?hash/i)
     expect(text).not.toContain(aliceCookie.split('=')[1])
-    const bobs = JSON.parse(await (await page('/account/export', bobCookie)).text())
+    const bobs = JSON.parse(await (await page('/account/export', bobCookie, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' } })).text())
     expect(JSON.stringify(bobs)).not.toContain(ALICE)
   })
 
@@ -198,10 +199,44 @@ describe('export, activity and accounts kept apart', () => {
   })
 
   it('serves every page with a same-origin-only CSP', async () => {
-    for (const path of ['/', '/sessions', '/audit', '/keys', '/account', '/oauth/client-metadata.json']) {
+    for (const path of ['/', '/sessions', '/audit', '/keys', '/account', '/oauth/client-metadata.json', '/wipe/nope']) {
       const res = await page(path, aliceCookie)
       expect(res.headers.get('content-security-policy'), path).toContain("default-src 'self'")
       expect(await res.text(), path).not.toMatch(/(src|href)="https?:\/\//)
     }
+  })
+})
+
+describe('hardening', () => {
+  it('a key-made key expires no later than the key that made it', async () => {
+    const parentExpiry = new Date(Date.now() + 3600_000).toISOString()
+    const parent = (await create({ cookie: aliceCookie }, { name: 'parent', scopes: ['keys:manage', 'read'], expiresAt: parentExpiry })).body
+    const child = await create({ key: parent.secret }, { name: 'child', scopes: ['read'] })
+    expect(child.status).toBe(200)
+    expect(child.body.key.expiresAt).toBe(parent.key.expiresAt)
+    const later = await create({ key: parent.secret }, { name: 'later', scopes: ['read'], expiresAt: new Date(Date.now() + 7200_000).toISOString() })
+    expect(later.status).toBe(400)
+  })
+
+  it('refuses a state change without this origin, whatever the content type', async () => {
+    const { key } = (await create({ cookie: aliceCookie }, { name: 'target', scopes: ['read'] })).body
+    for (const type of ['application/json', 'application/octet-stream', 'application/x-www-form-urlencoded']) {
+      const res = await fetch(`${svc.url}/keys/${key.id}/revoke`, { method: 'POST', redirect: 'manual', headers: { cookie: aliceCookie, 'content-type': type }, body: '{}' })
+      expect(res.status, type).toBe(403)
+    }
+    const list = await call(ids.AccountListApiKeys, { cookie: aliceCookie })
+    expect(list.body.keys.find((k: { id: string }) => k.id === key.id).revokedAt).toBeUndefined()
+  })
+
+  it('refuses oversized forms, and limits sign-in attempts per address', async () => {
+    const big = await fetch(`${svc.url}/login`, { method: 'POST', headers: { origin: svc.url, 'content-type': 'application/x-www-form-urlencoded' }, body: `identifier=${'x'.repeat(100_000)}` })
+    expect(big.status).toBe(413)
+    const statuses: number[] = []
+    for (let i = 0; i < 7; i++) {
+      const r = await fetch(`${svc.url}/login`, { method: 'POST', headers: { origin: svc.url, 'content-type': 'application/x-www-form-urlencoded' }, body: 'identifier=nobody.invalid' })
+      statuses.push(r.status)
+    }
+    expect(statuses).toContain(429)
+    expect(statuses.filter((s) => s !== 429).every((s) => s === 400)).toBe(true)
   })
 })

@@ -97,7 +97,7 @@ export interface IndexerOpts {
 export class Indexer implements AsyncDisposable {
   readonly stats: IndexerStats = { events: 0, commitsApplied: 0, staleCommits: 0, recordsWritten: 0, recordsDeleted: 0, rejected: 0, purged: 0, resyncs: 0 }
   private readonly opts: IndexerOpts
-  private readonly subs: Sub[] = []
+  private readonly subs: Sub[]
   private readonly pending = new Map<string, Change[]>()
   private resyncTimer: NodeJS.Timeout | null = null
   private retrying: Promise<void> | null = null

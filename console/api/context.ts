@@ -9,6 +9,8 @@ export interface Caller {
   /** A console session may do everything its owner may; a key only what its scopes say. */
   via: 'session' | 'key'
   keyId?: string
+  /** A key's own expiry: keys it creates cannot outlive it. */
+  expiresAt?: string
   scopes: readonly Scope[]
   ipHash: string | null
 }

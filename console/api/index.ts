@@ -48,7 +48,7 @@ export function authenticate(opts: AuthOpts): MiddlewareHandler {
       const wait = opts.limiter.take(key.id)
       if (wait > 0) throw new RateLimitExceededError(wait)
       deps.usage.add(key.did, key.id, { requests: 1 })
-      caller = { did: key.did, via: 'key', keyId: key.id, scopes: key.scopes, ipHash }
+      caller = { did: key.did, via: 'key', keyId: key.id, expiresAt: key.expiresAt, scopes: key.scopes, ipHash }
     } else {
       const session = deps.sessions.lookup(opts.sessionCookie.prefix ? getCookie(c, opts.sessionCookie.name, opts.sessionCookie.prefix) : getCookie(c, opts.sessionCookie.name))
       if (!session) throw new AuthRequiredError('Sign in to the console or send an API key', 'AuthRequired')

@@ -7,6 +7,7 @@
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { dirname } from 'node:path'
+import { safeFetchWrap } from '@atproto-labs/fetch-node'
 import { JoseKey, NodeOAuthClient, requestLocalLock } from '@atproto/oauth-client-node'
 import { buildAtprotoLoopbackClientMetadata } from '@atproto/oauth-types'
 import type { Db } from '../../src/db/index.ts'
@@ -70,6 +71,9 @@ export async function createOAuthClient(opts: OAuthClientOpts): Promise<NodeOAut
       jwks_uri: `${base}${JWKS_PATH}`,
     },
     keyset: [await clientKey(opts.clientKeyFile!)],
+    // Users type handles and PDS addresses: fetch them SSRF-safely (https only,
+    // no private or loopback addresses after resolution, size and time limits).
+    fetch: safeFetchWrap({ allowHttp: false, allowPrivateIps: false, allowIpHost: false, timeout: 10_000 }),
     // Refresh tokens are single use: one refresh at a time per session.
     requestLock: requestLocalLock,
     ...stores,

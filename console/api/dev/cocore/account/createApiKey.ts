@@ -17,7 +17,11 @@ export default function createApiKey(deps: ApiDeps, _params: unknown, c: Context
   const beyond = scopes.filter((s) => !caller.scopes.includes(s as Scope))
   if (beyond.length) throw new InvalidRequestError(`cannot grant scopes the caller lacks: ${beyond.join(', ')}`)
   if (body.expiresAt && Date.parse(body.expiresAt) <= Date.now()) throw new InvalidRequestError('expiresAt is in the past')
-  const { key, secret } = deps.keys.create(caller.did, body.name, scopes as Scope[], body.expiresAt ? new Date(body.expiresAt).toISOString() : undefined)
+  // ...nor one that outlives it: a key-made key expires no later than its parent.
+  let expiresAt = body.expiresAt ? new Date(body.expiresAt).toISOString() : caller.expiresAt
+  if (caller.expiresAt && expiresAt && expiresAt > caller.expiresAt) throw new InvalidRequestError(`expiresAt cannot be later than the calling key's (${caller.expiresAt})`)
+  expiresAt ??= undefined
+  const { key, secret } = deps.keys.create(caller.did, body.name, scopes as Scope[], expiresAt)
   deps.audit.record(caller.did, 'api-key-create', caller.ipHash, { key: key.id, name: key.name, scopes: key.scopes, via: caller.via })
   return { key, secret }
 }
