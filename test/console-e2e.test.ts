@@ -4,19 +4,16 @@
  * revoke it, publish a profile and see it in the AppView, sign out, sign in
  * again, and wipe everything.
  */
-import { randomBytes } from 'node:crypto'
-import { mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { afterAll, beforeAll, expect, it } from 'vitest'
-import type { Browser, Page } from 'playwright-core'
+import type { Browser } from 'playwright-core'
 import { LocalNetwork } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { friend, putRecords } from '../src/dev/records.ts'
-import { startConsole, type ConsoleService } from '../console/index.ts'
+import type { ConsoleService } from '../console/index.ts'
+import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { approveOnPds, launchBrowser, screenshot } from './fixture/browser.ts'
+import { launchBrowser, screenshot } from './fixture/browser.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork
@@ -27,8 +24,7 @@ let browser: Browser
 beforeAll(async () => {
   net = await LocalNetwork.create()
   av = await startAppView(net, tempDbPath(), { http: true })
-  const dataDir = mkdtempSync(join(tmpdir(), 'cocore-e2e-'))
-  svc = await startConsole({ port: 0, host: '127.0.0.1', dbPath: join(dataDir, 'console.sqlite'), dataDir, mode: 'dev', secretKey: `k:${randomBytes(32).toString('base64')}`, plcUrl: net.plcUrl, pdsUrl: net.pdsUrl, appviewUrl: av.url, index: av.consoleIndex() })
+  svc = await startTestConsole(net, av.url, { index: av.consoleIndex() })
   browser = await launchBrowser()
 })
 afterAll(async () => {
@@ -38,22 +34,12 @@ afterAll(async () => {
   await net?.close()
 })
 
-async function signIn(page: Page) {
-  await page.goto(svc.url)
-  await screenshot(page, 'e2e-1-sign-in')
-  await page.locator('input[name=identifier]').fill('alice.test')
-  await page.getByRole('button', { name: 'Sign in' }).click()
-  await page.waitForURL((u) => !u.toString().startsWith(svc.url))
-  await approveOnPds(page, 'alice-pass')
-  await page.waitForURL((u) => u.toString() === `${svc.url}/`)
-}
 
 it('sign in, API key, profile in the AppView, sign out, wipe', async () => {
   const alice = await net.createAccount('alice.test', 'alice-pass')
   await putRecords(alice.agent, alice.did, Array.from({ length: 20 }, () => friend(alice.did)))
-  const page = await (await browser.newContext()).newPage()
-
-  await signIn(page)
+  const context = await browser.newContext()
+  const page = await signInWithBrowser(context, svc.url, 'alice.test', 'alice-pass')
   expect(await page.textContent('main')).toContain('Signed in as alice.test')
   await screenshot(page, 'e2e-2-dashboard')
 
@@ -81,14 +67,16 @@ it('sign in, API key, profile in the AppView, sign out, wipe', async () => {
   // Sign out, then back in.
   await page.getByRole('button', { name: 'Sign out', exact: true }).click()
   expect(await page.textContent('main')).toContain('Sign in with your AT Protocol identity')
-  await signIn(page)
+  await screenshot(page, 'e2e-1-sign-in')
+  const again = await signInWithBrowser(context, svc.url, 'alice.test', 'alice-pass')
+  await page.close()
 
   // Wipe.
-  await page.goto(`${svc.url}/account`)
-  await page.locator('input[name=confirm]').fill('wipe alice.test')
-  await page.getByRole('button', { name: 'Wipe all my data' }).click()
-  await waitFor(async () => (await page.textContent('#wipe-status'))?.trim() === 'done', 'wipe done', 60_000)
-  await screenshot(page, 'e2e-4-wiped')
+  await again.goto(`${svc.url}/account`)
+  await again.locator('input[name=confirm]').fill('wipe alice.test')
+  await again.getByRole('button', { name: 'Wipe all my data' }).click()
+  await waitFor(async () => (await again.textContent('#wipe-status'))?.trim() === 'done', 'wipe done', 60_000)
+  await screenshot(again, 'e2e-4-wiped')
   const desc = await net.net.pds.getAgent().com.atproto.repo.describeRepo({ repo: alice.did })
   for (const c of desc.data.collections.filter((x) => x.startsWith('dev.cocore.'))) {
     expect((await net.net.pds.getAgent().com.atproto.repo.listRecords({ repo: alice.did, collection: c })).data.records).toHaveLength(0)
@@ -96,6 +84,6 @@ it('sign in, API key, profile in the AppView, sign out, wipe', async () => {
   await waitFor(() => av.db.$client.prepare('SELECT count(*) FROM records WHERE did = ?').pluck().get(alice.did) === 0, 'index empty')
   expect((await fetch(`${av.url}/xrpc/${ids.AccountGetProfile}?did=${alice.did}`)).status).toBe(404)
   // The wipe ended every session: the console shows the sign-in page again.
-  await page.goto(svc.url)
-  expect(await page.textContent('main')).toContain('Sign in with your AT Protocol identity')
+  await again.goto(svc.url)
+  expect(await again.textContent('main')).toContain('Sign in with your AT Protocol identity')
 })

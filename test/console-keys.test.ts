@@ -3,12 +3,12 @@
  * key, shown once, stored only hashed, scoped, rate-limited, counted, and
  * refused identically when unknown, revoked, expired or malformed.
  */
-import { randomBytes } from 'node:crypto'
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { startConsole, type ConsoleService } from '../console/index.ts'
+import type { ConsoleService } from '../console/index.ts'
+import { startTestConsole } from './fixture/console.ts'
 import { ConsoleSessions } from '../console/sessions.ts'
 import { generateKey, hashKey, wellFormed } from '../console/api-keys.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
@@ -23,7 +23,7 @@ let bobCookie: string
 beforeAll(async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'cocore-keys-'))
   dbPath = join(dataDir, 'console.sqlite')
-  svc = await startConsole({ port: 0, host: '127.0.0.1', dbPath, dataDir, mode: 'dev', secretKey: `k:${randomBytes(32).toString('base64')}`, appviewUrl: 'http://127.0.0.1:1', apiKeyRatePerMinute: 30, loginRatePerMinute: 5 })
+  svc = await startTestConsole(null, 'http://127.0.0.1:1', { dbPath, dataDir, apiKeyRatePerMinute: 30, loginRatePerMinute: 5 })
   // Console sessions as a sign-in would create them (the sign-in itself is tested in a browser).
   const sessions = new ConsoleSessions(svc.db, Buffer.alloc(32))
   aliceCookie = `cocore_session=${sessions.create(ALICE, 'test', undefined).token}`

@@ -4,20 +4,17 @@
  * shown at once, and indexed by the AppView exactly once. API keys from the
  * keys page: shown once, usable, revoked.
  */
-import { randomBytes } from 'node:crypto'
-import { mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Browser, Page } from 'playwright-core'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { providerRecord, putRecord } from '../src/dev/records.ts'
-import { startConsole, type ConsoleService } from '../console/index.ts'
+import type { ConsoleService } from '../console/index.ts'
+import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { approveOnPds, launchBrowser, screenshot } from './fixture/browser.ts'
+import { launchBrowser, screenshot } from './fixture/browser.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork
@@ -33,16 +30,9 @@ beforeAll(async () => {
   alice = await net.createAccount('alice.test', 'alice-pass')
   bob = await net.createAccount('bob.test', 'bob-pass')
   av = await startAppView(net, tempDbPath(), { http: true })
-  const dataDir = mkdtempSync(join(tmpdir(), 'cocore-console-'))
-  svc = await startConsole({ port: 0, host: '127.0.0.1', dbPath: join(dataDir, 'console.sqlite'), dataDir, mode: 'dev', secretKey: `k:${randomBytes(32).toString('base64')}`, plcUrl: net.plcUrl, pdsUrl: net.pdsUrl, appviewUrl: av.url })
+  svc = await startTestConsole(net, av.url)
   browser = await launchBrowser()
-  page = await (await browser.newContext()).newPage()
-  await page.goto(svc.url)
-  await page.locator('input[name=identifier]').fill('alice.test')
-  await page.getByRole('button', { name: 'Sign in' }).click()
-  await page.waitForURL((u) => !u.toString().startsWith(svc.url))
-  await approveOnPds(page, 'alice-pass')
-  await page.waitForURL((u) => u.toString() === `${svc.url}/`)
+  page = await signInWithBrowser(await browser.newContext(), svc.url, 'alice.test', 'alice-pass')
 })
 afterAll(async () => {
   await browser?.close()

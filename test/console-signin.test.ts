@@ -11,7 +11,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Browser } from 'playwright-core'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { parseKeyring, SecretBox } from '../src/crypto/secretbox.ts'
-import { startConsole, type ConsoleService } from '../console/index.ts'
+import type { ConsoleService } from '../console/index.ts'
+import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
 import { approveOnPds, launchBrowser, screenshot } from './fixture/browser.ts'
@@ -30,7 +31,7 @@ beforeAll(async () => {
   net = await LocalNetwork.create()
   alice = await net.createAccount('alice.test', 'alice-pass')
   av = await startAppView(net, tempDbPath(), { http: true })
-  console_ = await startConsole({ port: 0, host: '127.0.0.1', dbPath, dataDir, mode: 'dev', secretKey, plcUrl: net.plcUrl, pdsUrl: net.pdsUrl, appviewUrl: av.url })
+  console_ = await startTestConsole(net, av.url, { dbPath, dataDir, secretKey })
   browser = await launchBrowser()
 })
 afterAll(async () => {
@@ -42,14 +43,7 @@ afterAll(async () => {
 
 async function signIn(handle: string, password: string) {
   const context = await browser.newContext()
-  const page = await context.newPage()
-  await page.goto(console_.url)
-  await page.locator('input[name=identifier]').fill(handle)
-  await page.getByRole('button', { name: 'Sign in' }).click()
-  await page.waitForURL((u) => !u.toString().startsWith(console_.url))
-  await approveOnPds(page, password)
-  await page.waitForURL((u) => u.toString().startsWith(console_.url) && !u.pathname.startsWith('/oauth'))
-  return { context, page }
+  return { context, page: await signInWithBrowser(context, console_.url, handle, password) }
 }
 
 const dbBytes = () => Buffer.concat([dbPath, `${dbPath}-wal`].filter(existsSync).map((f) => readFileSync(f)))

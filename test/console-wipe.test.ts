@@ -6,7 +6,6 @@
  * what was removed and what is kept.
  */
 import { spawn } from 'node:child_process'
-import { randomBytes } from 'node:crypto'
 import { mkdtempSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -21,13 +20,14 @@ import { attestationRecord, authorizationRecord, friend, jobRecord, profile, pro
 import { startConsole, type ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { approveOnPds, launchBrowser, screenshot } from './fixture/browser.ts'
+import { launchBrowser, screenshot } from './fixture/browser.ts'
+import { consoleOpts as testConsoleOpts, sessionCookie, signInWithBrowser, testSecretKey } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork
 let av: AppView
 let browser: Browser
-const secretKey = `k:${randomBytes(32).toString('base64')}`
+const secretKey = testSecretKey()
 const retry = { firstMs: 100, maxMs: 400, giveUpAfterMs: 120_000, attemptMs: 3_000 }
 
 beforeAll(async () => {
@@ -49,23 +49,14 @@ const freePort = () =>
     })
   })
 
-function consoleOpts(dataDir: string, port = 0) {
-  return { port, host: '127.0.0.1', dbPath: join(dataDir, 'console.sqlite'), dataDir, mode: 'dev' as const, secretKey, plcUrl: net.plcUrl, pdsUrl: net.pdsUrl, appviewUrl: av.url, wipeRetry: retry }
-}
+const consoleOpts = (dataDir: string, port = 0) => testConsoleOpts(net, av.url, { dataDir, port, secretKey, wipeRetry: retry })
 
 /** Signs in through the PDS in the browser; returns the console session cookie. */
 async function signIn(consoleUrl: string, handle: string, password: string): Promise<string> {
   const context = await browser.newContext()
-  const page = await context.newPage()
-  await page.goto(consoleUrl)
-  await page.locator('input[name=identifier]').fill(handle)
-  await page.getByRole('button', { name: 'Sign in' }).click()
-  await page.waitForURL((u) => !u.toString().startsWith(consoleUrl))
-  await approveOnPds(page, password)
-  await page.waitForURL((u) => u.toString() === `${consoleUrl}/`)
-  const cookie = (await context.cookies()).find((c) => c.name === 'cocore_session')!
+  const cookie = await sessionCookie(await signInWithBrowser(context, consoleUrl, handle, password))
   await context.close()
-  return `cocore_session=${cookie.value}`
+  return cookie
 }
 
 /** A repo with records in many collections: 1,000+ friends plus one of most other kinds. */
@@ -123,13 +114,7 @@ describe('wipe all my data', () => {
     await waitFor(() => av.db.$client.prepare('SELECT count(*) FROM records WHERE did = ?').pluck().get(amy.did) === total, 'amy indexed', 60_000)
 
     const context = await browser.newContext()
-    const page = await context.newPage()
-    await page.goto(svc.url)
-    await page.locator('input[name=identifier]').fill('amy.test')
-    await page.getByRole('button', { name: 'Sign in' }).click()
-    await page.waitForURL((u) => !u.toString().startsWith(svc.url))
-    await approveOnPds(page, 'amy-pass')
-    await page.waitForURL((u) => u.toString() === `${svc.url}/`)
+    const page = await signInWithBrowser(context, svc.url, 'amy.test', 'amy-pass')
     // Some rows the wipe must remove: an API key (with usage) and the audit trail.
     await page.goto(`${svc.url}/keys`)
     await page.locator('input[name=name]').fill('k')
