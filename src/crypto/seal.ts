@@ -1,0 +1,115 @@
+/**
+ * Prompt sealing, scheme `x25519`: NaCl `crypto_box` (X25519, HSalsa20,
+ * XSalsa20-Poly1305), wire form `nonce(24) || box`, base64, byte-compatible
+ * with the network's providers and SDKs (which use NaCl / tweetnacl; a test
+ * checks interop both ways).
+ *
+ * The requester seals to the provider's `encryptionPubKey` from a fresh
+ * ephemeral key per job and sends the ephemeral public key alongside; the
+ * provider seals reply chunks back to that ephemeral key. One implementation
+ * for the browser, the TypeScript client and the provider: Uint8Array only,
+ * randomness from Web Crypto.
+ */
+import { hsalsa, xsalsa20poly1305 } from '@noble/ciphers/salsa.js'
+import { x25519 } from '@noble/curves/ed25519.js'
+
+export const NONCE_BYTES = 24
+const MAC_BYTES = 16
+export const SEAL_SCHEME = 'x25519'
+
+export interface X25519KeyPair {
+  secretKey: Uint8Array
+  publicKey: Uint8Array
+}
+
+export class SealError extends Error {
+  override name = 'SealError'
+}
+
+const u32le = (bytes: Uint8Array): Uint32Array => {
+  const out = new Uint32Array(bytes.length / 4)
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+  for (let i = 0; i < out.length; i++) out[i] = view.getUint32(i * 4, true)
+  return out
+}
+const bytesLe = (words: Uint32Array): Uint8Array => {
+  const out = new Uint8Array(words.length * 4)
+  const view = new DataView(out.buffer)
+  for (let i = 0; i < words.length; i++) view.setUint32(i * 4, words[i]!, true)
+  return out
+}
+const SIGMA = u32le(new TextEncoder().encode('expand 32-byte k'))
+
+export function generateX25519KeyPair(): X25519KeyPair {
+  const secretKey = crypto.getRandomValues(new Uint8Array(32))
+  return { secretKey, publicKey: x25519.getPublicKey(secretKey) }
+}
+
+export const x25519PublicKey = (secretKey: Uint8Array): Uint8Array => x25519.getPublicKey(secretKey)
+
+/** crypto_box_beforenm: HSalsa20 of the X25519 shared point, the key of the box. */
+function boxKey(theirPublic: Uint8Array, mySecret: Uint8Array): Uint8Array {
+  if (theirPublic.length !== 32) throw new SealError(`X25519 public key must be 32 bytes, got ${theirPublic.length}`)
+  // Throws on a low-order public key (an all-zero shared point): such a key is refused.
+  const shared = x25519.getSharedSecret(mySecret, theirPublic)
+  const out = new Uint32Array(8)
+  hsalsa(SIGMA, u32le(shared), new Uint32Array(4), out)
+  return bytesLe(out)
+}
+
+/** `nonce || box` of `plaintext` from `senderSecret` to `recipientPublic`. */
+export function box(plaintext: Uint8Array, recipientPublic: Uint8Array, senderSecret: Uint8Array): Uint8Array {
+  const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES))
+  const sealed = xsalsa20poly1305(boxKey(recipientPublic, senderSecret), nonce).encrypt(plaintext)
+  const out = new Uint8Array(NONCE_BYTES + sealed.length)
+  out.set(nonce)
+  out.set(sealed, NONCE_BYTES)
+  return out
+}
+
+/** Opens `nonce || box` sent by `senderPublic` to us; null when it does not authenticate. */
+export function openBox(framed: Uint8Array, senderPublic: Uint8Array, recipientSecret: Uint8Array): Uint8Array | null {
+  if (framed.length < NONCE_BYTES + MAC_BYTES) return null
+  try {
+    return xsalsa20poly1305(boxKey(senderPublic, recipientSecret), framed.subarray(0, NONCE_BYTES)).decrypt(framed.subarray(NONCE_BYTES))
+  } catch {
+    return null
+  }
+}
+
+export interface SealedPrompt {
+  /** base64 of `nonce || box`. */
+  sealed: string
+  /** base64 of the ephemeral public key the provider seals its reply to. */
+  ephemeralPublicKey: string
+  /** Kept by the requester only, to open the reply; never sent. */
+  ephemeralSecretKey: Uint8Array
+}
+
+const toB64 = (b: Uint8Array): string => {
+  let s = ''
+  for (const x of b) s += String.fromCharCode(x)
+  return btoa(s)
+}
+const fromB64 = (s: string): Uint8Array => Uint8Array.from(atob(s), (c) => c.charCodeAt(0))
+
+/** The requester's side: seal a prompt to a provider's published `encryptionPubKey` (base64) from a fresh ephemeral key. */
+export function sealPrompt(plaintext: Uint8Array, providerEncryptionPubKey: string): SealedPrompt {
+  const eph = generateX25519KeyPair()
+  return { sealed: toB64(box(plaintext, fromB64(providerEncryptionPubKey), eph.secretKey)), ephemeralPublicKey: toB64(eph.publicKey), ephemeralSecretKey: eph.secretKey }
+}
+
+/** The provider's side: open a prompt, given the requester's ephemeral public key. */
+export function openPrompt(sealed: string, ephemeralPublicKey: string, providerSecretKey: Uint8Array): Uint8Array | null {
+  return openBox(fromB64(sealed), fromB64(ephemeralPublicKey), providerSecretKey)
+}
+
+/** The provider's side: seal one reply chunk back to the requester's ephemeral key. */
+export function sealReply(chunk: Uint8Array, ephemeralPublicKey: string, providerSecretKey: Uint8Array): string {
+  return toB64(box(chunk, fromB64(ephemeralPublicKey), providerSecretKey))
+}
+
+/** The requester's side: open a reply chunk from the provider. */
+export function openReply(sealed: string, providerEncryptionPubKey: string, ephemeralSecretKey: Uint8Array): Uint8Array | null {
+  return openBox(fromB64(sealed), fromB64(providerEncryptionPubKey), ephemeralSecretKey)
+}
