@@ -11,6 +11,14 @@ import { appviewLogger as log } from '../src/logger.ts'
 import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
 
+/** What the console needs of the index when both run in one process. */
+export interface ConsoleIndex {
+  purge(did: string): number
+  records(did: string): unknown[]
+  /** `encryptionPubKey`s of the account's indexed (validated, signed) provider records. */
+  providerKeys(did: string): string[]
+}
+
 export interface AppViewOpts {
   dbPath: string
   /** ws(s):// firehose sources (relay and/or PDSes). */
@@ -77,9 +85,12 @@ export class AppView implements AsyncDisposable {
     return this
   }
 
-  /** What the console needs of the index when both run in one process. */
-  consoleIndex(): { purge(did: string): number; records(did: string): unknown[] } {
-    return { purge: (did) => this.store.tx(() => this.store.purge(did)), records: (did) => this.store.recordsOf(did) }
+  consoleIndex(): ConsoleIndex {
+    return {
+      purge: (did) => this.store.tx(() => this.store.purge(did)),
+      records: (did) => this.store.recordsOf(did),
+      providerKeys: (did) => this.store.providerEncryptionKeys(did),
+    }
   }
 
   async stop(): Promise<void> {

@@ -16,6 +16,9 @@ import { AuditLog, ConsoleSessions } from './sessions.ts'
 import { ApiKeys, RateLimiter, UsageCounters } from './api-keys.ts'
 import { Publisher } from './publisher.ts'
 import { Wiper } from './wipe.ts'
+import { ProviderGateway } from './exchange/gateway.ts'
+import { createIdResolver } from '../src/identity/index.ts'
+import type { ConsoleIndex } from '../appview/index.ts'
 
 export interface ConsoleOpts {
   port: number
@@ -32,7 +35,9 @@ export interface ConsoleOpts {
   plcUrl?: string
   pdsUrl?: string
   /** The AppView index, when it runs in this process: wipe removes the account's rows, export lists them. */
-  index?: { purge(did: string): number; records(did: string): unknown[] }
+  index?: ConsoleIndex
+  /** The exchange's DID: enables the provider gateway (`/v1/agent`), whose tokens must name it. */
+  exchangeDid?: string
   /** Wipe retry timing (tests shorten it). */
   wipeRetry?: { firstMs: number; maxMs: number; giveUpAfterMs: number; attemptMs?: number }
   /** Sign-in attempts per minute from one client address. */
@@ -50,6 +55,8 @@ export interface ConsoleService {
   localUrl: string
   oauth: NodeOAuthClient
   publisher: Publisher
+  /** The provider gateway, when this console is an exchange. */
+  gateway: ProviderGateway | null
   db: Db
   wiper: Wiper
   close(): Promise<void>
@@ -108,6 +115,16 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     wiper.purgeExpired()
   }, 3600_000)
   housekeeping.unref()
+  let gateway: ProviderGateway | null = null
+  if (opts.exchangeDid && opts.index) {
+    const index = opts.index
+    gateway = new ProviderGateway({
+      exchangeDid: opts.exchangeDid,
+      idResolver: createIdResolver({ plcUrl: opts.plcUrl ?? 'https://plc.directory', cacheSize: 10_000, cacheTtlSec: 600, allowHttp: opts.mode === 'dev' }),
+      publishedKeys: (did) => index.providerKeys(did),
+    })
+    gateway.attach(server!)
+  }
   log.info('console listening', { url })
   return {
     url,
@@ -116,8 +133,10 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     publisher,
     db,
     wiper,
+    gateway,
     close: async () => {
       clearInterval(housekeeping)
+      await gateway?.close()
       await wiper.stop()
       await new Promise<void>((resolve) => {
         server.closeAllConnections()

@@ -39,6 +39,7 @@ const consoleSrv = await startConsole({
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   index: appview.consoleIndex(),
+  exchangeDid: config.exchangeDid || undefined,
   appviewUrl: config.appviewUrl,
 })
 log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })

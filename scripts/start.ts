@@ -79,6 +79,7 @@ const consoleSrv = await startConsole({
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   index: appview.consoleIndex(),
+  exchangeDid: market.did,
   plcUrl: net.plcUrl,
   pdsUrl: net.pdsUrl,
   appviewUrl: appview.url,

@@ -7,6 +7,7 @@
 import { lexStringify } from '@atproto/lex-json'
 import type { Statement } from 'better-sqlite3'
 import type { Db } from '../../src/db/index.ts'
+import { ids } from '../../src/lexicon/generated/ids.ts'
 import { columnsFor } from './columns.ts'
 
 export interface RecordWrite {
@@ -161,6 +162,15 @@ export class IndexStore {
     this.st.purgeAccount.run(did)
     this.st.clearResync.run(did)
     return n
+  }
+
+  /** The encryption keys an account's visible provider records publish. */
+  providerEncryptionKeys(did: string): string[] {
+    return this.db.$client
+      .prepare(`SELECT DISTINCT json_extract(body, '$.encryptionPubKey') FROM records WHERE did = ? AND collection = ? AND did NOT IN (SELECT did FROM accounts WHERE active = 0)`)
+      .pluck()
+      .all(did, ids.ComputeProvider)
+      .filter((k): k is string => typeof k === 'string')
   }
 
   /** Every indexed record of an account (for its data export). */

@@ -1,0 +1,115 @@
+/**
+ * The provider gateway (/v1/agent): registration is bound to the provider's
+ * DID by a service-auth token its own PDS minted for this exchange, and the
+ * announced encryption key must be the one its signed, indexed provider record
+ * publishes. Real PDS, real tokens, real AppView index.
+ */
+import { randomBytes } from 'node:crypto'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { WebSocket } from 'ws'
+import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import { P256Signer } from '../src/crypto/p256.ts'
+import { ids } from '../src/lexicon/generated/ids.ts'
+import { providerRecord, putRecord } from '../src/dev/records.ts'
+import type { ConsoleService } from '../console/index.ts'
+import type { AppView } from '../appview/index.ts'
+import { startAppView, tempDbPath } from './fixture/appview.ts'
+import { startTestConsole } from './fixture/console.ts'
+import { waitFor } from './fixture/wait.ts'
+
+let net: LocalNetwork
+let av: AppView
+let svc: ConsoleService
+let rig: LocalAccount
+let bob: LocalAccount
+let exchange: LocalAccount
+const encKey = randomBytes(32).toString('base64')
+
+beforeAll(async () => {
+  net = await LocalNetwork.create()
+  rig = await net.createAccount('rig.test')
+  bob = await net.createAccount('bob.test')
+  exchange = await net.createAccount('market.test')
+  av = await startAppView(net, tempDbPath())
+  svc = await startTestConsole(net, 'http://127.0.0.1:1', { index: av.consoleIndex(), exchangeDid: exchange.did })
+  const rec = await putRecord(rig.agent, rig.did, providerRecord(P256Signer.generate(), encKey))
+  await waitFor(() => av.db.$client.prepare('SELECT 1 FROM records WHERE uri = ?').get(rec.uri), 'provider record indexed')
+})
+afterAll(async () => {
+  await svc?.close()
+  await av?.stop()
+  await net?.close()
+})
+
+const token = async (acct: LocalAccount, aud = exchange.did) => (await acct.agent.com.atproto.server.getServiceAuth({ aud })).data.token
+
+/** Opens /v1/agent, sends the frames, and collects what comes back until the socket closes or `until` matches. */
+async function session(frames: unknown[], until?: (f: { type: string }) => boolean): Promise<{ frames: { type: string; code?: string }[]; closed: boolean; ws: WebSocket }> {
+  const ws = new WebSocket(`${svc.localUrl.replace('http', 'ws')}/v1/agent`)
+  const got: { type: string; code?: string }[] = []
+  await new Promise<void>((resolve, reject) => {
+    ws.once('open', () => resolve())
+    ws.once('error', reject)
+  })
+  let closed = false
+  const done = new Promise<void>((resolve) => {
+    ws.on('message', (d) => {
+      const f = JSON.parse(d.toString())
+      got.push(f)
+      if (until?.(f)) resolve()
+    })
+    ws.on('close', () => {
+      closed = true
+      resolve()
+    })
+  })
+  for (const f of frames) ws.send(typeof f === 'string' ? f : JSON.stringify(f))
+  await Promise.race([done, new Promise((r) => setTimeout(r, 5_000))])
+  return { frames: got, closed, ws }
+}
+
+const register = (extra: Record<string, unknown>) => ({ type: 'register', v: 1, did: rig.did, encryptionPubKey: encKey, models: ['llama-3-8b'], version: '0.1.0', ...extra })
+
+describe('provider gateway', () => {
+  it('registers a provider that proves its DID and announces its published key', async () => {
+    const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'registered')
+    expect(s.frames[0]).toMatchObject({ type: 'registered', did: rig.did, exchange: exchange.did })
+    expect(svc.gateway!.connected('llama-3-8b').map((p) => p.did)).toEqual([rig.did])
+    // Liveness: a ping is answered, and the provider stays registered.
+    s.ws.send(JSON.stringify({ type: 'ping', v: 1, t: 1 }))
+    await waitFor(() => svc.gateway!.providers.get(rig.did)?.lastSeen, 'ping seen')
+    s.ws.close()
+    await waitFor(() => !svc.gateway!.providers.has(rig.did), 'removed on close')
+  })
+
+  it('refuses an encryption key other than the published one', async () => {
+    const s = await session([register({ serviceAuth: await token(rig), encryptionPubKey: randomBytes(32).toString('base64') })])
+    expect(s.frames[0]).toMatchObject({ type: 'error', code: 'encryption_key_mismatch' })
+    expect(s.closed).toBe(true)
+  })
+
+  it('refuses a token for another audience, from another DID, or forged', async () => {
+    for (const [name, serviceAuth] of [
+      ['another audience', await token(rig, bob.did)],
+      ["bob's token claiming rig's DID", await token(bob)],
+      ['garbage', 'not.a.jwt'],
+    ] as const) {
+      const s = await session([register({ serviceAuth })])
+      expect(s.frames[0], name).toMatchObject({ type: 'error', code: 'auth_failed' })
+    }
+    expect(svc.gateway!.providers.has(rig.did)).toBe(false)
+  })
+
+  it('refuses frames out of protocol', async () => {
+    expect((await session(['{oops'])).frames[0]).toMatchObject({ type: 'error', code: 'bad_frame' })
+    expect((await session([{ type: 'heartbeat' }])).frames[0]).toMatchObject({ type: 'error', code: 'not_registered' })
+    expect((await session([register({ serviceAuth: await token(rig), v: 2 })])).frames[0]).toMatchObject({ type: 'error', code: 'unsupported_version' })
+    expect((await session([{ type: 'register', v: 1 }])).frames[0]).toMatchObject({ type: 'error', code: 'bad_frame' })
+  })
+
+  it('refuses a provider whose record is not indexed', async () => {
+    const s = await session([register({ did: bob.did, serviceAuth: await token(bob) })])
+    expect(s.frames[0]).toMatchObject({ type: 'error', code: 'encryption_key_mismatch' })
+    expect(JSON.stringify(s.frames[0])).toContain(ids.ComputeProvider)
+  })
+})
