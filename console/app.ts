@@ -12,7 +12,9 @@ import { consoleLogger as log } from '../src/logger.ts'
 import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
 import { authenticate, handlers } from './api/index.ts'
 import type { ApiDeps } from './api/context.ts'
-import { SCOPES, type RateLimiter } from './api-keys.ts'
+import type { RateLimiter } from './api-keys.ts'
+import { createKey, deleteKey, revokeKey, sessionCaller } from './api/key-actions.ts'
+import { InvalidRequestError } from '../src/xrpc/errors.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
 import { accountPage, auditPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
@@ -313,26 +315,28 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   app.post('/keys', requireSession, async (c) => {
     const s = c.get('session')!
     const form = await c.req.parseBody({ all: true })
-    const name = String(form.name ?? '').trim()
+    const name = String(form.name ?? '')
     const scopes = ([] as unknown[]).concat(form.scopes ?? []).map(String)
     const expires = String(form.expires ?? '')
-    const bad = scopes.filter((x) => !(SCOPES as readonly string[]).includes(x))
-    const expiresAt = expires ? new Date(`${expires}T23:59:59Z`) : undefined
-    if (!name || name.length > 100 || bad.length || scopes.length === 0 || (expiresAt && (Number.isNaN(expiresAt.getTime()) || expiresAt.getTime() < Date.now()))) {
-      return c.html(keysPage(await who(c), deps.api.keys.list(s.did), { error: 'Give the key a name (up to 100 characters), at least one scope, and an expiry date in the future if any.' }), 400)
+    let secret: string
+    try {
+      // An unticked form would fall back to the API's default scopes: ask instead.
+      if (scopes.length === 0) throw new InvalidRequestError('tick at least one scope')
+      ;({ secret } = createKey(deps.api, sessionCaller(s.did, deps.sessions.hashIp(ip(c))), { name, scopes, expiresAt: expires ? `${expires}T23:59:59Z` : undefined }))
+    } catch (err) {
+      if (!(err instanceof InvalidRequestError)) throw err
+      return c.html(keysPage(await who(c), deps.api.keys.list(s.did), { error: `Not created: ${err.message}.` }), 400)
     }
-    const { key, secret } = deps.api.keys.create(s.did, name, scopes as never, expiresAt?.toISOString())
-    deps.audit.record(s.did, 'api-key-create', deps.sessions.hashIp(ip(c)), { key: key.id, name, scopes: key.scopes, via: 'session' })
     // Shown in this response only; a reload does not show it again.
-    return c.html(keysPage(await who(c), deps.api.keys.list(s.did), { created: { name, secret } }))
+    return c.html(keysPage(await who(c), deps.api.keys.list(s.did), { created: { name: name.trim(), secret } }))
   })
 
   app.post('/keys/:id/:action{revoke|delete}', requireSession, async (c) => {
     const s = c.get('session')!
     const id = c.req.param('id') ?? ''
-    const action = c.req.param('action')
-    const done = action === 'revoke' ? deps.api.keys.revoke(s.did, id) : deps.api.keys.delete(s.did, id)
-    if (done) deps.audit.record(s.did, `api-key-${action}`, deps.sessions.hashIp(ip(c)), { key: id, via: 'session' })
+    const caller = sessionCaller(s.did, deps.sessions.hashIp(ip(c)))
+    if (c.req.param('action') === 'revoke') revokeKey(deps.api, caller, id)
+    else deleteKey(deps.api, caller, id)
     return c.redirect('/keys', 303)
   })
 

@@ -10,7 +10,8 @@ import { ids } from '../../src/lexicon/generated/ids.ts'
 import { lexicons } from '../../src/lexicon/validate.ts'
 import { AuthRequiredError, ForbiddenError, RateLimitExceededError } from '../../src/xrpc/errors.ts'
 import type { QueryHandler } from '../../src/xrpc/server.ts'
-import { SCOPES, type RateLimiter } from '../api-keys.ts'
+import type { RateLimiter } from '../api-keys.ts'
+import { sessionCaller } from './key-actions.ts'
 import type { ApiDeps, Caller } from './context.ts'
 import createApiKey from './dev/cocore/account/createApiKey.ts'
 import deleteApiKey from './dev/cocore/account/deleteApiKey.ts'
@@ -57,7 +58,7 @@ export function authenticate(opts: AuthOpts): MiddlewareHandler {
       if (lexicons.getDef(nsid)?.type === 'procedure' && c.req.header('origin') !== opts.origin) {
         throw new ForbiddenError('cross-site request refused', 'CrossSiteRequest')
       }
-      caller = { did: session.did, via: 'session', scopes: SCOPES, ipHash }
+      caller = sessionCaller(session.did, ipHash)
     }
     c.set('caller', caller)
     await next()

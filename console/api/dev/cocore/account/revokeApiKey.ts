@@ -1,12 +1,8 @@
 import type { Context } from 'hono'
 import type { AccountRevokeApiKeyInput, AccountRevokeApiKeyOutput } from '../../../../../src/lexicon/generated/types.ts'
-import { callerOf, requireScope, type ApiDeps } from '../../../../api/context.ts'
+import { callerOf, type ApiDeps } from '../../../context.ts'
+import { revokeKey } from '../../../key-actions.ts'
 
 export default function revokeApiKey(deps: ApiDeps, _params: unknown, c: Context, input?: unknown): AccountRevokeApiKeyOutput {
-  const caller = callerOf(c)
-  requireScope(caller, 'keys:manage')
-  const { id } = input as AccountRevokeApiKeyInput
-  const revoked = deps.keys.revoke(caller.did, id)
-  if (revoked) deps.audit.record(caller.did, 'api-key-revoke', caller.ipHash, { key: id, via: caller.via })
-  return { revoked }
+  return { revoked: revokeKey(deps, callerOf(c), (input as AccountRevokeApiKeyInput).id) }
 }

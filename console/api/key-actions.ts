@@ -1,0 +1,48 @@
+/**
+ * What can be done to an account's API keys, with its checks and its
+ * activity entry, for both ways in: the XRPC methods and the keys page.
+ */
+import { InvalidRequestError } from '../../src/xrpc/errors.ts'
+import { SCOPES, type ApiKey, type Scope } from '../api-keys.ts'
+import { requireScope, type ApiDeps, type Caller } from './context.ts'
+
+const DEFAULT_SCOPES: Scope[] = ['read', 'inference']
+
+/** A console session acts with every scope of its account. */
+export const sessionCaller = (did: string, ipHash: string | null): Caller => ({ did, via: 'session', scopes: SCOPES, ipHash })
+
+/** @throws InvalidRequestError naming what is wrong with the request. */
+export function createKey(deps: ApiDeps, caller: Caller, req: { name: string; scopes?: string[]; expiresAt?: string }): { key: ApiKey; secret: string } {
+  requireScope(caller, 'keys:manage')
+  const name = req.name.trim()
+  if (!name || name.length > 100) throw new InvalidRequestError('a key needs a name of 1 to 100 characters')
+  const scopes = req.scopes ?? DEFAULT_SCOPES
+  const unknown = scopes.filter((s) => !(SCOPES as readonly string[]).includes(s))
+  if (unknown.length) throw new InvalidRequestError(`unknown scope: ${unknown.join(', ')} (known: ${SCOPES.join(', ')})`)
+  // A key cannot mint a key more powerful than itself...
+  const beyond = scopes.filter((s) => !caller.scopes.includes(s as Scope))
+  if (beyond.length) throw new InvalidRequestError(`cannot grant scopes the caller lacks: ${beyond.join(', ')}`)
+  if (req.expiresAt !== undefined && Number.isNaN(Date.parse(req.expiresAt))) throw new InvalidRequestError('expiresAt is not a date')
+  if (req.expiresAt && Date.parse(req.expiresAt) <= Date.now()) throw new InvalidRequestError('expiresAt is in the past')
+  // ...nor one that outlives it: a key-made key expires no later than its parent.
+  const expiresAt = req.expiresAt ? new Date(req.expiresAt).toISOString() : caller.expiresAt
+  if (caller.expiresAt && expiresAt && expiresAt > caller.expiresAt) throw new InvalidRequestError(`expiresAt cannot be later than the calling key's (${caller.expiresAt})`)
+  const created = deps.keys.create(caller.did, name, scopes as Scope[], expiresAt)
+  deps.audit.record(caller.did, 'api-key-create', caller.ipHash, { key: created.key.id, name, scopes: created.key.scopes, via: caller.via })
+  return created
+}
+
+/** True only when an active key of the caller's account was revoked (another account's id answers like an unknown one). */
+export function revokeKey(deps: ApiDeps, caller: Caller, id: string): boolean {
+  requireScope(caller, 'keys:manage')
+  const revoked = deps.keys.revoke(caller.did, id)
+  if (revoked) deps.audit.record(caller.did, 'api-key-revoke', caller.ipHash, { key: id, via: caller.via })
+  return revoked
+}
+
+export function deleteKey(deps: ApiDeps, caller: Caller, id: string): boolean {
+  requireScope(caller, 'keys:manage')
+  const deleted = deps.keys.delete(caller.did, id)
+  if (deleted) deps.audit.record(caller.did, 'api-key-delete', caller.ipHash, { key: id, via: caller.via })
+  return deleted
+}
