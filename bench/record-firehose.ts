@@ -20,7 +20,8 @@ import WebSocket from 'ws'
 import type { LocalNetwork, LocalAccount } from '../src/dev/network.ts'
 import { friend, profile } from '../src/dev/records.ts'
 
-export const COCORE_PREFIX = 'dev.cocore.'
+import { NSID_PREFIX } from '../src/lexicon/generated/ids.ts'
+export const COCORE_PREFIX = NSID_PREFIX
 export const DEFAULT_DIR = 'data/bench'
 export const DEFAULT_EVENTS = 20_000
 const FORMAT = 1

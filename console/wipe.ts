@@ -8,10 +8,10 @@
  */
 import { randomBytes } from 'node:crypto'
 import type { Db } from '../src/db/index.ts'
+import { NSID_PREFIX } from '../src/lexicon/generated/ids.ts'
 import { consoleLogger as log } from '../src/logger.ts'
 import type { Publisher } from './publisher.ts'
 
-export const COCORE_PREFIX = 'dev.cocore.'
 /** The PDS's limit for one applyWrites call. */
 const BATCH = 200
 /** One PDS call may take this long before it counts as a (transient) failure. */
@@ -60,10 +60,6 @@ const KEPT = [
   'This report (your DID and the counts above) is kept for 7 days so you can read it, then deleted.',
   'One activity entry saying that this wipe happened (when, and these counts; no content, no IP) is kept for security for the same 7 days, then deleted.',
 ]
-
-export class TransientError extends Error {
-  override name = 'TransientError'
-}
 
 /** Network failures, timeouts, 5xx and 429 are worth retrying; anything else is a verdict. */
 function isTransient(err: unknown): boolean {
@@ -259,7 +255,7 @@ export class Wiper {
   private async collections(did: string, signal?: AbortSignal): Promise<string[]> {
     const agent = await this.deps.publisher.agent(did)
     const res = await agent.com.atproto.repo.describeRepo({ repo: did }, { signal })
-    return res.data.collections.filter((c) => c.startsWith(COCORE_PREFIX))
+    return res.data.collections.filter((c) => c.startsWith(NSID_PREFIX))
   }
 
   private async listRkeys(did: string, collection: string, max: number, signal?: AbortSignal): Promise<string[]> {

@@ -26,10 +26,13 @@ const docs: Doc[] = walk(lexDir)
   .map((f) => JSON.parse(readFileSync(f, 'utf8')) as Doc)
 docs.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))
 
+/** The network's NSID namespace. */
+const PREFIX = 'dev.cocore.'
+
 const pascal = (s: string) => s.charAt(0).toUpperCase() + s.slice(1)
 /** `dev.cocore.compute.receipt` -> `ComputeReceipt`; other authorities keep their full id. */
 const baseName = (nsid: string) =>
-  (nsid.startsWith('dev.cocore.') ? nsid.slice('dev.cocore.'.length) : nsid).split('.').map(pascal).join('')
+  (nsid.startsWith(PREFIX) ? nsid.slice(PREFIX.length) : nsid).split('.').map(pascal).join('')
 const typeName = (nsid: string, def: string) => baseName(nsid) + (def === 'main' ? '' : pascal(def))
 
 function refName(ref: string, ctx: string): string {
@@ -97,10 +100,12 @@ const idsTs =
   '\nexport const ids = {\n' +
   docs.map((d) => `  ${baseName(d.id)}: ${lit(d.id)},`).join('\n') +
   '\n} as const\n\nexport type Nsid = (typeof ids)[keyof typeof ids]\n\n' +
+  '/** Every NSID of the network starts with this: commits and collections are filtered by it. */\n' +
+  `export const NSID_PREFIX = ${lit(PREFIX)}\n\n` +
   '/** NSIDs of record types under dev.cocore, i.e. the collections the AppView indexes. */\n' +
   'export const recordCollections = [\n' +
   docs
-    .filter((d) => d.id.startsWith('dev.cocore.') && d.defs.main?.type === 'record')
+    .filter((d) => d.id.startsWith(PREFIX) && d.defs.main?.type === 'record')
     .map((d) => `  ids.${baseName(d.id)},`)
     .join('\n') +
   '\n] as const\n\nexport type RecordCollection = (typeof recordCollections)[number]\n'

@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import type { Browser } from 'playwright-core'
 import { LocalNetwork } from '../src/dev/network.ts'
-import { ids } from '../src/lexicon/generated/ids.ts'
+import { ids, NSID_PREFIX } from '../src/lexicon/generated/ids.ts'
 import { friend, putRecords } from '../src/dev/records.ts'
 import type { ConsoleService } from '../console/index.ts'
 import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
@@ -78,7 +78,7 @@ it('sign in, API key, profile in the AppView, sign out, wipe', async () => {
   await waitFor(async () => (await again.textContent('#wipe-status'))?.trim() === 'done', 'wipe done', 60_000)
   await screenshot(again, 'e2e-4-wiped')
   const desc = await net.net.pds.getAgent().com.atproto.repo.describeRepo({ repo: alice.did })
-  for (const c of desc.data.collections.filter((x) => x.startsWith('dev.cocore.'))) {
+  for (const c of desc.data.collections.filter((x) => x.startsWith(NSID_PREFIX))) {
     expect((await net.net.pds.getAgent().com.atproto.repo.listRecords({ repo: alice.did, collection: c })).data.records).toHaveLength(0)
   }
   await waitFor(() => av.db.$client.prepare('SELECT count(*) FROM records WHERE did = ?').pluck().get(alice.did) === 0, 'index empty')

@@ -14,7 +14,7 @@ import Database from 'better-sqlite3'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Browser } from 'playwright-core'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
-import { ids } from '../src/lexicon/generated/ids.ts'
+import { ids, NSID_PREFIX } from '../src/lexicon/generated/ids.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { attestationRecord, authorizationRecord, friend, jobRecord, profile, providerRecord, putRecord, putRecords } from '../src/dev/records.ts'
 import { startConsole, type ConsoleService } from '../console/index.ts'
@@ -75,7 +75,7 @@ async function pdsCocoreCount(did: string): Promise<number> {
   const agent = net.net.pds.getAgent()
   const desc = await agent.com.atproto.repo.describeRepo({ repo: did })
   let n = 0
-  for (const collection of desc.data.collections.filter((c) => c.startsWith('dev.cocore.'))) {
+  for (const collection of desc.data.collections.filter((c) => c.startsWith(NSID_PREFIX))) {
     let cursor: string | undefined
     do {
       const page = await agent.com.atproto.repo.listRecords({ repo: did, collection, limit: 100, cursor })

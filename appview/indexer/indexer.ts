@@ -15,9 +15,9 @@ import { Firehose, FirehoseParseError, FirehoseValidationError, type Event } fro
 import { installNativeSignatureVerification } from '../../src/crypto/native-verify.ts'
 import { indexerLogger as log } from '../../src/logger.ts'
 import { MAX_RECORD_BYTES, validateRecord } from '../../src/lexicon/validate.ts'
-import { recordCollections } from '../../src/lexicon/generated/ids.ts'
+import { NSID_PREFIX, recordCollections } from '../../src/lexicon/generated/ids.ts'
 import { OrderedRunner } from './runner.ts'
-import { COCORE_PREFIX, fetchRepo, getRepoStatus, RepoFetchError, type FetchedRepo } from './repo-fetch.ts'
+import { fetchRepo, getRepoStatus, RepoFetchError, type FetchedRepo } from './repo-fetch.ts'
 import type { IndexOp, IndexStore, RecordWrite } from './store.ts'
 
 const KNOWN = new Set<string>(recordCollections)
@@ -135,7 +135,7 @@ export class Indexer implements AsyncDisposable {
       service: source,
       idResolver: this.opts.idResolver,
       runner,
-      filterCollections: [`${COCORE_PREFIX}*`],
+      filterCollections: [`${NSID_PREFIX}*`],
       unauthenticatedHandles: true,
       handleEvent: (evt) => this.handleEvent(source, evt),
       onError: (err) => this.onError(source, err),
@@ -227,17 +227,13 @@ export class Indexer implements AsyncDisposable {
         const k = this.key(source, evt.seq)
         let change = this.pending.get(k)?.find((c): c is Extract<Change, { kind: 'commit' }> => c.kind === 'commit')
         if (!change) {
-          if (revTime(evt.rev) > Date.now() + MAX_CLOCK_SKEW_MS) {
-            // One rejection per commit; its ops are dropped.
+          // A rev from the future, or one that is not the signed commit's (it must not steer
+          // the stale-rev rule): the whole commit is refused, once, and its ops are dropped.
+          const refused =
+            revTime(evt.rev) > Date.now() + MAX_CLOCK_SKEW_MS ? 'rev-in-future' : !signedRevMatches(evt.blocks.get(evt.commit), evt.rev) ? 'rev-mismatch' : null
+          if (refused) {
             if (!this.pending.get(k)?.some((c) => c.kind === 'reject-commit')) {
-              this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'rev-in-future', collection: '', uri: `at://${evt.did}` } })
-            }
-            return
-          }
-          if (!signedRevMatches(evt.blocks.get(evt.commit), evt.rev)) {
-            // The frame's rev is not the signed commit's: it must not steer our stale-rev rule.
-            if (!this.pending.get(k)?.some((c) => c.kind === 'reject-commit')) {
-              this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'rev-mismatch', collection: '', uri: `at://${evt.did}` } })
+              this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: refused, collection: '', uri: `at://${evt.did}` } })
             }
             return
           }

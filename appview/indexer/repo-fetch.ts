@@ -6,10 +6,9 @@
 import type { IdResolver } from '@atproto/identity'
 import { cborToLexRecord, readCarWithRoot, verifyRepo } from '@atproto/repo'
 import { pdsEndpoint } from '../../src/identity/index.ts'
+import { NSID_PREFIX } from '../../src/lexicon/generated/ids.ts'
 import { MAX_RECORD_BYTES } from '../../src/lexicon/validate.ts'
 import type { RecordWrite } from './store.ts'
-
-export const COCORE_PREFIX = 'dev.cocore.'
 
 export class RepoFetchError extends Error {
   override name = 'RepoFetchError'
@@ -58,7 +57,7 @@ export async function fetchRepo(idResolver: IdResolver, did: string, fetchImpl: 
   }
   const records: FetchedRepo['records'] = []
   for (const w of verified.creates) {
-    if (!w.collection.startsWith(COCORE_PREFIX)) continue
+    if (!w.collection.startsWith(NSID_PREFIX)) continue
     const bytes = blocks.get(w.cid)
     if (!bytes) continue
     records.push({

@@ -15,7 +15,6 @@ import { x25519 } from '@noble/curves/ed25519.js'
 
 export const NONCE_BYTES = 24
 const MAC_BYTES = 16
-export const SEAL_SCHEME = 'x25519'
 
 export interface X25519KeyPair {
   secretKey: Uint8Array

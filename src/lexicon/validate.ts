@@ -1,4 +1,5 @@
 import { Lexicons, ValidationError, type LexUserType } from '@atproto/lexicon'
+import { ids } from './generated/ids.ts'
 import { schemas } from './generated/schemas.ts'
 
 /** The lexicon registry built from `lexicons/` (through the generated schema list). */
@@ -27,7 +28,7 @@ export function decodeBase64(s: string): Uint8Array | null {
  * closed-loop token), one character under the lexicon's `minLength: 3`.
  */
 const CLOSED_LOOP_CURRENCY = 'CC'
-const MONEY_DEFS = new Set(['dev.cocore.compute.defs#money', 'dev.cocore.compute.defs#tokenRate', 'dev.cocore.compute.defs#modelPrice'])
+const MONEY_DEFS = new Set(['money', 'tokenRate', 'modelPrice'].map((def) => `${ids.ComputeDefs}#${def}`))
 
 /**
  * Maps a record to the form the standard validator checks, for two things the
@@ -38,20 +39,20 @@ const MONEY_DEFS = new Set(['dev.cocore.compute.defs#money', 'dev.cocore.compute
  *  - the closed-loop currency "CC" in money objects.
  * Returns a copy where anything changed; the record itself is never altered.
  */
-function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, value: unknown, ctx: string): unknown {
+function toValidationForm(def: LexUserType | { type: string; [k: string]: any }, value: unknown, ctx: string): unknown {
   const d = def as any
   switch (d.type) {
     case 'bytes':
       return typeof value === 'string' ? (decodeBase64(value) ?? value) : value
     case 'record':
-      return normalizeBytes(d.record, value, ctx)
+      return toValidationForm(d.record, value, ctx)
     case 'object': {
       if (!value || typeof value !== 'object' || Array.isArray(value)) return value
       let out: Record<string, unknown> | undefined
       for (const [k, propDef] of Object.entries<any>(d.properties ?? {})) {
         const v = (value as Record<string, unknown>)[k]
         if (v === undefined) continue
-        const nv = normalizeBytes(propDef, v, ctx)
+        const nv = toValidationForm(propDef, v, ctx)
         if (nv !== v) (out ??= { ...(value as Record<string, unknown>) })[k] = nv
       }
       return out ?? value
@@ -60,7 +61,7 @@ function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, v
       if (!Array.isArray(value)) return value
       let changed = false
       const arr = value.map((item) => {
-        const n = normalizeBytes(d.items, item, ctx)
+        const n = toValidationForm(d.items, item, ctx)
         if (n !== item) changed = true
         return n
       })
@@ -74,7 +75,7 @@ function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, v
         // Validated as a stand-in code of legal length; the record keeps its "CC".
         v = { ...(v as object), currency: 'CCX' }
       }
-      return normalizeBytes(target.def, v, target.nsid)
+      return toValidationForm(target.def, v, target.nsid)
     }
     case 'union': {
       const t = (value as { $type?: unknown } | null)?.$type
@@ -82,7 +83,7 @@ function normalizeBytes(def: LexUserType | { type: string; [k: string]: any }, v
       const want = t.includes('#') ? t : t + '#main'
       const ref = (d.refs as string[]).find((r) => resolveRef(r, ctx)?.uri === want)
       const target = ref ? resolveRef(ref, ctx) : undefined
-      return target ? normalizeBytes(target.def, value, target.nsid) : value
+      return target ? toValidationForm(target.def, value, target.nsid) : value
     }
     default:
       return value
@@ -115,7 +116,7 @@ export function validateRecord<T>(collection: string, value: unknown): RecordVal
     return { success: false, reason: 'wrong-type', message: `$type ${String(t)} does not match collection ${collection}` }
   }
   try {
-    lexicons.assertValidRecord(collection, { ...(normalizeBytes(def, value, collection) as object), $type: collection })
+    lexicons.assertValidRecord(collection, { ...(toValidationForm(def, value, collection) as object), $type: collection })
     return { success: true, value: value as T }
   } catch (err) {
     if (err instanceof ValidationError) {

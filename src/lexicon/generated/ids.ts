@@ -46,6 +46,9 @@ export const ids = {
 
 export type Nsid = (typeof ids)[keyof typeof ids]
 
+/** Every NSID of the network starts with this: commits and collections are filtered by it. */
+export const NSID_PREFIX = "dev.cocore."
+
 /** NSIDs of record types under dev.cocore, i.e. the collections the AppView indexes. */
 export const recordCollections = [
   ids.AccountFriend,
