@@ -1,0 +1,59 @@
+/**
+ * The sealed job input, as requesters build it and providers read it. Two
+ * formats, as on the network:
+ *  - `messages-v1`: canonical JSON `{"messages":[{"content":..,"role":..}],"v":1}`;
+ *  - `text`: UTF-8 of "role: content" lines joined by "\n" (older clients).
+ * `inputCommitment` is the sha256 hex of the exact plaintext bytes sealed, so
+ * the job record, the receipt and the sealed bytes can be matched later
+ * without revealing the prompt. Browser-safe: no Node imports.
+ */
+import { sha256 } from '@noble/hashes/sha2.js'
+import { bytesToHex } from '@noble/hashes/utils.js'
+import { canonicalBytes } from '../crypto/canonical-json.ts'
+
+export const INPUT_FORMATS = ['messages-v1', 'text'] as const
+export type InputFormat = (typeof INPUT_FORMATS)[number]
+
+export interface ChatMessage {
+  role: string
+  content: string
+}
+
+export class InputError extends Error {
+  override name = 'InputError'
+}
+
+export function encodeInput(messages: ChatMessage[], format: InputFormat = 'messages-v1'): Uint8Array {
+  if (format === 'text') return new TextEncoder().encode(messages.map((m) => `${m.role}: ${m.content}`).join('\n'))
+  return canonicalBytes({ v: 1, messages: messages.map((m) => ({ role: m.role, content: m.content })) })
+}
+
+/** The messages of an opened input; throws InputError on anything malformed. */
+export function decodeInput(bytes: Uint8Array, format: string | undefined): ChatMessage[] {
+  const text = new TextDecoder('utf-8', { fatal: true }).decode(bytes)
+  if (format === 'text') {
+    return text.split('\n').map((line) => {
+      const i = line.indexOf(': ')
+      return i > 0 ? { role: line.slice(0, i), content: line.slice(i + 2) } : { role: 'user', content: line }
+    })
+  }
+  if (format !== undefined && format !== 'messages-v1') throw new InputError(`unknown input format "${format}"`)
+  let doc: unknown
+  try {
+    doc = JSON.parse(text)
+  } catch {
+    throw new InputError('messages-v1 input is not JSON')
+  }
+  const d = doc as { v?: unknown; messages?: unknown }
+  if (d.v !== 1 || !Array.isArray(d.messages)) throw new InputError('messages-v1 input needs v: 1 and a messages array')
+  return d.messages.map((m) => {
+    const { role, content } = (m ?? {}) as Record<string, unknown>
+    if (typeof role !== 'string' || typeof content !== 'string') throw new InputError('each message needs a string role and content')
+    return { role, content }
+  })
+}
+
+export const sha256HexOf = (bytes: Uint8Array): string => bytesToHex(sha256(bytes))
+
+/** sha256 hex of the exact sealed plaintext. */
+export const inputCommitment = (plaintext: Uint8Array): string => sha256HexOf(plaintext)
