@@ -12,11 +12,19 @@ import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
 
 /** What the console needs of the index when both run in one process. */
+export interface IndexedProvider {
+  uri: string
+  cid: string
+  body: Record<string, unknown>
+}
+
 export interface ConsoleIndex {
   purge(did: string): number
   records(did: string): unknown[]
-  /** `encryptionPubKey`s of the account's indexed (validated, signed) provider records. */
-  providerKeys(did: string): string[]
+  /** The account's indexed (validated, signed) provider records, newest first. */
+  providerRecords(did: string): IndexedProvider[]
+  /** Whether `owner` lists `subject` as a friend (the private tier). */
+  isFriend(owner: string, subject: string): boolean
 }
 
 export interface AppViewOpts {
@@ -89,7 +97,8 @@ export class AppView implements AsyncDisposable {
     return {
       purge: (did) => this.store.tx(() => this.store.purge(did)),
       records: (did) => this.store.recordsOf(did),
-      providerKeys: (did) => this.store.providerEncryptionKeys(did),
+      providerRecords: (did) => this.store.providerRecords(did),
+      isFriend: (owner, subject) => this.store.isFriend(owner, subject),
     }
   }
 

@@ -166,6 +166,13 @@ export class UsageCounters {
       if (keyId) st.run(did, keyId, day, ...v)
     })()
   }
+  /** The account's totals for today (UTC). */
+  today(did: string): { requests: number; tokensIn: number; tokensOut: number; cost: number } {
+    const row = this.db.$client
+      .prepare("SELECT requests, tokens_in AS tokensIn, tokens_out AS tokensOut, cost FROM usage_daily WHERE did = ? AND key_id = '' AND day = ?")
+      .get(did, new Date().toISOString().slice(0, 10)) as { requests: number; tokensIn: number; tokensOut: number; cost: number } | undefined
+    return row ?? { requests: 0, tokensIn: 0, tokensOut: 0, cost: 0 }
+  }
   list(did: string): { keyId: string; day: string; requests: number; tokensIn: number; tokensOut: number; cost: number }[] {
     return this.db.$client
       .prepare('SELECT key_id AS keyId, day, requests, tokens_in AS tokensIn, tokens_out AS tokensOut, cost FROM usage_daily WHERE did = ? ORDER BY day DESC, key_id')

@@ -44,6 +44,8 @@ export interface ConsoleDeps {
   wiper: Wiper
   /** The account's rows in the AppView index, for the export; absent without an in-process AppView. */
   indexedRecords?: (did: string) => Promise<unknown[]> | unknown[]
+  /** The OpenAI-compatible inference API (`/v1/...`), when this console is an exchange. */
+  inference?: Hono<any>
   /** Test hook: the client address, where the HTTP server is not Node's. */
   clientIp?: (c: Context) => string | undefined
 }
@@ -92,12 +94,12 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   // refused, as is any other origin. XRPC (below) accepts only JSON and checks
   // the Origin of cookie-authenticated calls itself.
   app.use(async (c, next) => {
-    if (isXrpc(c.req.path) || SAFE_METHODS.has(c.req.method)) return next()
+    if (isXrpc(c.req.path) || isBearerApi(c.req.path) || SAFE_METHODS.has(c.req.method)) return next()
     if (c.req.header('origin') !== origin) throw new HTTPException(403, { message: 'cross-site request' })
     return next()
   })
   // Forms are small: refuse big bodies before reading them.
-  app.use(async (c, next) => (isXrpc(c.req.path) ? next() : formBodyLimit(c, next)))
+  app.use(async (c, next) => (isXrpc(c.req.path) || isBearerApi(c.req.path) ? next() : formBodyLimit(c, next)))
 
   app.use(async (c, next) => {
     c.set('session', deps.sessions.lookup(readCookie(c, SESSION_COOKIE)))
@@ -410,7 +412,10 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   api.route('/', xrpcRouter({ handlers, ctx: deps.api, log, validateOutput: process.env.NODE_ENV !== 'production' }))
   app.route('/', api)
   app.route('/api', api)
+  if (deps.inference) app.route('/', deps.inference)
   return app
 }
 
+/** The OpenAI-compatible API: API keys only, never cookies, so no CSRF check applies. */
+const isBearerApi = (path: string) => path.startsWith('/v1/')
 const isXrpc = (path: string) => path.startsWith('/xrpc/') || path.startsWith('/api/xrpc/')

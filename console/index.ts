@@ -17,6 +17,8 @@ import { ApiKeys, RateLimiter, UsageCounters } from './api-keys.ts'
 import { Publisher } from './publisher.ts'
 import { Wiper } from './wipe.ts'
 import { ProviderGateway } from './exchange/gateway.ts'
+import { Exchange } from './exchange/exchange.ts'
+import { openAiRoutes } from './exchange/openai.ts'
 import { createIdResolver } from '../src/identity/index.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
 
@@ -44,6 +46,12 @@ export interface ConsoleOpts {
   loginRatePerMinute?: number
   /** Requests per minute one API key may make (token bucket). */
   apiKeyRatePerMinute?: number
+  /** Tokens (in + out) one account may use per UTC day on the inference API. */
+  dailyTokenLimit?: number
+  /** Exchange tuning (tests shorten it): a provider silent this long after a job is sent is passed over. */
+  firstChunkTimeoutMs?: number
+  /** Gateway heartbeat interval (tests shorten it). */
+  pingIntervalMs?: number
   /** dev: shown on the sign-in page. */
   demoAccounts?: { handle: string; password: string; role: string }[]
 }
@@ -55,8 +63,9 @@ export interface ConsoleService {
   localUrl: string
   oauth: NodeOAuthClient
   publisher: Publisher
-  /** The provider gateway, when this console is an exchange. */
+  /** The provider gateway and the exchange, when this console is an exchange. */
   gateway: ProviderGateway | null
+  exchange: Exchange | null
   db: Db
   wiper: Wiper
   close(): Promise<void>
@@ -90,13 +99,38 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     revokeOAuth: (did) => oauth.revoke(did),
     retry: opts.wipeRetry,
   })
+  const api = { keys: new ApiKeys(db), usage: new UsageCounters(db), audit, sessions }
+  const limiter = new RateLimiter(opts.apiKeyRatePerMinute ?? 600)
+  let gateway: ProviderGateway | null = null
+  let exchange: Exchange | null = null
+  if (opts.exchangeDid && opts.index) {
+    const index = opts.index
+    gateway = new ProviderGateway({
+      exchangeDid: opts.exchangeDid,
+      idResolver: createIdResolver({ plcUrl: opts.plcUrl ?? 'https://plc.directory', cacheSize: 10_000, cacheTtlSec: 600, allowHttp: opts.mode === 'dev' }),
+      providerRecords: (did) => index.providerRecords(did),
+      pingIntervalMs: opts.pingIntervalMs,
+    })
+    gateway.attach(server!)
+    exchange = new Exchange({
+      gateway,
+      exchangeDid: opts.exchangeDid,
+      prepareJob: (did, spec) => publisher.prepareJob(did, spec),
+      isFriend: (owner, subject) => index.isFriend(owner, subject),
+      firstChunkTimeoutMs: opts.firstChunkTimeoutMs,
+    })
+  }
+  const hasPdsSession$ = db.$client.prepare('SELECT 1 FROM oauth_sessions WHERE did = ?').pluck()
   const app = createConsoleApp({
     oauth,
     states: stateStore(db, box),
     sessions,
     audit,
-    api: { keys: new ApiKeys(db), usage: new UsageCounters(db), audit, sessions },
-    limiter: new RateLimiter(opts.apiKeyRatePerMinute ?? 600),
+    api,
+    limiter,
+    inference: exchange
+      ? openAiRoutes({ exchange, keys: api.keys, usage: api.usage, limiter, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined })
+      : undefined,
     loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
     publisher,
@@ -115,16 +149,6 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     wiper.purgeExpired()
   }, 3600_000)
   housekeeping.unref()
-  let gateway: ProviderGateway | null = null
-  if (opts.exchangeDid && opts.index) {
-    const index = opts.index
-    gateway = new ProviderGateway({
-      exchangeDid: opts.exchangeDid,
-      idResolver: createIdResolver({ plcUrl: opts.plcUrl ?? 'https://plc.directory', cacheSize: 10_000, cacheTtlSec: 600, allowHttp: opts.mode === 'dev' }),
-      publishedKeys: (did) => index.providerKeys(did),
-    })
-    gateway.attach(server!)
-  }
   log.info('console listening', { url })
   return {
     url,
@@ -134,6 +158,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     db,
     wiper,
     gateway,
+    exchange,
     close: async () => {
       clearInterval(housekeeping)
       await gateway?.close()

@@ -6,6 +6,8 @@
  */
 import { Agent } from '@atproto/api'
 import { TID } from '@atproto/common-web'
+import { cidForLex, type LexValue } from '@atproto/lex-cbor'
+import { randomBytes } from 'node:crypto'
 import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { AccountFriend, AccountProfile, ComputeProvider } from '../src/lexicon/generated/types.ts'
@@ -25,6 +27,27 @@ export class InvalidRecordError extends PublishError {
 /** The fields of a provider record its owner decides; the provider agent owns all the others. */
 export const OWNER_INTENT_FIELDS = ['desiredModels', 'active', 'proBono', 'shareLocation'] as const
 export type OwnerIntent = Partial<Pick<ComputeProvider, (typeof OWNER_INTENT_FIELDS)[number]>>
+
+/** A job as the requester's records describe it (the reference's format). */
+export interface JobSpec {
+  exchangeDid: string
+  model: string
+  inputCommitment: string
+  inputFormat: 'messages-v1' | 'text'
+  maxTokensOut: number
+  /** Most the requester pays for this job, in minor units of `currency`. */
+  ceiling: { amount: number; currency: string }
+  acceptedTrustLevel: 'self-attested' | 'hardware-attested'
+  /** How long the authorization and the job stay valid. */
+  ttlMs: number
+}
+
+export interface JobRecords {
+  auth: { uri: string; cid: string }
+  job: { uri: string; cid: string }
+  /** Settles when both records are on the requester's PDS (one commit); rejects if they could not be written. */
+  written: Promise<void>
+}
 
 export interface RepoRecord<T> {
   uri: string
@@ -47,6 +70,62 @@ export class Publisher {
   private check(collection: string, record: Record<string, unknown>): void {
     const v = validateRecord(collection, { ...record, $type: collection })
     if (!v.success) throw new InvalidRecordError(v.message.replace(/^Record\//, ''))
+  }
+
+  /**
+   * The requester's `paymentAuthorization` and `job` for one job. Their rkeys
+   * and CIDs are computed here, so the job can be sent to a provider (whose
+   * receipt names it by URI and CID) while the one `applyWrites` commit that
+   * publishes both is still in flight.
+   */
+  async prepareJob(did: string, spec: JobSpec): Promise<JobRecords> {
+    const now = new Date()
+    const createdAt = now.toISOString()
+    const expiresAt = new Date(now.getTime() + spec.ttlMs).toISOString()
+    const authorization = {
+      $type: ids.ComputePaymentAuthorization,
+      exchange: spec.exchangeDid,
+      ceiling: spec.ceiling,
+      scope: 'singleJob',
+      nonce: randomBytes(16).toString('hex'),
+      expiresAt,
+      createdAt,
+    }
+    const authRkey = TID.nextStr()
+    const auth = { uri: `at://${did}/${ids.ComputePaymentAuthorization}/${authRkey}`, cid: (await cidForLex(authorization as LexValue)).toString() }
+    const jobRecord = {
+      $type: ids.ComputeJob,
+      model: spec.model,
+      inputCommitment: spec.inputCommitment,
+      inputFormat: spec.inputFormat,
+      maxTokensOut: spec.maxTokensOut,
+      priceCeiling: spec.ceiling,
+      acceptedTrustLevel: spec.acceptedTrustLevel,
+      acceptedExchanges: [spec.exchangeDid],
+      paymentAuthorization: auth,
+      nonce: randomBytes(16).toString('hex'),
+      expiresAt,
+      createdAt,
+    }
+    const jobRkey = TID.nextStr()
+    const job = { uri: `at://${did}/${ids.ComputeJob}/${jobRkey}`, cid: (await cidForLex(jobRecord as LexValue)).toString() }
+    this.check(ids.ComputePaymentAuthorization, authorization)
+    this.check(ids.ComputeJob, jobRecord)
+    const written = (async () => {
+      const agent = await this.agent(did)
+      const res = await agent.com.atproto.repo.applyWrites({
+        repo: did,
+        writes: [
+          { $type: 'com.atproto.repo.applyWrites#create', collection: ids.ComputePaymentAuthorization, rkey: authRkey, value: authorization },
+          { $type: 'com.atproto.repo.applyWrites#create', collection: ids.ComputeJob, rkey: jobRkey, value: jobRecord },
+        ],
+      })
+      const cids = (res.data.results ?? []).map((r) => (r as { cid?: string }).cid)
+      if (cids[0] !== auth.cid || cids[1] !== job.cid) throw new PublishError(`the PDS stored the job records under other CIDs than computed (${cids.join(', ')})`)
+    })()
+    // The caller awaits it when it needs to; an unobserved failure must not crash the process.
+    written.catch(() => undefined)
+    return { auth, job, written }
   }
 
   async getProfile(did: string): Promise<RepoRecord<AccountProfile> | null> {

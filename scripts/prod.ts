@@ -38,6 +38,7 @@ const consoleSrv = await startConsole({
   publicUrl: config.consoleUrl,
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
+  dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: config.exchangeDid || undefined,
   appviewUrl: config.appviewUrl,

@@ -78,6 +78,7 @@ const consoleSrv = await startConsole({
   mode: 'dev',
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
+  dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: market.did,
   plcUrl: net.plcUrl,

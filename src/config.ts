@@ -51,6 +51,7 @@ export const knobs = {
   secretKey: knob('COCORE_SECRET_KEY', '', str, 'Keys sealing OAuth state and sessions at rest: `kid:base64(32 bytes)[,older...]`, current first. Default: a key file `<dataDir>/secret.key` created on first start with mode 0600'),
   exchangeDid: knob('COCORE_EXCHANGE_DID', '', str, "The exchange's own DID: enables the provider gateway at /v1/agent (dev: the demo exchange account)"),
   apiKeyRatePerMinute: knob('COCORE_API_KEY_RATE_PER_MIN', 600, int, 'Requests per minute one API key may make (429 with Retry-After beyond)'),
+  dailyTokenLimit: knob('COCORE_DAILY_TOKEN_LIMIT', 5_000_000, int, 'Tokens (prompt + completion) one account may use per UTC day on the inference API (429 insufficient_quota beyond)'),
   relayUrl: knob('COCORE_RELAY_URL', '', str, 'production: firehose relay, e.g. `wss://bsky.network`'),
   pdsUrls: knob('COCORE_PDS_URLS', [] as string[], list, 'Comma-separated PDS URLs to subscribe to directly (instead of, or besides, a relay)'),
   plcUrl: knob('COCORE_PLC_URL', 'https://plc.directory', str, 'PLC directory (dev: the embedded one)'),

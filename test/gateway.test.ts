@@ -11,6 +11,8 @@ import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { providerRecord, putRecord } from '../src/dev/records.ts'
+import { canonicalBytes } from '../src/crypto/canonical-json.ts'
+import { attestationChallengePayload } from '../src/protocol/agent.ts'
 import type { ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
@@ -24,6 +26,7 @@ let rig: LocalAccount
 let bob: LocalAccount
 let exchange: LocalAccount
 const encKey = randomBytes(32).toString('base64')
+const attestationKey = P256Signer.generate()
 
 beforeAll(async () => {
   net = await LocalNetwork.create()
@@ -32,7 +35,7 @@ beforeAll(async () => {
   exchange = await net.createAccount('market.test')
   av = await startAppView(net, tempDbPath())
   svc = await startTestConsole(net, 'http://127.0.0.1:1', { index: av.consoleIndex(), exchangeDid: exchange.did })
-  const rec = await putRecord(rig.agent, rig.did, providerRecord(P256Signer.generate(), encKey))
+  const rec = await putRecord(rig.agent, rig.did, providerRecord(attestationKey, encKey))
   await waitFor(() => av.db.$client.prepare('SELECT 1 FROM records WHERE uri = ?').get(rec.uri), 'provider record indexed')
 })
 afterAll(async () => {
@@ -80,6 +83,34 @@ describe('provider gateway', () => {
     await waitFor(() => svc.gateway!.providers.get(rig.did)?.lastSeen, 'ping seen')
     s.ws.close()
     await waitFor(() => !svc.gateway!.providers.has(rig.did), 'removed on close')
+  })
+
+  it('challenges the attestation key of the provider record, and refuses an answer signed by another key', async () => {
+    const answer = (signer: P256Signer) => (f: { type: string; nonce?: string; timestamp?: string }) => {
+      const payload = attestationChallengePayload({ nonce: f.nonce!, timestamp: f.timestamp!, sip_enabled: false })
+      return { type: 'attestation_response', v: 1, nonce: f.nonce, timestamp: f.timestamp, sip_enabled: false, signature: Buffer.from(signer.signDer(canonicalBytes(payload))).toString('base64') }
+    }
+    for (const [signer, ok] of [
+      [attestationKey, true],
+      [P256Signer.generate(), false],
+    ] as const) {
+      const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'attestation_challenge')
+      const challenge = s.frames.find((f) => f.type === 'attestation_challenge') as { type: string; nonce: string; timestamp: string }
+      expect(challenge.nonce).toMatch(/^[0-9a-f]{32}$/)
+      const closed = new Promise<{ code?: string }>((resolve) => {
+        s.ws.on('message', (d) => resolve(JSON.parse(d.toString())))
+        s.ws.on('close', () => resolve({}))
+      })
+      s.ws.send(JSON.stringify(answer(signer)(challenge)))
+      if (ok) {
+        await waitFor(() => svc.gateway!.providers.get(rig.did)?.attested, 'attested')
+        s.ws.close()
+        await waitFor(() => !svc.gateway!.providers.has(rig.did), 'removed on close')
+      } else {
+        expect(await closed).toMatchObject({ type: 'error', code: 'attestation_failed' })
+        await waitFor(() => !svc.gateway!.providers.has(rig.did), 'dropped after a bad attestation')
+      }
+    }
   })
 
   it('refuses an encryption key other than the published one', async () => {

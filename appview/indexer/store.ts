@@ -165,12 +165,18 @@ export class IndexStore {
   }
 
   /** The encryption keys an account's visible provider records publish. */
-  providerEncryptionKeys(did: string): string[] {
-    return this.db.$client
-      .prepare(`SELECT DISTINCT json_extract(body, '$.encryptionPubKey') FROM records WHERE did = ? AND collection = ? AND did NOT IN (SELECT did FROM accounts WHERE active = 0)`)
-      .pluck()
-      .all(did, ids.ComputeProvider)
-      .filter((k): k is string => typeof k === 'string')
+  /** The account's indexed (validated, signed) provider records, newest first; none while the account is deactivated. */
+  providerRecords(did: string): { uri: string; cid: string; body: Record<string, unknown> }[] {
+    return (
+      this.db.$client
+        .prepare(`SELECT uri, cid, body FROM records WHERE did = ? AND collection = ? AND did NOT IN (SELECT did FROM accounts WHERE active = 0) ORDER BY sort_at DESC, uri DESC`)
+        .all(did, ids.ComputeProvider) as { uri: string; cid: string; body: string }[]
+    ).map((r) => ({ uri: r.uri, cid: r.cid, body: JSON.parse(r.body) as Record<string, unknown> }))
+  }
+
+  /** Whether `owner` publishes a friend record naming `subject`. */
+  isFriend(owner: string, subject: string): boolean {
+    return !!this.db.$client.prepare('SELECT 1 FROM records WHERE did = ? AND collection = ? AND subject_did = ? LIMIT 1').get(owner, ids.AccountFriend, subject)
   }
 
   /** Every indexed record of an account (for its data export). */

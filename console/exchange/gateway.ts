@@ -1,24 +1,44 @@
 /**
  * The provider gateway: providers connect over a WebSocket (`/v1/agent`) and
- * exchange JSON frames tagged by `type` (protocol version 1).
+ * speak the agent protocol (src/protocol/agent.ts).
  *
  * Registration is bound to the provider's DID. The provider presents a
  * service-auth JWT minted by its own PDS for this exchange (audience: the
  * exchange's DID), verified against the provider DID's signing key; and the
  * X25519 key it announces must be the `encryptionPubKey` of one of its
  * indexed (signed) `compute.provider` records, so requesters seal prompts to a
- * key its owner published, never to one the connection made up.
+ * key its owner published, never to one the connection made up. That record
+ * is what routing reads (tier, region, pro bono policy); a live attestation
+ * challenge, answered with the record's attestation key, proves the machine
+ * still holds it.
+ *
+ * Jobs: `startJob` sends a sealed `inference_request`; the provider's chunk,
+ * complete and error frames for that session reach the job's sink, and only
+ * from the socket the job was sent on.
  */
+import { randomBytes } from 'node:crypto'
 import type { IncomingMessage, Server } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { IdResolver } from '@atproto/identity'
 import { verifyJwt } from '@atproto/xrpc-server'
 import { WebSocketServer, type WebSocket } from 'ws'
+import type { IndexedProvider } from '../../appview/index.ts'
+import { canonicalBytes } from '../../src/crypto/canonical-json.ts'
+import { p256PublicKey, toBytes, verifyDer } from '../../src/crypto/p256.ts'
 import { ids } from '../../src/lexicon/generated/ids.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
+import {
+  AGENT_PATH,
+  attestationChallengePayload,
+  PROTOCOL_VERSION,
+  type ExchangeFrame,
+  type InferenceCompleteFrame,
+  type InferenceErrorCode,
+  type InferenceRequestFrame,
+} from '../../src/protocol/agent.ts'
 
-export const AGENT_PATH = '/v1/agent'
-export const PROTOCOL_VERSION = 1
+export { AGENT_PATH, PROTOCOL_VERSION }
+
 /** Largest frame a provider may send (a sealed reply chunk is far smaller). */
 const MAX_FRAME_BYTES = 1 << 20
 
@@ -29,15 +49,31 @@ export interface ConnectedProvider {
   version?: string
   connectedAt: string
   lastSeen: number
+  /** The indexed provider record whose key this connection announced: routing reads it. */
+  record: IndexedProvider
+  /** Answered the attestation challenge with the record's attestation key. */
+  attested: boolean
+  /** Jobs running on this connection now. */
+  jobs: Map<string, JobSink>
+  /** When it was last given a job (0: never), for round-robin among equals. */
+  lastJobAt: number
   socket: WebSocket
+}
+
+/** What a job receives from its provider. */
+export interface JobSink {
+  chunk(seq: number, ciphertext: string): void
+  complete(frame: InferenceCompleteFrame): void
+  /** The provider refused or failed the job, or the connection was lost (`lost`). */
+  fail(code: InferenceErrorCode | 'lost' | 'protocol_error', message: string): void
 }
 
 export interface GatewayOpts {
   /** The exchange's DID: the audience provider tokens must name. */
   exchangeDid: string
   idResolver: IdResolver
-  /** `encryptionPubKey`s of the DID's indexed, valid `compute.provider` records. */
-  publishedKeys: (did: string) => string[] | Promise<string[]>
+  /** The DID's indexed, valid `compute.provider` records, newest first. */
+  providerRecords: (did: string) => IndexedProvider[] | Promise<IndexedProvider[]>
   /** Heartbeat: a ping this often; a provider silent for 3 intervals is dropped. */
   pingIntervalMs?: number
 }
@@ -45,7 +81,9 @@ export interface GatewayOpts {
 type Frame = Record<string, unknown> & { type: string }
 
 /** Refusal codes sent in `{ type: 'error', code, message }` before closing. */
-export type RefusalCode = 'bad_frame' | 'unsupported_version' | 'not_registered' | 'auth_failed' | 'encryption_key_mismatch' | 'frame_too_large'
+export type RefusalCode = 'bad_frame' | 'unsupported_version' | 'not_registered' | 'auth_failed' | 'encryption_key_mismatch' | 'frame_too_large' | 'attestation_failed'
+
+const send = (ws: WebSocket, frame: ExchangeFrame) => ws.send(JSON.stringify(frame))
 
 export class ProviderGateway {
   private readonly opts: GatewayOpts
@@ -75,6 +113,24 @@ export class ProviderGateway {
     return [...this.providers.values()].filter((p) => !model || p.models.includes(model))
   }
 
+  /**
+   * Sends a sealed job to a connected provider. Its frames go to `sink` until
+   * it completes, fails or is cancelled; the returned function cancels it.
+   */
+  startJob(p: ConnectedProvider, request: Omit<InferenceRequestFrame, 'type' | 'v' | 'session_id'>, sink: JobSink): { sessionId: string; cancel: (reason: string) => void } {
+    const sessionId = `sess_${randomBytes(12).toString('base64url')}`
+    p.jobs.set(sessionId, sink)
+    p.lastJobAt = Date.now()
+    send(p.socket, { type: 'inference_request', v: PROTOCOL_VERSION, session_id: sessionId, ...request })
+    return {
+      sessionId,
+      cancel: (reason) => {
+        if (!p.jobs.delete(sessionId)) return
+        if (p.socket.readyState === p.socket.OPEN) send(p.socket, { type: 'inference_cancel', v: PROTOCOL_VERSION, session_id: sessionId, reason })
+      },
+    }
+  }
+
   async close(): Promise<void> {
     clearInterval(this.timer)
     for (const ws of this.wss.clients) ws.close(1001, 'exchange shutting down')
@@ -83,8 +139,9 @@ export class ProviderGateway {
 
   private onConnection(ws: WebSocket): void {
     let did: string | null = null
+    let challenge: { nonce: string; timestamp: string } | null = null
     const refuse = (code: RefusalCode, message: string) => {
-      ws.send(JSON.stringify({ type: 'error', v: PROTOCOL_VERSION, code, message }))
+      send(ws, { type: 'error', v: PROTOCOL_VERSION, code, message })
       ws.close(1008, code)
     }
     ws.on('message', (data, isBinary) => {
@@ -101,19 +158,77 @@ export class ProviderGateway {
           const result = await this.register(frame, ws)
           if ('refusal' in result) return refuse(result.refusal, result.message)
           did = result.did
+          challenge = { nonce: randomBytes(16).toString('hex'), timestamp: new Date().toISOString().replace(/\.\d{3}Z$/, 'Z') }
+          send(ws, { type: 'attestation_challenge', v: PROTOCOL_VERSION, ...challenge })
           return
         }
         const p = this.providers.get(did)
         if (p?.socket !== ws) return
         p.lastSeen = Date.now()
-        if (frame.type === 'ping') ws.send(JSON.stringify({ type: 'pong', v: PROTOCOL_VERSION, t: frame.t }))
-        // heartbeat and pong only refresh lastSeen; job frames arrive with the inference path.
+        switch (frame.type) {
+          case 'ping':
+            return send(ws, { type: 'pong', v: PROTOCOL_VERSION, ...(typeof frame.t === 'number' ? { t: frame.t } : {}) })
+          case 'attestation_response': {
+            if (!challenge || frame.nonce !== challenge.nonce || frame.timestamp !== challenge.timestamp) return refuse('attestation_failed', 'the attestation response does not answer the challenge sent')
+            const ok = this.verifyAttestation(p, frame)
+            challenge = null
+            if (!ok) return refuse('attestation_failed', `the attestation signature does not verify with the attestationPubKey of ${p.record.uri}`)
+            p.attested = true
+            return
+          }
+          case 'inference_chunk':
+          case 'inference_complete':
+          case 'inference_error':
+            return this.onJobFrame(p, frame)
+          // heartbeat and pong only refresh lastSeen.
+        }
       })()
     })
     ws.on('error', () => ws.terminate())
     ws.on('close', () => {
-      if (did && this.providers.get(did)?.socket === ws) this.providers.delete(did)
+      if (!did) return
+      const p = this.providers.get(did)
+      if (p?.socket !== ws) return
+      this.providers.delete(did)
+      for (const [sessionId, sink] of p.jobs) {
+        p.jobs.delete(sessionId)
+        sink.fail('lost', 'the provider disconnected')
+      }
     })
+  }
+
+  private onJobFrame(p: ConnectedProvider, frame: Frame): void {
+    const sessionId = frame.session_id
+    const sink = typeof sessionId === 'string' ? p.jobs.get(sessionId) : undefined
+    // Frames for sessions this connection was not given (or that ended) are dropped.
+    if (!sink || typeof sessionId !== 'string') return
+    if (frame.type === 'inference_chunk') {
+      if (!Number.isSafeInteger(frame.seq) || typeof frame.ciphertext !== 'string') {
+        p.jobs.delete(sessionId)
+        return sink.fail('protocol_error', 'inference_chunk needs an integer seq and a string ciphertext')
+      }
+      return sink.chunk(frame.seq as number, frame.ciphertext)
+    }
+    p.jobs.delete(sessionId)
+    if (frame.type === 'inference_complete') {
+      const f = frame as unknown as InferenceCompleteFrame
+      if (!Number.isSafeInteger(f.tokens_in) || !Number.isSafeInteger(f.tokens_out) || f.tokens_in < 0 || f.tokens_out < 0) return sink.fail('protocol_error', 'inference_complete needs token counts')
+      return sink.complete({ ...f, finish_reason: f.finish_reason === 'length' ? 'length' : 'stop' })
+    }
+    const code = typeof frame.code === 'string' ? (frame.code as InferenceErrorCode) : 'engine_error'
+    sink.fail(code, typeof frame.message === 'string' ? frame.message.slice(0, 500) : 'the provider failed the job')
+  }
+
+  private verifyAttestation(p: ConnectedProvider, frame: Frame): boolean {
+    const raw = toBytes(p.record.body.attestationPubKey)
+    const sig = toBytes(frame.signature)
+    if (!raw || !sig || typeof frame.sip_enabled !== 'boolean') return false
+    try {
+      const payload = attestationChallengePayload({ nonce: frame.nonce as string, timestamp: frame.timestamp as string, sip_enabled: frame.sip_enabled })
+      return verifyDer(p256PublicKey(raw), canonicalBytes(payload), sig)
+    } catch {
+      return false
+    }
   }
 
   private async register(frame: Frame, ws: WebSocket): Promise<{ did: string } | { refusal: RefusalCode; message: string }> {
@@ -132,19 +247,36 @@ export class ProviderGateway {
       log.info('provider registration refused: auth', { did, err: err as Error })
       return { refusal: 'auth_failed', message: `could not verify a service-auth token from ${did} for ${this.opts.exchangeDid}` }
     }
-    const published = await this.opts.publishedKeys(did)
-    if (!published.includes(encryptionPubKey)) {
+    const records = await this.opts.providerRecords(did)
+    const record = records.find((r) => r.body.encryptionPubKey === encryptionPubKey)
+    if (!record) {
       return {
         refusal: 'encryption_key_mismatch',
-        message: published.length
+        message: records.length
           ? `the announced encryption key is not the encryptionPubKey of any of your published ${ids.ComputeProvider} records`
           : `no ${ids.ComputeProvider} record of yours is indexed yet: publish it first`,
       }
     }
     const previous = this.providers.get(did)
-    if (previous && previous.socket !== ws) previous.socket.close(1000, 'replaced by a new connection')
-    this.providers.set(did, { did, encryptionPubKey, models: models as string[], version: typeof version === 'string' ? version : undefined, connectedAt: new Date().toISOString(), lastSeen: Date.now(), socket: ws })
-    ws.send(JSON.stringify({ type: 'registered', v: PROTOCOL_VERSION, did, exchange: this.opts.exchangeDid }))
+    if (previous && previous.socket !== ws) {
+      previous.socket.close(1000, 'replaced by a new connection')
+      for (const sink of previous.jobs.values()) sink.fail('lost', 'the provider reconnected')
+      previous.jobs.clear()
+    }
+    this.providers.set(did, {
+      did,
+      encryptionPubKey,
+      models: models as string[],
+      version: typeof version === 'string' ? version : undefined,
+      connectedAt: new Date().toISOString(),
+      lastSeen: Date.now(),
+      record,
+      attested: false,
+      jobs: new Map(),
+      lastJobAt: 0,
+      socket: ws,
+    })
+    send(ws, { type: 'registered', v: PROTOCOL_VERSION, did, exchange: this.opts.exchangeDid })
     log.info('provider registered', { did, models })
     return { did }
   }
@@ -154,10 +286,10 @@ export class ProviderGateway {
     for (const p of this.providers.values()) {
       if (now - p.lastSeen > 3 * every) {
         log.info('provider silent; dropped', { did: p.did })
+        // The close handler fails its jobs (they fail over if no chunk was sent yet).
         p.socket.terminate()
-        this.providers.delete(p.did)
       } else {
-        p.socket.send(JSON.stringify({ type: 'ping', v: PROTOCOL_VERSION, t: now }))
+        send(p.socket, { type: 'ping', v: PROTOCOL_VERSION, t: now })
       }
     }
   }

@@ -1,0 +1,313 @@
+/**
+ * The exchange's inference path: choose providers for a job, publish the
+ * requester's authorization and job records, send the sealed job, relay the
+ * sealed reply, and fail over to another provider when one drops or refuses
+ * before its first chunk. After the first chunk the reply cannot move (the
+ * requester has part of it), so a failure then is an error to the requester.
+ *
+ * The exchange never holds a prompt it could read here: callers hand it a
+ * `seal` function that returns the prompt sealed to a given provider's
+ * published key, and it relays ciphertext both ways.
+ */
+import type { IndexedProvider } from '../../appview/index.ts'
+import { consoleLogger as log } from '../../src/logger.ts'
+import { compareVersions, type FinishReason, type GenerationParams } from '../../src/protocol/agent.ts'
+import type { InputFormat } from '../../src/protocol/input.ts'
+import type { JobRecords, JobSpec } from '../publisher.ts'
+import type { ConnectedProvider, JobSink, ProviderGateway } from './gateway.ts'
+
+export const TIERS = ['private', 'verified', 'probono'] as const
+export type Tier = (typeof TIERS)[number]
+
+export interface Route {
+  model: string
+  requesterDid: string
+  tier?: Tier
+  /** ISO 3166-1 alpha-2, matched against the provider record's `region`. */
+  country?: string
+  minProviderVersion?: string
+  targetProviderDid?: string
+}
+
+export type ExchangeErrorCode =
+  | 'no_providers_for_model'
+  | 'no_providers_for_country'
+  | 'no_providers_for_version'
+  | 'no_private_providers'
+  | 'no_verified_providers'
+  | 'no_probono_providers'
+  | 'provider_not_connected'
+  | 'no_capacity'
+  | 'provider_failed'
+  | 'job_not_recorded'
+
+export class ExchangeError extends Error {
+  override name = 'ExchangeError'
+  readonly code: ExchangeErrorCode
+  readonly status: number
+  constructor(code: ExchangeErrorCode, status: number, message: string) {
+    super(message)
+    this.code = code
+    this.status = status
+  }
+}
+
+/** A prompt sealed to one provider: the box, and the requester's ephemeral key the reply is sealed to. */
+export interface Envelope {
+  ciphertext: string
+  requesterPubKey: string
+}
+
+export type ExchangeEvent =
+  | { kind: 'meta'; providerDid: string; encryptionPubKey: string; sessionId: string; jobUri: string; jobCid: string; authUri: string; inputCommitment: string }
+  | { kind: 'chunk'; seq: number; ciphertext: string }
+  | { kind: 'complete'; tokensIn: number; tokensOut: number; finishReason: FinishReason; receiptUri?: string }
+
+export interface JobInput {
+  route: Route
+  inputCommitment: string
+  inputFormat: InputFormat
+  /** Bytes of the sealed plaintext: an upper bound of its tokens, for the price ceiling. */
+  inputBytes: number
+  maxTokensOut: number
+  params: GenerationParams
+  /** The prompt sealed to `p`'s key; null when the caller has no envelope for it (it is skipped). */
+  seal: (p: ConnectedProvider) => Envelope | null
+  /** The requester went away: the job is cancelled at the provider. */
+  signal: AbortSignal
+}
+
+export interface ExchangeOpts {
+  gateway: ProviderGateway
+  exchangeDid: string
+  prepareJob: (did: string, spec: JobSpec) => Promise<JobRecords>
+  isFriend: (owner: string, subject: string) => boolean
+  /** A provider that sends nothing this long after the request is passed over. */
+  firstChunkTimeoutMs?: number
+  /** Providers tried per job. */
+  maxAttempts?: number
+  /** How long the authorization and job records stay valid. */
+  jobTtlMs?: number
+}
+
+type Step = { t: 'chunk'; seq: number; ciphertext: string } | { t: 'complete'; tokensIn: number; tokensOut: number; finishReason: FinishReason; receiptUri?: string } | { t: 'fail'; code: string; message: string } | { t: 'timeout' }
+
+/** The steps of one job on one provider, awaited one at a time. */
+class StepQueue implements JobSink {
+  private readonly items: Step[] = []
+  private wake: (() => void) | null = null
+  chunk(seq: number, ciphertext: string) {
+    this.push({ t: 'chunk', seq, ciphertext })
+  }
+  complete(f: { tokens_in: number; tokens_out: number; finish_reason: FinishReason; receipt_uri?: string }) {
+    this.push({ t: 'complete', tokensIn: f.tokens_in, tokensOut: f.tokens_out, finishReason: f.finish_reason, ...(typeof f.receipt_uri === 'string' ? { receiptUri: f.receipt_uri } : {}) })
+  }
+  fail(code: string, message: string) {
+    this.push({ t: 'fail', code, message })
+  }
+  push(s: Step) {
+    this.items.push(s)
+    this.wake?.()
+  }
+  async next(signal: AbortSignal, timeoutMs: number | null): Promise<Step> {
+    while (this.items.length === 0) {
+      signal.throwIfAborted()
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          this.wake = null
+          clearTimeout(timer)
+          signal.removeEventListener('abort', done)
+          resolve()
+        }
+        const timer = timeoutMs === null ? undefined : setTimeout(() => this.push({ t: 'timeout' }), timeoutMs)
+        this.wake = done
+        signal.addEventListener('abort', done)
+      })
+    }
+    return this.items.shift()!
+  }
+}
+
+export const routeErrorMessages: Record<string, (r: Route) => string> = {
+  no_providers_for_model: (r) => `no provider connected now serves the model "${r.model}"`,
+  provider_not_connected: (r) => `the provider ${r.targetProviderDid} is not connected or does not serve "${r.model}"`,
+  no_private_providers: (r) => `no provider of "${r.model}" whose owner lists you as a friend is connected`,
+  no_verified_providers: (r) => `no hardware-attested provider of "${r.model}" is connected`,
+  no_probono_providers: (r) => `no provider serves "${r.model}" pro bono to you now`,
+  no_providers_for_country: (r) => `no provider of "${r.model}" in ${r.country} is connected`,
+  no_providers_for_version: (r) => `no provider of "${r.model}" at version ${r.minProviderVersion} or newer is connected`,
+}
+
+const active = (p: ConnectedProvider) => p.record.body.active !== false
+
+function servesProBono(record: IndexedProvider, requester: string): boolean {
+  const policy = record.body.proBono as { mode?: string; dids?: unknown } | undefined
+  if (!policy) return false
+  if (policy.mode === 'any') return true
+  return policy.mode === 'direct' && Array.isArray(policy.dids) && policy.dids.includes(requester)
+}
+
+export class Exchange {
+  private readonly opts: ExchangeOpts
+  constructor(opts: ExchangeOpts) {
+    this.opts = opts
+  }
+
+  get gateway(): ProviderGateway {
+    return this.opts.gateway
+  }
+
+  /** The providers a job may go to, best first; an ExchangeError naming the filter that left none. */
+  route(r: Route): ConnectedProvider[] {
+    const fail = (code: keyof typeof routeErrorMessages): never => {
+      throw new ExchangeError(code as ExchangeErrorCode, 404, routeErrorMessages[code]!(r))
+    }
+    let ps = this.opts.gateway.connected(r.model).filter(active)
+    if (ps.length === 0) fail('no_providers_for_model')
+    if (r.targetProviderDid) {
+      ps = ps.filter((p) => p.did === r.targetProviderDid)
+      if (ps.length === 0) fail('provider_not_connected')
+    }
+    if (r.tier === 'private') {
+      // Your own machines count as friends.
+      ps = ps.filter((p) => p.did === r.requesterDid || this.opts.isFriend(p.did, r.requesterDid))
+      if (ps.length === 0) fail('no_private_providers')
+    } else if (r.tier === 'verified') {
+      ps = ps.filter((p) => p.attested && (p.record.body.trustLevel === 'hardware-attested' || p.record.body.tier === 'attested-confidential'))
+      if (ps.length === 0) fail('no_verified_providers')
+    } else if (r.tier === 'probono') {
+      ps = ps.filter((p) => servesProBono(p.record, r.requesterDid))
+      if (ps.length === 0) fail('no_probono_providers')
+    }
+    if (r.country) {
+      const want = r.country.toUpperCase()
+      ps = ps.filter((p) => typeof p.record.body.region === 'string' && p.record.body.region.toUpperCase() === want)
+      if (ps.length === 0) fail('no_providers_for_country')
+    }
+    if (r.minProviderVersion) {
+      const min = r.minProviderVersion
+      ps = ps.filter((p) => p.version !== undefined && compareVersions(p.version, min) >= 0)
+      if (ps.length === 0) fail('no_providers_for_version')
+    }
+    // Least busy first, then the one that waited longest for a job (round-robin among equals).
+    return ps.sort((a, b) => a.jobs.size - b.jobs.size || a.lastJobAt - b.lastJobAt)
+  }
+
+  /** Models served now (by providers routable for `requesterDid` on `tier`), with how many providers serve each. */
+  models(requesterDid: string, tier?: Tier): { id: string; providers: number }[] {
+    const counts = new Map<string, number>()
+    for (const p of this.opts.gateway.connected()) {
+      for (const m of p.models) {
+        try {
+          if (!this.route({ model: m, requesterDid, tier, targetProviderDid: p.did }).length) continue
+        } catch {
+          continue
+        }
+        counts.set(m, (counts.get(m) ?? 0) + 1)
+      }
+    }
+    return [...counts].map(([id, providers]) => ({ id, providers })).sort((a, b) => a.id.localeCompare(b.id))
+  }
+
+  /** Price ceiling for the job: what the dearest candidate would charge at most, in its currency. */
+  private ceiling(ps: ConnectedProvider[], model: string, inputBytes: number, maxTokensOut: number, proBono: boolean): { amount: number; currency: string } {
+    let amount = 0
+    let currency = 'CC'
+    for (const p of ps) {
+      const price = (p.record.body.priceList as { modelId: string; inputPricePerMTok: number; outputPricePerMTok: number; currency: string }[] | undefined)?.find((x) => x.modelId === model)
+      if (!price) continue
+      const most = Math.ceil((inputBytes * price.inputPricePerMTok + maxTokensOut * price.outputPricePerMTok) / 1e6)
+      if (most >= amount) {
+        amount = most
+        currency = price.currency
+      }
+    }
+    return { amount: proBono ? 0 : amount, currency }
+  }
+
+  /**
+   * Runs one job: the events a requester sees, in order (`meta` once a
+   * provider answers, its `chunk`s, `complete`). Throws ExchangeError.
+   */
+  async *run(input: JobInput): AsyncGenerator<ExchangeEvent> {
+    const { route, signal } = input
+    const candidates = this.route(route).slice(0, this.opts.maxAttempts ?? 3)
+    const proBono = route.tier === 'probono'
+    const records = await this.opts.prepareJob(route.requesterDid, {
+      exchangeDid: this.opts.exchangeDid,
+      model: route.model,
+      inputCommitment: input.inputCommitment,
+      inputFormat: input.inputFormat,
+      maxTokensOut: input.maxTokensOut,
+      ceiling: this.ceiling(candidates, route.model, input.inputBytes, input.maxTokensOut, proBono),
+      acceptedTrustLevel: route.tier === 'verified' ? 'hardware-attested' : 'self-attested',
+      ttlMs: this.opts.jobTtlMs ?? 3600_000,
+    })
+    const failures: string[] = []
+    for (const p of candidates) {
+      const env = input.seal(p)
+      if (!env) continue
+      const steps = new StepQueue()
+      // A job whose records could not be published does not run on.
+      records.written.catch((err: Error) => steps.fail('job_not_recorded', err.message))
+      const job = this.opts.gateway.startJob(
+        p,
+        {
+          job_uri: records.job.uri,
+          job_cid: records.job.cid,
+          requester_did: route.requesterDid,
+          requester_pub_key: env.requesterPubKey,
+          model: route.model,
+          max_tokens_out: input.maxTokensOut,
+          ciphertext: env.ciphertext,
+          input_format: input.inputFormat,
+          input_commitment: input.inputCommitment,
+          params: input.params,
+          ...(proBono ? { pro_bono: true } : {}),
+        },
+        steps,
+      )
+      const meta: ExchangeEvent = { kind: 'meta', providerDid: p.did, encryptionPubKey: p.encryptionPubKey, sessionId: job.sessionId, jobUri: records.job.uri, jobCid: records.job.cid, authUri: records.auth.uri, inputCommitment: input.inputCommitment }
+      let started = false
+      let ended = false
+      let nextSeq = 0
+      try {
+        for (;;) {
+          const s = await steps.next(signal, started ? null : (this.opts.firstChunkTimeoutMs ?? 60_000))
+          if (s.t === 'timeout') {
+            failures.push(`${p.did}: no answer in time`)
+            break
+          }
+          if (s.t === 'fail') {
+            if (s.code === 'job_not_recorded') throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${s.message}`)
+            if (started) throw new ExchangeError('provider_failed', 502, `the provider failed after the reply began (${s.code}): ${s.message}`)
+            failures.push(`${p.did}: ${s.code}`)
+            log.info('job failed over', { provider: p.did, code: s.code })
+            break
+          }
+          if (!started) {
+            started = true
+            yield meta
+          }
+          if (s.t === 'chunk') {
+            if (s.seq !== nextSeq) throw new ExchangeError('provider_failed', 502, `the provider sent chunk ${s.seq} where ${nextSeq} was due`)
+            nextSeq++
+            yield { kind: 'chunk', seq: s.seq, ciphertext: s.ciphertext }
+            continue
+          }
+          ended = true
+          try {
+            await records.written
+          } catch (err) {
+            throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${(err as Error).message}`)
+          }
+          yield { kind: 'complete', tokensIn: s.tokensIn, tokensOut: s.tokensOut, finishReason: s.finishReason, ...(s.receiptUri ? { receiptUri: s.receiptUri } : {}) }
+          return
+        }
+      } finally {
+        if (!ended) job.cancel(signal.aborted ? 'the requester went away' : 'failed over')
+      }
+    }
+    throw new ExchangeError('no_capacity', 503, failures.length ? `every provider tried failed: ${failures.join('; ')}` : 'no provider could take the job')
+  }
+}
