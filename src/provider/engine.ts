@@ -1,0 +1,313 @@
+/**
+ * Inference engines behind the provider agent. An engine turns chat messages
+ * into a stream of text pieces (about one token each) and, once the stream
+ * ends, reports the token counts and why it stopped: the generator's return
+ * value. Two engines:
+ *  - BuiltinEngine: deterministic and offline, for tests, demos and
+ *    benchmarks of everything around the model;
+ *  - OpenAIUpstreamEngine: any OpenAI-compatible server (Ollama, llama.cpp
+ *    server, vLLM), streamed.
+ */
+import { createHash } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { canonicalBytes } from '../crypto/canonical-json.ts'
+import type { FinishReason, GenerationParams } from '../protocol/agent.ts'
+import type { ChatMessage } from '../protocol/input.ts'
+
+export interface GenerateRequest {
+  model: string
+  messages: ChatMessage[]
+  /** Most pieces (tokens) to produce; reaching it ends the generation with 'length'. */
+  maxTokens: number
+  params: GenerationParams
+  /** Aborting it ends the generation promptly: the generator throws. */
+  signal: AbortSignal
+}
+
+export interface Completion {
+  tokensIn: number
+  tokensOut: number
+  finishReason: FinishReason
+}
+
+export interface Engine {
+  /** Yields text pieces; returns the completion. */
+  generate(req: GenerateRequest): AsyncGenerator<string, Completion, undefined>
+}
+
+export class EngineError extends Error {
+  override name = 'EngineError'
+}
+
+/** Runs a generation to its end, handing each piece to `onPiece`; the completion. */
+export async function drain(gen: AsyncGenerator<string, Completion, undefined>, onPiece: (piece: string) => void): Promise<Completion> {
+  let step = await gen.next()
+  try {
+    while (!step.done) {
+      onPiece(step.value)
+      step = await gen.next()
+    }
+    return step.value
+  } finally {
+    // onPiece threw: close the generator so an upstream request is not left open.
+    if (!step.done) await gen.return(undefined as never).catch(() => undefined)
+  }
+}
+
+/** Most stop sequences a request may carry (OpenAI's limit). */
+const MAX_STOP = 4
+
+/**
+ * Sampling values from a request (an exchange frame or an HTTP body), kept
+ * only where well-formed: a malformed value falls back to the model default
+ * rather than failing the job.
+ */
+export function generationParams(raw: unknown): GenerationParams {
+  const r = (raw && typeof raw === 'object' ? raw : {}) as Record<string, unknown>
+  const num = (v: unknown, max: number) => (typeof v === 'number' && Number.isFinite(v) && v >= 0 && v <= max ? v : undefined)
+  const stop = (typeof r.stop === 'string' ? [r.stop] : Array.isArray(r.stop) ? r.stop : []).filter((s): s is string => typeof s === 'string' && s.length > 0).slice(0, MAX_STOP)
+  return {
+    ...(num(r.temperature, 2) !== undefined ? { temperature: r.temperature as number } : {}),
+    ...(num(r.top_p, 1) !== undefined ? { top_p: r.top_p as number } : {}),
+    ...(stop.length ? { stop } : {}),
+    ...(Number.isSafeInteger(r.seed) ? { seed: r.seed as number } : {}),
+  }
+}
+
+const wordCount = (s: string) => s.split(/\s+/).filter(Boolean).length
+
+// ---- builtin ---------------------------------------------------------------
+
+const VOCABULARY = (
+  'the a quiet river stone light over under bright morning signal garden after small network carries every slow green paper ' +
+  'window echo north field gentle open number silver bridge and with through careful engine distant cloud simple answer measured ' +
+  'warm token harbor line shape clear road patient many one lantern across steady blue thread before soft circuit orchard plain'
+).split(' ')
+
+/** Words echoed from the last user message before the generated ones. */
+const ECHO_WORDS = 12
+const NATURAL_MIN = 20
+const NATURAL_SPREAD = 21
+
+/** A stream of uint32s: sha256(seed || counter), counter = 0, 1, ... */
+class DigestStream {
+  private readonly seed: Uint8Array
+  private block = Buffer.alloc(0)
+  private pos = 0
+  private counter = 0
+
+  constructor(seed: Uint8Array) {
+    this.seed = seed
+  }
+
+  below(n: number): number {
+    if (this.pos + 4 > this.block.length) {
+      const c = Buffer.alloc(4)
+      c.writeUInt32BE(this.counter++)
+      this.block = createHash('sha256').update(this.seed).update(c).digest()
+      this.pos = 0
+    }
+    const v = this.block.readUInt32BE(this.pos)
+    this.pos += 4
+    return v % n
+  }
+}
+
+/** Floats are not canonical JSON: sampling values enter the seed as thousandths. */
+const milli = (x: number | undefined) => (typeof x === 'number' && Number.isFinite(x) ? Math.round(x * 1000) : undefined)
+
+export interface BuiltinEngineOpts {
+  /** Pause before each piece, so tests can make a generation slow (default 0). */
+  delayMs?: number
+}
+
+/**
+ * Deterministic: the same model, messages, sampling values and seed give the
+ * same text. The reply echoes the last user message ("You said: ...") and
+ * goes on with words drawn from a generator seeded by the sha256 of the
+ * canonical input, 20 to 40 of them, one piece (token) per word. `maxTokens`
+ * and `stop` cut the same text, so a cut reply is a prefix of the full one.
+ */
+export class BuiltinEngine implements Engine {
+  private readonly delayMs: number
+
+  constructor(opts: BuiltinEngineOpts = {}) {
+    this.delayMs = opts.delayMs ?? 0
+  }
+
+  /** The pieces the request produces and why they end (no delay, no signal). */
+  plan(req: Omit<GenerateRequest, 'signal'>): { pieces: string[]; completion: Completion } {
+    const seed = createHash('sha256')
+      .update(
+        canonicalBytes({
+          model: req.model,
+          messages: req.messages.map((m) => ({ role: m.role, content: m.content })),
+          seed: Number.isSafeInteger(req.params.seed) ? req.params.seed : undefined,
+          temperatureMilli: milli(req.params.temperature),
+          topPMilli: milli(req.params.top_p),
+        }),
+      )
+      .digest()
+    const prng = new DigestStream(seed)
+    const lastUser = req.messages.filter((m) => m.role === 'user').at(-1) ?? req.messages.at(-1)
+    const echoed = (lastUser?.content ?? '').split(/\s+/).filter(Boolean)
+    const echo = echoed.length > ECHO_WORDS ? [...echoed.slice(0, ECHO_WORDS), '...'] : echoed
+    let pieces = echo.length ? ['You ', 'said: ', ...echo.map((w, i) => (i === echo.length - 1 && !/[.!?]$/.test(w) ? `${w}. ` : `${w} `))] : ['You ', 'said ', 'nothing. ']
+    const n = NATURAL_MIN + prng.below(NATURAL_SPREAD)
+    for (let i = 0; i < n; i++) {
+      const w = VOCABULARY[prng.below(VOCABULARY.length)]!
+      pieces.push(i === 0 ? w[0]!.toUpperCase() + w.slice(1) + ' ' : i === n - 1 ? `${w}.` : `${w} `)
+    }
+
+    let finishReason: FinishReason = 'stop'
+    const cut = firstStop(pieces.join(''), req.params.stop)
+    if (cut >= 0) pieces = prefixPieces(pieces, cut)
+    if (pieces.length > req.maxTokens) {
+      pieces = pieces.slice(0, Math.max(0, req.maxTokens))
+      finishReason = 'length'
+    }
+    const tokensIn = req.messages.reduce((sum, m) => sum + wordCount(m.content), 0)
+    return { pieces, completion: { tokensIn, tokensOut: pieces.length, finishReason } }
+  }
+
+  async *generate(req: GenerateRequest): AsyncGenerator<string, Completion, undefined> {
+    const { pieces, completion } = this.plan(req)
+    for (const piece of pieces) {
+      req.signal.throwIfAborted()
+      if (this.delayMs > 0) await sleep(this.delayMs, undefined, { signal: req.signal })
+      yield piece
+    }
+    req.signal.throwIfAborted()
+    return completion
+  }
+}
+
+/** Index of the earliest stop sequence in `text`, -1 when none occurs. */
+function firstStop(text: string, stop: string[] | undefined): number {
+  let cut = -1
+  for (const s of stop ?? []) {
+    if (!s) continue
+    const i = text.indexOf(s)
+    if (i >= 0 && (cut < 0 || i < cut)) cut = i
+  }
+  return cut
+}
+
+/** The pieces cut to their first `length` characters (a piece split by the cut keeps its head). */
+function prefixPieces(pieces: string[], length: number): string[] {
+  const out: string[] = []
+  let left = length
+  for (const p of pieces) {
+    if (left <= 0) break
+    out.push(p.slice(0, left))
+    left -= p.length
+  }
+  return out
+}
+
+// ---- OpenAI-compatible upstream -------------------------------------------
+
+/** The chat completions endpoint under a base URL given with or without `/v1`. */
+export function chatCompletionsUrl(base: string): string {
+  const b = base.replace(/\/+$/, '')
+  if (b.endsWith('/chat/completions')) return b
+  return b.endsWith('/v1') ? `${b}/chat/completions` : `${b}/v1/chat/completions`
+}
+
+interface StreamChunk {
+  choices?: { delta?: { content?: unknown }; finish_reason?: unknown }[]
+  usage?: { prompt_tokens?: unknown; completion_tokens?: unknown } | null
+  error?: { message?: unknown }
+}
+
+const count = (v: unknown): number | undefined => (Number.isSafeInteger(v) && (v as number) >= 0 ? (v as number) : undefined)
+
+/**
+ * Streams from an OpenAI-compatible `/v1/chat/completions`. Token counts come
+ * from the final usage chunk (`stream_options.include_usage`); a server that
+ * sends none gets estimates (one token per streamed piece out, about four
+ * characters per token in).
+ */
+export class OpenAIUpstreamEngine implements Engine {
+  readonly url: string
+  private readonly apiKey: string | undefined
+
+  constructor(url: string, apiKey?: string) {
+    this.url = chatCompletionsUrl(url)
+    this.apiKey = apiKey
+  }
+
+  async *generate(req: GenerateRequest): AsyncGenerator<string, Completion, undefined> {
+    const { temperature, top_p, stop, seed } = req.params
+    const res = await fetch(this.url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', accept: 'text/event-stream', ...(this.apiKey ? { authorization: `Bearer ${this.apiKey}` } : {}) },
+      body: JSON.stringify({
+        model: req.model,
+        messages: req.messages,
+        stream: true,
+        stream_options: { include_usage: true },
+        max_tokens: req.maxTokens,
+        temperature,
+        top_p,
+        stop: stop?.length ? stop : undefined,
+        seed,
+      }),
+      signal: req.signal,
+    })
+    if (!res.ok || !res.body) throw new EngineError(`upstream answered HTTP ${res.status}${await errorMessage(res)}`)
+
+    let buf = ''
+    let pieces = 0
+    let finish: unknown = null
+    let done = false
+    let usage: StreamChunk['usage'] = null
+    read: for await (const text of res.body.pipeThrough(new TextDecoderStream())) {
+      buf += text
+      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+        const line = buf.slice(0, nl).trim()
+        buf = buf.slice(nl + 1)
+        if (!line.startsWith('data:')) continue
+        const data = line.slice(5).trim()
+        if (data === '[DONE]') {
+          done = true
+          // Leaving the loop cancels the body: the connection is not held open.
+          break read
+        }
+        let chunk: StreamChunk
+        try {
+          chunk = JSON.parse(data) as StreamChunk
+        } catch {
+          throw new EngineError('upstream sent a malformed stream event')
+        }
+        if (chunk.error) throw new EngineError(`upstream error: ${String(chunk.error.message ?? 'unknown').slice(0, 200)}`)
+        const choice = chunk.choices?.[0]
+        const content = choice?.delta?.content
+        if (typeof content === 'string' && content) {
+          pieces++
+          yield content
+        }
+        if (choice?.finish_reason) finish = choice.finish_reason
+        if (chunk.usage) usage = chunk.usage
+      }
+    }
+    if (!done && !finish) throw new EngineError('upstream stream ended before the reply did')
+    const chars = req.messages.reduce((sum, m) => sum + m.content.length, 0)
+    return {
+      tokensIn: count(usage?.prompt_tokens) ?? Math.ceil(chars / 4),
+      tokensOut: count(usage?.completion_tokens) ?? pieces,
+      finishReason: finish === 'length' ? 'length' : 'stop',
+    }
+  }
+}
+
+/** The upstream's error message, if it sent an OpenAI-style one (never the request). */
+async function errorMessage(res: Response): Promise<string> {
+  try {
+    const body = (await res.json()) as { error?: { message?: unknown } | string }
+    const msg = typeof body.error === 'string' ? body.error : body.error?.message
+    return typeof msg === 'string' ? `: ${msg.slice(0, 200)}` : ''
+  } catch {
+    return ''
+  }
+}
