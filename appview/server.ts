@@ -1,5 +1,6 @@
 /** The AppView's HTTP surface: XRPC read API, health, and the service's did:web document. */
 import { Hono } from 'hono'
+import { cors } from 'hono/cors'
 import type { IdResolver } from '@atproto/identity'
 import type { Db } from '../src/db/index.ts'
 import { appviewLogger as log } from '../src/logger.ts'
@@ -23,6 +24,8 @@ export function createApp(deps: AppDeps): Hono {
   const app = new Hono()
   app.onError(xrpcErrorHandler(log))
   app.notFound((c) => c.json({ error: 'NotFound', message: 'Not found' }, 404))
+  // Public, read-only, no credentials: any page may read the index (the console's chat page reads provider keys here).
+  app.use('/xrpc/*', cors({ origin: '*', allowMethods: ['GET', 'HEAD', 'OPTIONS'], credentials: false }))
 
   const health = () => ({
     status: 'ok',

@@ -19,6 +19,10 @@ import { Wiper } from './wipe.ts'
 import { ProviderGateway } from './exchange/gateway.ts'
 import { Exchange } from './exchange/exchange.ts'
 import { openAiRoutes } from './exchange/openai.ts'
+import { directoryRoutes } from './exchange/directory.ts'
+import { Hono } from 'hono'
+import type { InferenceDeps } from './exchange/admission.ts'
+import type { ApiDeps } from './api/context.ts'
 import { createIdResolver } from '../src/identity/index.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
 
@@ -99,7 +103,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     revokeOAuth: (did) => oauth.revoke(did),
     retry: opts.wipeRetry,
   })
-  const api = { keys: new ApiKeys(db), usage: new UsageCounters(db), audit, sessions }
+  const usage = new UsageCounters(db)
   const limiter = new RateLimiter(opts.apiKeyRatePerMinute ?? 600)
   let gateway: ProviderGateway | null = null
   let exchange: Exchange | null = null
@@ -121,6 +125,10 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     })
   }
   const hasPdsSession$ = db.$client.prepare('SELECT 1 FROM oauth_sessions WHERE did = ?').pluck()
+  const inference: InferenceDeps | undefined = exchange
+    ? { exchange, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined }
+    : undefined
+  const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference }
   const app = createConsoleApp({
     oauth,
     states: stateStore(db, box),
@@ -128,9 +136,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     audit,
     api,
     limiter,
-    inference: exchange
-      ? openAiRoutes({ exchange, keys: api.keys, usage: api.usage, limiter, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined })
-      : undefined,
+    inference: inference ? new Hono().route('/', openAiRoutes({ ...inference, keys: api.keys, limiter })).route('/', directoryRoutes(inference.exchange)) : undefined,
     loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
     publisher,

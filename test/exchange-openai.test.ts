@@ -22,6 +22,7 @@ import { launchBrowser } from './fixture/browser.ts'
 import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
 import { connectScripted, publishScriptedRecord, scriptedReply, type Behaviour, type ScriptedProvider } from './fixture/scripted-provider.ts'
 import { waitFor } from './fixture/wait.ts'
+import { CocoreClient, CocoreError, type ChatEvent } from '../src/client/index.ts'
 
 let net: LocalNetwork
 let av: AppView
@@ -48,7 +49,7 @@ beforeAll(async () => {
   alice = await net.createAccount('alice.test')
   bob = await net.createAccount('bob.test')
   market = await net.createAccount('market.test')
-  av = await startAppView(net, tempDbPath())
+  av = await startAppView(net, tempDbPath(), { http: true })
   svc = await startTestConsole(net, av.url, { index: av.consoleIndex(), exchangeDid: market.did, firstChunkTimeoutMs: 1500 })
   browser = await launchBrowser()
   // Alice signs in through the PDS: the console holds her OAuth session, which publishes her job records.
@@ -261,5 +262,70 @@ describe('OpenAI-compatible API', () => {
     } finally {
       await limited.close()
     }
+  })
+})
+
+describe('dev.cocore.inference.dispatch', () => {
+  const sdk = (extra: Partial<ConstructorParameters<typeof CocoreClient>[0]> = {}) => new CocoreClient({ consoleUrl: svc.url, appviewUrl: av.url, apiKey: key, ...extra })
+  const collect = async (it: AsyncIterable<ChatEvent>) => {
+    const events: ChatEvent[] = []
+    for await (const e of it) events.push(e)
+    return events
+  }
+
+  it('relays a prompt the TypeScript client sealed itself, to keys it read from the AppView, and the reply it opens', async () => {
+    const carol = providers['carol.test']!
+    const before = carol.requests.length
+    const events = await collect(sdk().chat({ model: 'echo-1', messages: ask('sealed by the client'), maxTokens: 40 }))
+    expect(events[0]).toMatchObject({ type: 'meta', providerDid: carol.did })
+    expect(events.filter((e) => e.type === 'text').map((e) => (e as { text: string }).text).join('')).toBe('Echo: sealed by the client.')
+    expect(events.at(-1)).toMatchObject({ type: 'complete', tokensIn: 7, tokensOut: 4, finishReason: 'stop' })
+    expect(carol.requests.length).toBe(before + 1)
+    expect(carol.raw.join('\n')).not.toContain('sealed by the client')
+    // The job record names the commitment of what the client sealed.
+    const req = carol.requests.at(-1)!
+    expect(req.input_commitment).toBe(inputCommitment(encodeInput(ask('sealed by the client'))))
+    expect(req.max_tokens_out).toBe(40)
+  })
+
+  it('refuses to seal to a key the AppView does not confirm', async () => {
+    // An exchange that lies about a provider's key: the client notices before anything is sealed.
+    const lying: typeof fetch = async (input, init) => {
+      const res = await fetch(input, init)
+      if (!String(input).includes('/exchange/providers')) return res
+      const body = (await res.json()) as { providers: { encryptionPubKey: string }[] }
+      for (const p of body.providers) p.encryptionPubKey = Buffer.alloc(32, 7).toString('base64')
+      return Response.json(body)
+    }
+    const before = providers['carol.test']!.requests.length
+    await expect(collect(sdk({ fetch: lying }).chat({ model: 'echo-1', messages: ask('x') }))).rejects.toMatchObject({ code: 'unverified_provider_keys' })
+    expect(providers['carol.test']!.requests.length).toBe(before)
+  })
+
+  it('fails over among the providers the client sealed to', async () => {
+    const events = await collect(sdk().chat({ model: 'fo-1', messages: ask('sealed failover') }))
+    expect(events.filter((e) => e.type === 'text').map((e) => (e as { text: string }).text).join('')).toBe('Echo: sealed failover.')
+    expect(events[0]).toMatchObject({ providerDid: providers['erin.test']!.did })
+  })
+
+  it('seals on receipt for reference clients sending plaintext, and checks its input', async () => {
+    const post = (body: unknown) =>
+      fetch(`${svc.url}/xrpc/${ids.InferenceDispatch}`, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify(body) })
+    const res = await post({ model: 'echo-1', prompt: 'plain words', maxTokensOut: 20, priceCeiling: { amount: 100, currency: 'CC' } })
+    expect(res.headers.get('content-type')).toContain('text/event-stream')
+    const text = await res.text()
+    expect(text).toMatch(/event: meta\ndata: \{"jobUri":"at:\/\//)
+    expect(text).toContain('"text":"plain words"')
+    expect(text).toContain('event: complete')
+    expect(providers['carol.test']!.raw.join('\n')).not.toContain('plain words')
+
+    const sealedWithPlain = await post({ model: 'echo-1', prompt: 'oops plaintext', maxTokensOut: 20, priceCeiling: { amount: 1, currency: 'CC' }, sealed: { scheme: 'x25519', inputCommitment: 'a'.repeat(64), envelopes: [{ providerDid: alice.did, encryptionPubKey: 'x', ephemeralPubKey: 'y', ciphertext: 'z' }] } })
+    expect(sealedWithPlain.status).toBe(400)
+    expect(((await sealedWithPlain.json()) as { message: string }).message).toMatch(/prompt must be "sealed"/)
+    const none = await post({ model: 'nope', prompt: 'x', maxTokensOut: 1, priceCeiling: { amount: 1, currency: 'CC' } })
+    expect(none.status).toBe(404)
+    expect(await none.json()).toMatchObject({ error: 'NoProvidersForModel' })
+    const confidential = await post({ model: 'echo-1', prompt: 'x', maxTokensOut: 1, priceCeiling: { amount: 1, currency: 'CC' }, requireConfidential: true })
+    expect(await confidential.json()).toMatchObject({ error: 'ConfidentialUnavailable' })
   })
 })

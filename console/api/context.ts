@@ -3,6 +3,7 @@ import type { Context } from 'hono'
 import { ForbiddenError } from '../../src/xrpc/errors.ts'
 import type { ApiKeys, Scope, UsageCounters } from '../api-keys.ts'
 import type { AuditLog, ConsoleSessions } from '../sessions.ts'
+import type { InferenceDeps } from '../exchange/admission.ts'
 
 export interface Caller {
   did: string
@@ -20,6 +21,8 @@ export interface ApiDeps {
   usage: UsageCounters
   audit: AuditLog
   sessions: ConsoleSessions
+  /** The exchange, when this console is one. */
+  inference?: InferenceDeps
 }
 
 export const callerOf = (c: Context): Caller => c.get('caller') as Caller

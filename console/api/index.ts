@@ -17,12 +17,14 @@ import createApiKey from './dev/cocore/account/createApiKey.ts'
 import deleteApiKey from './dev/cocore/account/deleteApiKey.ts'
 import listApiKeys from './dev/cocore/account/listApiKeys.ts'
 import revokeApiKey from './dev/cocore/account/revokeApiKey.ts'
+import dispatch from './dev/cocore/inference/dispatch.ts'
 
 export const handlers = {
   [ids.AccountCreateApiKey]: createApiKey,
   [ids.AccountDeleteApiKey]: deleteApiKey,
   [ids.AccountListApiKeys]: listApiKeys,
   [ids.AccountRevokeApiKey]: revokeApiKey,
+  [ids.InferenceDispatch]: dispatch,
 } as unknown as Record<string, QueryHandler<ApiDeps>>
 
 export interface AuthOpts {

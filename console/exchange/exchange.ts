@@ -27,6 +27,8 @@ export interface Route {
   country?: string
   minProviderVersion?: string
   targetProviderDid?: string
+  /** Only these providers (a client that sealed to them itself). */
+  onlyProviders?: string[]
 }
 
 export type ExchangeErrorCode =
@@ -71,6 +73,8 @@ export interface JobInput {
   inputBytes: number
   maxTokensOut: number
   params: GenerationParams
+  /** The requester's own ceiling; else what the dearest candidate would charge at most. */
+  ceiling?: { amount: number; currency: string }
   /** The prompt sealed to `p`'s key; null when the caller has no envelope for it (it is skipped). */
   seal: (p: ConnectedProvider) => Envelope | null
   /** The requester went away: the job is cancelled at the provider. */
@@ -130,7 +134,8 @@ class StepQueue implements JobSink {
 
 export const routeErrorMessages: Record<string, (r: Route) => string> = {
   no_providers_for_model: (r) => `no provider connected now serves the model "${r.model}"`,
-  provider_not_connected: (r) => `the provider ${r.targetProviderDid} is not connected or does not serve "${r.model}"`,
+  provider_not_connected: (r) =>
+    r.targetProviderDid ? `the provider ${r.targetProviderDid} is not connected or does not serve "${r.model}"` : `none of the providers the prompt was sealed to is connected and serves "${r.model}"`,
   no_private_providers: (r) => `no provider of "${r.model}" whose owner lists you as a friend is connected`,
   no_verified_providers: (r) => `no hardware-attested provider of "${r.model}" is connected`,
   no_probono_providers: (r) => `no provider serves "${r.model}" pro bono to you now`,
@@ -166,6 +171,11 @@ export class Exchange {
     if (ps.length === 0) fail('no_providers_for_model')
     if (r.targetProviderDid) {
       ps = ps.filter((p) => p.did === r.targetProviderDid)
+      if (ps.length === 0) fail('provider_not_connected')
+    }
+    if (r.onlyProviders) {
+      const only = new Set(r.onlyProviders)
+      ps = ps.filter((p) => only.has(p.did))
       if (ps.length === 0) fail('provider_not_connected')
     }
     if (r.tier === 'private') {
@@ -210,7 +220,7 @@ export class Exchange {
   }
 
   /** Price ceiling for the job: what the dearest candidate would charge at most, in its currency. */
-  private ceiling(ps: ConnectedProvider[], model: string, inputBytes: number, maxTokensOut: number, proBono: boolean): { amount: number; currency: string } {
+  private ceiling(ps: ConnectedProvider[], model: string, inputBytes: number, maxTokensOut: number): { amount: number; currency: string } {
     let amount = 0
     let currency = 'CC'
     for (const p of ps) {
@@ -222,7 +232,7 @@ export class Exchange {
         currency = price.currency
       }
     }
-    return { amount: proBono ? 0 : amount, currency }
+    return { amount, currency }
   }
 
   /**
@@ -239,7 +249,7 @@ export class Exchange {
       inputCommitment: input.inputCommitment,
       inputFormat: input.inputFormat,
       maxTokensOut: input.maxTokensOut,
-      ceiling: this.ceiling(candidates, route.model, input.inputBytes, input.maxTokensOut, proBono),
+      ceiling: proBono ? { amount: 0, currency: input.ceiling?.currency ?? 'CC' } : (input.ceiling ?? this.ceiling(candidates, route.model, input.inputBytes, input.maxTokensOut)),
       acceptedTrustLevel: route.tier === 'verified' ? 'hardware-attested' : 'self-attested',
       ttlMs: this.opts.jobTtlMs ?? 3600_000,
     })

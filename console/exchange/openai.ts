@@ -13,22 +13,17 @@ import { randomBytes } from 'node:crypto'
 import { Hono, type Context } from 'hono'
 import { bodyLimit } from 'hono/body-limit'
 import { stream } from 'hono/streaming'
-import { openReply, sealPrompt } from '../../src/crypto/seal.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
 import type { GenerationParams } from '../../src/protocol/agent.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../../src/protocol/input.ts'
-import type { ApiKey, ApiKeys, RateLimiter, UsageCounters } from '../api-keys.ts'
-import { ExchangeError, TIERS, type Exchange, type ExchangeEvent, type Route, type Tier } from './exchange.ts'
+import type { ApiKey, ApiKeys, RateLimiter } from '../api-keys.ts'
+import { admit, AdmissionError, type InferenceDeps } from './admission.ts'
+import { ExchangeError, TIERS, type ExchangeEvent, type Route, type Tier } from './exchange.ts'
+import { ReceiptSealer } from './receipt-sealer.ts'
 
-export interface OpenAiDeps {
-  exchange: Exchange
+export interface OpenAiDeps extends InferenceDeps {
   keys: ApiKeys
-  usage: UsageCounters
   limiter: RateLimiter
-  /** Tokens (in + out) one account may use per UTC day; beyond: insufficient_quota. */
-  dailyTokenLimit: number
-  /** Jobs are published on the requester's PDS through its console OAuth session. */
-  hasPdsSession: (did: string) => boolean
 }
 
 /** Most tokens a reply may be asked for (the job lexicon's maximum). */
@@ -63,6 +58,9 @@ function fromExchange(err: ExchangeError): OpenAiError {
   const type: ErrorType = err.status === 404 ? 'not_found_error' : 'server_error'
   return new OpenAiError(err.status, type, err.code, err.message, err.status === 404 ? 'model' : null)
 }
+
+const fromAdmission = (err: AdmissionError) =>
+  err.code === 'insufficient_quota' ? new OpenAiError(429, 'insufficient_quota', err.code, err.message) : new OpenAiError(403, 'permission_error', err.code, err.message)
 
 export interface ChatRequest {
   model: string
@@ -148,7 +146,7 @@ export function openAiRoutes(deps: OpenAiDeps): Hono<Env> {
   app.onError((err, c) => {
     // The client went away before the reply began: nobody to answer.
     if (err.name === 'AbortError') return c.body(null, 499 as 400)
-    const e = err instanceof OpenAiError ? err : err instanceof ExchangeError ? fromExchange(err) : null
+    const e = err instanceof OpenAiError ? err : err instanceof ExchangeError ? fromExchange(err) : err instanceof AdmissionError ? fromAdmission(err) : null
     if (!e) {
       log.error('inference API error', { path: c.req.path, err })
       return c.json(new OpenAiError(500, 'server_error', 'internal_error', 'The exchange could not complete this request.').toJSON(), 500)
@@ -197,49 +195,30 @@ export function openAiRoutes(deps: OpenAiDeps): Hono<Env> {
     }
     const req = parseChatRequest(body)
     const route: Route = { model: req.model, requesterDid: key.did, tier: tierOf(c), ...(req.country ? { country: req.country } : {}), ...(req.minProviderVersion ? { minProviderVersion: req.minProviderVersion } : {}) }
-    const used = deps.usage.today(key.did)
-    if (used.tokensIn + used.tokensOut >= deps.dailyTokenLimit) {
-      throw new OpenAiError(429, 'insufficient_quota', 'insufficient_quota', `this account used its ${deps.dailyTokenLimit} tokens for today (UTC)`)
-    }
-    if (!deps.hasPdsSession(key.did)) {
-      throw new OpenAiError(403, 'permission_error', 'pds_session_required', 'jobs are published on your PDS through your console sign-in: sign in to the console again, then retry')
-    }
+    admit(deps, key.did)
     // Fail fast on routing, before anything is sealed or published.
     deps.exchange.route(route)
 
     const plaintext = encodeInput(req.messages)
-    const commitment = inputCommitment(plaintext)
-    // Ephemeral secrets per provider tried, to open its reply; this request's memory only.
-    const secrets = new Map<string, Uint8Array>()
+    const sealer = new ReceiptSealer(plaintext)
     const ac = new AbortController()
     c.req.raw.signal.addEventListener('abort', () => ac.abort())
     const events = deps.exchange.run({
       route,
-      inputCommitment: commitment,
+      inputCommitment: inputCommitment(plaintext),
       inputFormat: 'messages-v1',
       inputBytes: plaintext.length,
       maxTokensOut: req.maxTokens,
       params: req.params,
       signal: ac.signal,
-      seal: (p) => {
-        const s = sealPrompt(plaintext, p.encryptionPubKey)
-        secrets.set(p.did, s.ephemeralSecretKey)
-        return { ciphertext: s.sealed, requesterPubKey: s.ephemeralPublicKey }
-      },
+      seal: sealer.seal,
     })
     const id = `chatcmpl-${randomBytes(12).toString('base64url')}`
     const created = Math.floor(Date.now() / 1000)
     let provider: { did: string; key: string } | null = null
-    const open = (ciphertext: string): string => {
-      const bytes = provider && openReply(ciphertext, provider.key, secrets.get(provider.did)!)
-      if (!bytes) throw new ExchangeError('provider_failed', 502, 'a reply chunk from the provider did not decrypt')
-      return new TextDecoder().decode(bytes)
-    }
+    const open = (ciphertext: string): string => sealer.open(provider!, ciphertext)
     const settle = (e: Extract<ExchangeEvent, { kind: 'complete' }>) => deps.usage.add(key.did, key.id, { tokensIn: e.tokensIn, tokensOut: e.tokensOut })
-    const wipe = () => {
-      plaintext.fill(0)
-      for (const s of secrets.values()) s.fill(0)
-    }
+    const wipe = () => sealer.wipe()
     const usage = (e: Extract<ExchangeEvent, { kind: 'complete' }>) => ({ prompt_tokens: e.tokensIn, completion_tokens: e.tokensOut, total_tokens: e.tokensIn + e.tokensOut })
 
     if (!req.stream) {

@@ -71,6 +71,8 @@ export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
       throw err
     }
     const output = await handler(opts.ctx, params, c, input)
+    // A streamed output (text/event-stream) is the handler's own response.
+    if (output instanceof Response) return output
     if (opts.validateOutput) {
       try {
         lexicons.assertValidXrpcOutput(nsid, output)

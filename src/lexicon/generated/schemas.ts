@@ -1943,6 +1943,11 @@ export const schemas: LexiconDoc[] = [
         "parameters": {
           "type": "params",
           "properties": {
+            "provider": {
+              "type": "string",
+              "description": "Only this provider DID's records (additive: how a requester reads a provider's published keys before sealing to one).",
+              "format": "did"
+            },
             "limit": {
               "type": "integer",
               "description": "Page size. Defaults to 100, the size of the single page older clients expect.",
@@ -3360,7 +3365,7 @@ export const schemas: LexiconDoc[] = [
               },
               "prompt": {
                 "type": "string",
-                "description": "Prompt text.",
+                "description": "Prompt text, sealed by the exchange on receipt for the provider chosen. Clients that seal themselves send the literal \"sealed\" here and the envelopes in `sealed`.",
                 "minLength": 1
               },
               "maxTokensOut": {
@@ -3474,6 +3479,11 @@ export const schemas: LexiconDoc[] = [
                 "type": "string",
                 "description": "Name of the one function the model must call; only meaningful when `toolChoice` is `required`.",
                 "maxLength": 256
+              },
+              "sealed": {
+                "type": "ref",
+                "ref": "#sealedInput",
+                "description": "Additive: the prompt sealed by the client (scheme x25519) to the published keys of one or more providers, tried in order of the router's choice. The exchange relays ciphertext only; `chunk` events then carry `ciphertext` (sealed to the envelope's ephemeral key) instead of `text`."
               }
             }
           }
@@ -3496,6 +3506,77 @@ export const schemas: LexiconDoc[] = [
             "description": "No provider could meet the attested-confidential requirements; nothing was downgraded to best-effort and the prompt was never sealed."
           }
         ]
+      },
+      "sealedInput": {
+        "type": "object",
+        "description": "A prompt sealed before it left the requester.",
+        "required": [
+          "scheme",
+          "inputCommitment",
+          "envelopes"
+        ],
+        "properties": {
+          "scheme": {
+            "type": "string",
+            "knownValues": [
+              "x25519"
+            ]
+          },
+          "inputFormat": {
+            "type": "string",
+            "knownValues": [
+              "messages-v1",
+              "text"
+            ],
+            "description": "Format of the sealed plaintext; messages-v1 when absent."
+          },
+          "inputCommitment": {
+            "type": "string",
+            "minLength": 64,
+            "maxLength": 64,
+            "description": "sha256 hex of the sealed plaintext, as the job record carries it."
+          },
+          "envelopes": {
+            "type": "array",
+            "minLength": 1,
+            "maxLength": 8,
+            "items": {
+              "type": "ref",
+              "ref": "#envelope"
+            }
+          }
+        }
+      },
+      "envelope": {
+        "type": "object",
+        "description": "The prompt sealed to one provider's published encryptionPubKey from a fresh ephemeral key.",
+        "required": [
+          "providerDid",
+          "encryptionPubKey",
+          "ephemeralPubKey",
+          "ciphertext"
+        ],
+        "properties": {
+          "providerDid": {
+            "type": "string",
+            "format": "did"
+          },
+          "encryptionPubKey": {
+            "type": "string",
+            "maxLength": 128,
+            "description": "The provider key sealed to, as read from its indexed provider record."
+          },
+          "ephemeralPubKey": {
+            "type": "string",
+            "maxLength": 128,
+            "description": "base64 X25519 public key the reply is sealed to."
+          },
+          "ciphertext": {
+            "type": "string",
+            "maxLength": 200000,
+            "description": "base64 of nonce(24) || box."
+          }
+        }
       }
     }
   },

@@ -602,6 +602,8 @@ export type ComputeListJobsOutput = {
 
 /** Pages through provider records (dev.cocore.compute.provider) the AppView has indexed. The AppView is a cache; each provider's PDS remains authoritative. */
 export interface ComputeListProvidersParams {
+  /** Only this provider DID's records (additive: how a requester reads a provider's published keys before sealing to one). */
+  provider?: string
   /** Page size. Defaults to 100, the size of the single page older clients expect. */
   limit?: number
   /** Opaque pagination cursor from a previous page. */
@@ -1044,7 +1046,7 @@ export interface InferenceDispatchParams {}
 export type InferenceDispatchInput = {
   /** Model identifier understood by providers. */
   model: string
-  /** Prompt text. */
+  /** Prompt text, sealed by the exchange on receipt for the provider chosen. Clients that seal themselves send the literal "sealed" here and the envelopes in `sealed`. */
   prompt: string
   /** Upper bound on generated tokens. */
   maxTokensOut: number
@@ -1084,6 +1086,29 @@ export type InferenceDispatchInput = {
   toolChoice?: "auto" | "none" | "required" | (string & {})
   /** Name of the one function the model must call; only meaningful when `toolChoice` is `required`. */
   toolChoiceFunction?: string
+  /** Additive: the prompt sealed by the client (scheme x25519) to the published keys of one or more providers, tried in order of the router's choice. The exchange relays ciphertext only; `chunk` events then carry `ciphertext` (sealed to the envelope's ephemeral key) instead of `text`. */
+  sealed?: InferenceDispatchSealedInput
+}
+
+/** A prompt sealed before it left the requester. */
+export interface InferenceDispatchSealedInput {
+  scheme: "x25519" | (string & {})
+  /** Format of the sealed plaintext; messages-v1 when absent. */
+  inputFormat?: "messages-v1" | "text" | (string & {})
+  /** sha256 hex of the sealed plaintext, as the job record carries it. */
+  inputCommitment: string
+  envelopes: Array<InferenceDispatchEnvelope>
+}
+
+/** The prompt sealed to one provider's published encryptionPubKey from a fresh ephemeral key. */
+export interface InferenceDispatchEnvelope {
+  providerDid: string
+  /** The provider key sealed to, as read from its indexed provider record. */
+  encryptionPubKey: string
+  /** base64 X25519 public key the reply is sealed to. */
+  ephemeralPubKey: string
+  /** base64 of nonce(24) || box. */
+  ciphertext: string
 }
 
 /** Report the progress of a submitted job: `pending` until its receipt is indexed, `received` after that, and `settled` after a settlement is indexed too. */

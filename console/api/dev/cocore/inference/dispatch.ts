@@ -1,0 +1,125 @@
+/**
+ * dev.cocore.inference.dispatch: run one job and stream it as Server-Sent
+ * Events (`meta`, `chunk`, `complete`, `error`, as on the network).
+ *
+ * With `sealed`, the prompt was sealed by the client (the console's chat page
+ * or the TypeScript client in src/client/) to the published keys of the
+ * providers it chose; the exchange relays ciphertext both ways and `chunk`
+ * events carry `ciphertext`. Without it (reference clients), the prompt is
+ * sealed on receipt as the OpenAI-compatible API does, and chunks carry text.
+ */
+import type { Context } from 'hono'
+import { streamSSE } from 'hono/streaming'
+import { consoleLogger as log } from '../../../../../src/logger.ts'
+import type { InferenceDispatchInput } from '../../../../../src/lexicon/generated/types.ts'
+import { encodeInput, inputCommitment, type InputFormat } from '../../../../../src/protocol/input.ts'
+import { InvalidRequestError, MethodNotImplementedError, XrpcError } from '../../../../../src/xrpc/errors.ts'
+import { ids } from '../../../../../src/lexicon/generated/ids.ts'
+import { admit, AdmissionError } from '../../../../exchange/admission.ts'
+import { ExchangeError, type ExchangeEvent, type JobInput, type Route } from '../../../../exchange/exchange.ts'
+import { ReceiptSealer } from '../../../../exchange/receipt-sealer.ts'
+import { callerOf, requireScope, type ApiDeps } from '../../../context.ts'
+
+/** Placeholder `prompt` of a sealed request: the lexicon requires the field, and plaintext must not ride along. */
+export const SEALED_PROMPT = 'sealed'
+
+const pascal = (code: string) => code.replace(/(^|_)([a-z])/g, (_, __, ch: string) => ch.toUpperCase())
+
+function toXrpc(err: unknown, confidential: boolean): unknown {
+  if (err instanceof AdmissionError) return new XrpcError(err.code === 'insufficient_quota' ? 429 : 403, pascal(err.code), err.message)
+  if (err instanceof ExchangeError) {
+    if (confidential && err.code === 'no_verified_providers') return new XrpcError(400, 'ConfidentialUnavailable', err.message)
+    return new XrpcError(err.status, pascal(err.code), err.message)
+  }
+  return err
+}
+
+export default async function dispatch(deps: ApiDeps, _params: unknown, c: Context, raw?: unknown): Promise<Response> {
+  const inference = deps.inference
+  if (!inference) throw new MethodNotImplementedError(ids.InferenceDispatch)
+  const caller = callerOf(c)
+  requireScope(caller, 'inference')
+  const input = raw as InferenceDispatchInput
+  const confidential = input.requireConfidential === true
+  const route: Route = {
+    model: input.model,
+    requesterDid: caller.did,
+    ...(confidential ? { tier: 'verified' as const } : {}),
+    ...(input.targetProviderDid ? { targetProviderDid: input.targetProviderDid } : {}),
+  }
+
+  let job: Omit<JobInput, 'signal'>
+  let open: ((provider: { did: string; key: string }, ciphertext: string) => string) | null = null
+  let wipe = () => {}
+  if (input.sealed) {
+    const sealed = input.sealed
+    if (input.prompt !== SEALED_PROMPT) throw new InvalidRequestError(`with sealed, prompt must be "${SEALED_PROMPT}": plaintext does not travel with a sealed prompt`)
+    if (sealed.scheme !== 'x25519') throw new InvalidRequestError(`unsupported sealing scheme "${sealed.scheme}" (x25519 only)`, 'UnsupportedScheme')
+    const format = (sealed.inputFormat ?? 'messages-v1') as InputFormat
+    if (format !== 'messages-v1' && format !== 'text') throw new InvalidRequestError(`unknown input format "${sealed.inputFormat}"`)
+    if (!/^[0-9a-f]{64}$/.test(sealed.inputCommitment)) throw new InvalidRequestError('inputCommitment is the sha256 hex of the sealed plaintext')
+    const envelopes = new Map(sealed.envelopes.map((e) => [e.providerDid, e]))
+    route.onlyProviders = [...envelopes.keys()]
+    job = {
+      route,
+      inputCommitment: sealed.inputCommitment,
+      inputFormat: format,
+      // A box is 40 bytes longer than its plaintext, and base64 is 4/3 of it.
+      inputBytes: Math.max(...sealed.envelopes.map((e) => Math.floor((e.ciphertext.length * 3) / 4) - 40), 0),
+      maxTokensOut: input.maxTokensOut,
+      params: {},
+      ceiling: input.priceCeiling,
+      // An envelope sealed to a key other than the one the provider registered with could not be opened: skipped.
+      seal: (p) => {
+        const e = envelopes.get(p.did)
+        return e && e.encryptionPubKey === p.encryptionPubKey ? { ciphertext: e.ciphertext, requesterPubKey: e.ephemeralPubKey } : null
+      },
+    }
+  } else {
+    const plaintext = encodeInput([{ role: 'user', content: input.prompt }])
+    const sealer = new ReceiptSealer(plaintext)
+    open = (p, ciphertext) => sealer.open(p, ciphertext)
+    wipe = () => sealer.wipe()
+    job = { route, inputCommitment: inputCommitment(plaintext), inputFormat: 'messages-v1', inputBytes: plaintext.length, maxTokensOut: input.maxTokensOut, params: {}, ceiling: input.priceCeiling, seal: sealer.seal }
+  }
+
+  const ac = new AbortController()
+  c.req.raw.signal.addEventListener('abort', () => ac.abort())
+  let first: IteratorResult<ExchangeEvent>
+  const events = inference.exchange.run({ ...job, signal: ac.signal })
+  try {
+    admit(inference, caller.did)
+    inference.exchange.route(route)
+    // Routing and publishing errors are plain XRPC errors: the stream starts with the first event.
+    first = await events.next()
+  } catch (err) {
+    wipe()
+    throw toXrpc(err, confidential)
+  }
+  return streamSSE(c, async (s) => {
+    s.onAbort(() => ac.abort())
+    const send = (event: string, data: unknown) => s.writeSSE({ event, data: JSON.stringify(data) })
+    let provider: { did: string; key: string } | null = null
+    try {
+      for (let next = first; !next.done; next = await events.next()) {
+        const e = next.value
+        if (e.kind === 'meta') {
+          provider = { did: e.providerDid, key: e.encryptionPubKey }
+          await send('meta', { jobUri: e.jobUri, jobCid: e.jobCid, authUri: e.authUri, inputCommitment: e.inputCommitment, providerDid: e.providerDid, sessionId: e.sessionId, encryptionPubKey: e.encryptionPubKey, tier: 'best-effort' })
+        } else if (e.kind === 'chunk') {
+          await send('chunk', open ? { seq: e.seq, channel: 'content', text: open(provider!, e.ciphertext) } : { seq: e.seq, channel: 'content', ciphertext: e.ciphertext })
+        } else {
+          inference.usage.add(caller.did, caller.keyId ?? null, { tokensIn: e.tokensIn, tokensOut: e.tokensOut })
+          await send('complete', { tokensIn: e.tokensIn, tokensOut: e.tokensOut, finishReason: e.finishReason, receiptUri: e.receiptUri ?? null, tier: 'best-effort' })
+        }
+      }
+    } catch (err) {
+      if (ac.signal.aborted) return
+      if (!(err instanceof ExchangeError)) log.error('dispatch stream error', { err: err as Error })
+      await send('error', err instanceof ExchangeError ? { code: err.code, reason: err.message } : { code: 'internal_error', reason: 'the exchange could not complete this job' })
+    } finally {
+      await events.return(undefined)
+      wipe()
+    }
+  })
+}
