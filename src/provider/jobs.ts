@@ -1,0 +1,232 @@
+/**
+ * The provider's job handler: one `inference_request` in, its frames out
+ * through `send`. It opens the sealed prompt with the machine's X25519 key,
+ * checks it against the job's input commitment, runs the engine, seals each
+ * piece back to the requester's ephemeral key, and completes with the URI of
+ * a signed receipt, written right after (the rkey is chosen up front, so the
+ * exchange need not wait for the PDS).
+ *
+ * Content stays in this module's memory for the length of a job: it is never
+ * logged, stored or put in an event; only its hashes leave, in the receipt.
+ */
+import { createHash } from 'node:crypto'
+import { EventEmitter } from 'node:events'
+import { TID } from '@atproto/common-web'
+import { openPrompt, sealReply } from '../crypto/seal.ts'
+import { ids } from '../lexicon/generated/ids.ts'
+import { PROTOCOL_VERSION, type FinishReason, type InferenceErrorCode, type InferenceRequestFrame, type ProviderFrame } from '../protocol/agent.ts'
+import { decodeInput, inputCommitment, InputError, type ChatMessage } from '../protocol/input.ts'
+import { drain, generationParams, type Engine } from './engine.ts'
+import type { ProviderKeys } from './keys.ts'
+import { log } from './log.ts'
+import { receiptParams, receiptRecord, type ModelPrice, type ReceiptInput } from './records.ts'
+import { withRetry, type RepoWriter, type StrongRef } from './repo.ts'
+
+export interface JobRunnerOpts {
+  did: string
+  keys: ProviderKeys
+  engine: Engine
+  /** One price per served model: a request for a model not listed is refused (model_unavailable). */
+  prices: ModelPrice[]
+  /** The attestation in force, which receipts cite. */
+  attestation: () => StrongRef
+  /** Writes receipts to the provider's repo. */
+  writer: RepoWriter
+  /** Where the job's frames go (the exchange connection). */
+  send: (frame: ProviderFrame) => void
+  /** Jobs run at once; beyond it requests are refused with `busy` (default 4). */
+  maxConcurrent?: number
+  receiptRetry?: { attempts: number; firstDelayMs: number }
+}
+
+export interface JobStats {
+  completed: number
+  cancelled: number
+  /** Refused (busy, undecryptable, bad input, unknown model) or failed in the engine. */
+  failed: number
+  receiptsPublished: number
+  receiptsFailed: number
+}
+
+/** Events carry ids, URIs and counts, never content. */
+export interface JobEvents {
+  'job-complete': [{ sessionId: string; receiptUri: string; tokensIn: number; tokensOut: number; finishReason: FinishReason }]
+  'job-cancelled': [{ sessionId: string; reason: string }]
+  'job-failed': [{ sessionId: string; code: InferenceErrorCode }]
+  'receipt-published': [{ sessionId: string; uri: string; cid: string }]
+  'receipt-failed': [{ sessionId: string; uri: string }]
+}
+
+interface CheckedRequest extends InferenceRequestFrame {
+  messages: ChatMessage[]
+}
+
+const HEX64 = /^[0-9a-f]{64}$/
+const utf8 = new TextEncoder()
+
+export class JobRunner extends EventEmitter<JobEvents> {
+  readonly stats: JobStats = { completed: 0, cancelled: 0, failed: 0, receiptsPublished: 0, receiptsFailed: 0 }
+  private readonly opts: JobRunnerOpts
+  private readonly prices: Map<string, ModelPrice>
+  private readonly maxConcurrent: number
+  private readonly running = new Map<string, { ac: AbortController; done: Promise<void> }>()
+  private readonly writes = new Set<Promise<void>>()
+
+  constructor(opts: JobRunnerOpts) {
+    super()
+    this.opts = opts
+    this.prices = new Map(opts.prices.map((p) => [p.modelId, p]))
+    this.maxConcurrent = opts.maxConcurrent ?? 4
+  }
+
+  /** Jobs running now. */
+  get active(): number {
+    return this.running.size
+  }
+
+  /** Runs one job; resolves once its last frame is sent (its receipt is written after). Never rejects. */
+  run(frame: InferenceRequestFrame): Promise<void> {
+    const sessionId = frame.session_id
+    if (typeof sessionId !== 'string' || !sessionId) {
+      log.warn('inference_request without a session_id; ignored')
+      return Promise.resolve()
+    }
+    if (this.running.has(sessionId)) {
+      log.warn('inference_request for a session already running; ignored', { sessionId })
+      return Promise.resolve()
+    }
+    if (this.running.size >= this.maxConcurrent) return Promise.resolve(this.fail(sessionId, 'busy', `this machine runs at most ${this.maxConcurrent} jobs at once`))
+    const checked = this.check(frame)
+    if ('code' in checked) return Promise.resolve(this.fail(sessionId, checked.code, checked.message))
+    const ac = new AbortController()
+    const entry = { ac, done: Promise.resolve() }
+    this.running.set(sessionId, entry)
+    entry.done = this.execute(checked, ac.signal).finally(() => this.running.delete(sessionId))
+    return entry.done
+  }
+
+  /** Stops a running job: nothing more is sent for it and no receipt is written. */
+  cancel(sessionId: string, reason: string): boolean {
+    const job = this.running.get(sessionId)
+    if (!job) return false
+    job.ac.abort(reason)
+    return true
+  }
+
+  cancelAll(reason: string): void {
+    for (const job of this.running.values()) job.ac.abort(reason)
+  }
+
+  /** Resolves once the running jobs have ended and pending receipt writes have settled. */
+  async idle(): Promise<void> {
+    while (this.running.size || this.writes.size) await Promise.allSettled([...[...this.running.values()].map((j) => j.done), ...this.writes])
+  }
+
+  /** The request opened and checked, or why it is refused. Runs before any content is produced. */
+  private check(f: InferenceRequestFrame): CheckedRequest | { code: InferenceErrorCode; message: string } {
+    const bad = (message: string) => ({ code: 'bad_input' as const, message })
+    if (typeof f.model !== 'string' || !this.prices.has(f.model)) return { code: 'model_unavailable', message: `this machine does not serve ${String(f.model).slice(0, 256)}` }
+    if (typeof f.job_uri !== 'string' || !f.job_uri.startsWith('at://') || typeof f.job_cid !== 'string' || !f.job_cid) return bad('job_uri and job_cid must name the job record')
+    if (typeof f.requester_did !== 'string' || !f.requester_did.startsWith('did:')) return bad('requester_did must be a DID')
+    if (!Number.isSafeInteger(f.max_tokens_out) || f.max_tokens_out < 0) return bad('max_tokens_out must be a non-negative integer')
+    if (typeof f.input_commitment !== 'string' || !HEX64.test(f.input_commitment)) return bad('input_commitment must be 64 lowercase hex characters')
+    if (typeof f.ciphertext !== 'string' || typeof f.requester_pub_key !== 'string') return { code: 'decrypt_failed', message: 'ciphertext and requester_pub_key must be base64 strings' }
+    let plaintext: Uint8Array | null
+    try {
+      plaintext = openPrompt(f.ciphertext, f.requester_pub_key, this.opts.keys.encryption.secretKey)
+    } catch {
+      // A malformed or low-order requester key.
+      plaintext = null
+    }
+    if (!plaintext) return { code: 'decrypt_failed', message: "the prompt does not open with this machine's key" }
+    if (inputCommitment(plaintext) !== f.input_commitment) return bad('the prompt does not match its input_commitment')
+    try {
+      return { ...f, messages: decodeInput(plaintext, f.input_format) }
+    } catch (err) {
+      if (err instanceof InputError || err instanceof TypeError) return bad(err instanceof InputError ? err.message : 'the prompt is not UTF-8')
+      throw err
+    }
+  }
+
+  private async execute(req: CheckedRequest, signal: AbortSignal): Promise<void> {
+    const { did, keys, engine } = this.opts
+    const sessionId = req.session_id
+    const rkey = TID.nextStr()
+    const receiptUri = `at://${did}/${ids.ComputeReceipt}/${rkey}`
+    const params = generationParams(req.params)
+    const startedAt = new Date().toISOString()
+    const output = createHash('sha256')
+    let seq = 0
+    try {
+      const done = await drain(engine.generate({ model: req.model, messages: req.messages, maxTokens: req.max_tokens_out, params, signal }), (piece) => {
+        // Nothing more is sent for a cancelled job, even a piece already made.
+        signal.throwIfAborted()
+        const bytes = utf8.encode(piece)
+        output.update(bytes)
+        this.opts.send({ type: 'inference_chunk', v: PROTOCOL_VERSION, session_id: sessionId, seq: seq++, ciphertext: sealReply(bytes, req.requester_pub_key, keys.encryption.secretKey) })
+      })
+      // Cancelled as the engine finished: the exchange has already let the job go.
+      signal.throwIfAborted()
+      this.opts.send({
+        type: 'inference_complete',
+        v: PROTOCOL_VERSION,
+        session_id: sessionId,
+        tokens_in: done.tokensIn,
+        tokens_out: done.tokensOut,
+        finish_reason: done.finishReason,
+        receipt_uri: receiptUri,
+        final_seq: seq - 1,
+      })
+      this.stats.completed++
+      this.emit('job-complete', { sessionId, receiptUri, tokensIn: done.tokensIn, tokensOut: done.tokensOut, finishReason: done.finishReason })
+      const receipt: ReceiptInput = {
+        job: { uri: req.job_uri, cid: req.job_cid },
+        requester: req.requester_did,
+        model: req.model,
+        inputCommitment: req.input_commitment,
+        outputCommitment: output.digest('hex'),
+        tokens: { in: done.tokensIn, out: done.tokensOut },
+        startedAt,
+        completedAt: new Date().toISOString(),
+        price: this.prices.get(req.model)!,
+        attestation: this.opts.attestation(),
+        params: receiptParams(req.max_tokens_out, params),
+        proBono: req.pro_bono === true,
+      }
+      const write = this.publish(sessionId, rkey, receipt).finally(() => this.writes.delete(write))
+      this.writes.add(write)
+    } catch (err) {
+      if (signal.aborted) {
+        this.stats.cancelled++
+        this.emit('job-cancelled', { sessionId, reason: String(signal.reason) })
+        return
+      }
+      log.warn('engine failed', { sessionId, model: req.model, err: err as Error })
+      this.fail(sessionId, 'engine_error', 'the engine failed')
+    }
+  }
+
+  private async publish(sessionId: string, rkey: string, input: ReceiptInput): Promise<void> {
+    const uri = `at://${this.opts.did}/${ids.ComputeReceipt}/${rkey}`
+    try {
+      const receipt = receiptRecord(input, this.opts.keys)
+      // Same rkey and bytes on every attempt: a write that did land is not duplicated.
+      const ref = await withRetry(() => this.opts.writer.put(ids.ComputeReceipt, rkey, receipt), {
+        ...(this.opts.receiptRetry ?? { attempts: 4, firstDelayMs: 1000 }),
+        onRetry: (err, attempt) => log.warn('receipt write failed; retrying', { sessionId, uri, attempt, err: err as Error }),
+      })
+      this.stats.receiptsPublished++
+      this.emit('receipt-published', { sessionId, ...ref })
+    } catch (err) {
+      this.stats.receiptsFailed++
+      log.error('receipt not published', { sessionId, uri, err: err as Error })
+      this.emit('receipt-failed', { sessionId, uri })
+    }
+  }
+
+  private fail(sessionId: string, code: InferenceErrorCode, message: string): void {
+    this.stats.failed++
+    this.opts.send({ type: 'inference_error', v: PROTOCOL_VERSION, session_id: sessionId, code, message })
+    this.emit('job-failed', { sessionId, code })
+  }
+}
