@@ -17,7 +17,8 @@ import { createKey, deleteKey, revokeKey, sessionCaller } from './api/key-action
 import { InvalidRequestError } from '../src/xrpc/errors.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
-import { accountPage, auditPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
+import { browserModules, MODULES_PATH } from './browser-modules.ts'
+import { accountPage, auditPage, chatPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
 import type { Wiper } from './wipe.ts'
 import { InvalidRecordError, type Publisher } from './publisher.ts'
 import { SESSION_TTL_MS, type AuditLog, type ConsoleSession, type ConsoleSessions } from './sessions.ts'
@@ -66,6 +67,8 @@ function clientIpOf(c: Context): string | undefined {
 export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   const app = new Hono<Env>()
   const origin = new URL(deps.consoleUrl).origin
+  // The chat page reads provider keys from the AppView itself.
+  const appviewOrigin = new URL(deps.appviewUrl).origin
   const ip = (c: Context) => (deps.clientIp ?? clientIpOf)(c)
   const cookieOpts = deps.secureCookies
     ? ({ prefix: 'host', secure: true, httpOnly: true, sameSite: 'Lax', path: '/' } as const)
@@ -83,7 +86,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   app.use(async (c, next) => {
     await next()
     // Nothing from other origins: no analytics, no third-party assets, no framing.
-    c.header('Content-Security-Policy', "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self' http: https:; base-uri 'none'")
+    c.header('Content-Security-Policy', `default-src 'self'; connect-src 'self' ${appviewOrigin}; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self' http: https:; base-uri 'none'`)
     c.header('X-Content-Type-Options', 'nosniff')
     c.header('Referrer-Policy', 'same-origin')
     c.header('Cache-Control', 'no-store')
@@ -384,6 +387,9 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     if (!job) return c.html(errorPage('Not found', 'No such wipe report (reports are kept for 7 days).'), 404)
     return c.html(wipePage(job))
   })
+
+  app.route('/', browserModules())
+  app.get('/chat', requireSession, async (c) => c.html(chatPage(await who(c), deps.appviewUrl, `${MODULES_PATH}/console/browser/chat.ts`)))
 
   app.get('/audit', requireSession, async (c) => {
     const s = c.get('session')!

@@ -30,7 +30,7 @@ export function layout(title: string, body: Html, who?: { did: string; handle?: 
           <h1><a href="/">cocore</a></h1>
           ${who
             ? html`<nav>
-                <a href="/profile">Profile</a><a href="/friends">Friends</a><a href="/machines">Machines</a>
+                <a href="/chat">Chat</a><a href="/profile">Profile</a><a href="/friends">Friends</a><a href="/machines">Machines</a>
                 <a href="/keys">API keys</a><a href="/sessions">Sessions</a><a href="/audit">Activity</a><a href="/account">Your data</a>
                 <form class="inline" method="post" action="/logout"><button>Sign out</button></form>
               </nav>`
@@ -77,6 +77,26 @@ export function dashboardPage(who: { did: string; handle?: string | null }, appv
       <form method="post" action="/logout-everywhere">
         <button>Sign out everywhere</button> (ends every console session and revokes the console's access to your PDS)
       </form>`,
+    who,
+  )
+}
+
+/** The chat: everything happens in the browser (console/browser/chat.ts); the page only lays it out. */
+export function chatPage(who: Who, appviewUrl: string, moduleUrl: string): Html {
+  return layout(
+    'Chat',
+    html`<h2>Chat</h2>
+      <div id="chat" data-appview="${appviewUrl}">
+        <p>Your prompt is sealed in this browser to the provider's published key (read from the AppView) before it is sent; the console only relays ciphertext.</p>
+        <div id="transcript"></div>
+        <form>
+          <label>Model <select name="model"></select></label><br />
+          <textarea name="prompt" rows="3" cols="60" required></textarea><br />
+          <button type="submit">Send</button>
+        </form>
+        <p id="status" role="status"></p>
+      </div>
+      <script type="module" src="${moduleUrl}"></script>`,
     who,
   )
 }

@@ -66,13 +66,14 @@ export const PROVIDERS_PATH = '/exchange/providers'
 
 /** Server-Sent Events from a byte stream: `{ event, data }` per message. */
 async function* sse(body: ReadableStream<Uint8Array>): AsyncGenerator<{ event: string; data: string }> {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader()
+  const reader = body.getReader()
+  const decoder = new TextDecoder()
   let buf = ''
   try {
     for (;;) {
       const { value, done } = await reader.read()
       if (done) return
-      buf += value
+      buf += decoder.decode(value, { stream: true })
       let i: number
       while ((i = buf.indexOf('\n\n')) >= 0) {
         const block = buf.slice(0, i)
