@@ -5,7 +5,7 @@
  */
 import nacl from 'tweetnacl'
 import { describe, expect, it } from 'vitest'
-import { box, generateX25519KeyPair, NONCE_BYTES, openBox, openPrompt, openReply, sealPrompt, sealReply, SealError } from '../src/crypto/seal.ts'
+import { box, generateX25519KeyPair, NONCE_BYTES, openBox, openPrompt, openReply, ReplyChannel, sealPrompt, sealReply, SealError } from '../src/crypto/seal.ts'
 
 const text = (s: string) => new TextEncoder().encode(s)
 const b64 = (b: Uint8Array) => Buffer.from(b).toString('base64')
@@ -39,6 +39,27 @@ describe('x25519 sealing', () => {
     expect(new TextDecoder().decode(openReply(reply, providerPub, a.ephemeralSecretKey)!)).toBe('4')
     // Another request's ephemeral key cannot read it.
     expect(openReply(reply, providerPub, b.ephemeralSecretKey)).toBeNull()
+  })
+
+  it('computes the box key of a job once at each end, wire-compatible with one-shot boxes and tweetnacl', () => {
+    const provider = nacl.box.keyPair()
+    const providerPub = b64(provider.publicKey)
+    const prompt = sealPrompt(text('hello'), providerPub)
+    const atProvider = ReplyChannel.provider(prompt.ephemeralPublicKey, provider.secretKey)
+    const atRequester = ReplyChannel.requester(providerPub, prompt.ephemeralSecretKey)
+    // The prompt opens with the provider's channel: one key both ways.
+    expect(new TextDecoder().decode(atProvider.open(prompt.sealed)!)).toBe('hello')
+    for (const chunk of ['a', 'bc', 'déf']) {
+      const sealed = atProvider.seal(text(chunk))
+      expect(new TextDecoder().decode(atRequester.open(sealed)!)).toBe(chunk)
+      expect(new TextDecoder().decode(openReply(sealed, providerPub, prompt.ephemeralSecretKey)!)).toBe(chunk)
+      const raw = Buffer.from(sealed, 'base64')
+      expect(nacl.box.open(raw.subarray(24), raw.subarray(0, 24), provider.publicKey, prompt.ephemeralSecretKey)).toEqual(text(chunk))
+      expect(new TextDecoder().decode(atRequester.open(sealReply(text(chunk), prompt.ephemeralPublicKey, provider.secretKey))!)).toBe(chunk)
+    }
+    const other = ReplyChannel.requester(providerPub, sealPrompt(text('x'), providerPub).ephemeralSecretKey)
+    expect(other.open(atProvider.seal(text('not yours')))).toBeNull()
+    expect(atRequester.open('%%% not base64')).toBeNull()
   })
 
   it('refuses tampered boxes, wrong keys, short input and low-order keys', () => {

@@ -5,7 +5,7 @@
  * plaintext and the keys live in this object only, for one request, and are
  * zeroed by `wipe()`.
  */
-import { openReply, sealPrompt } from '../../src/crypto/seal.ts'
+import { ReplyChannel, sealPrompt } from '../../src/crypto/seal.ts'
 import type { Envelope } from './exchange.ts'
 import { ExchangeError } from './exchange.ts'
 import type { ConnectedProvider } from './gateway.ts'
@@ -13,6 +13,8 @@ import type { ConnectedProvider } from './gateway.ts'
 export class ReceiptSealer {
   private readonly plaintext: Uint8Array
   private readonly secrets = new Map<string, Uint8Array>()
+  /** The reply channel of the provider that answered, computed at its first chunk. */
+  private channel: { did: string; key: string; reply: ReplyChannel } | null = null
   private readonly decoder = new TextDecoder()
 
   constructor(plaintext: Uint8Array) {
@@ -27,8 +29,11 @@ export class ReceiptSealer {
 
   /** A reply chunk from the provider that answered, as text. */
   open(provider: { did: string; key: string }, ciphertext: string): string {
-    const secret = this.secrets.get(provider.did)
-    const bytes = secret && openReply(ciphertext, provider.key, secret)
+    if (this.channel?.did !== provider.did || this.channel.key !== provider.key) {
+      const secret = this.secrets.get(provider.did)
+      this.channel = secret ? { ...provider, reply: ReplyChannel.requester(provider.key, secret) } : null
+    }
+    const bytes = this.channel?.reply.open(ciphertext)
     if (!bytes) throw new ExchangeError('provider_failed', 502, 'a reply chunk from the provider did not decrypt')
     return this.decoder.decode(bytes, { stream: true })
   }
@@ -36,5 +41,6 @@ export class ReceiptSealer {
   wipe(): void {
     this.plaintext.fill(0)
     for (const s of this.secrets.values()) s.fill(0)
+    this.channel?.reply.wipe()
   }
 }

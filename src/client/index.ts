@@ -10,7 +10,7 @@
  *
  * Browser-safe: fetch, Web Crypto and Uint8Array only.
  */
-import { openReply, sealPrompt } from '../crypto/seal.ts'
+import { ReplyChannel, sealPrompt } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../protocol/input.ts'
 
@@ -146,23 +146,24 @@ export class CocoreClient {
       sealed: { scheme: 'x25519', inputFormat: 'messages-v1', inputCommitment: inputCommitment(plaintext), envelopes },
     }
     plaintext.fill(0)
+    let opener: ReplyChannel | undefined
     try {
       const res = await this.fetch(`${this.opts.consoleUrl}/xrpc/${ids.InferenceDispatch}`, { method: 'POST', headers: this.headers(true), body: JSON.stringify(input), signal: o.signal })
       if (!res.ok || !res.body) {
         const err = (await res.json().catch(() => ({}))) as { error?: string; message?: string }
         throw new CocoreError(err.error ?? 'dispatch_failed', err.message ?? `dispatch answered ${res.status}`, res.status)
       }
-      let opener: { providerKey: string; secret: Uint8Array } | undefined
       const decoder = new TextDecoder()
       for await (const { event, data } of sse(res.body)) {
         const d = JSON.parse(data) as Record<string, unknown>
         if (event === 'meta') {
           // Reply chunks are opened with the key we sealed to, not one the stream names.
-          opener = keys.get(d.providerDid as string)
-          if (!opener) throw new CocoreError('unexpected_provider', `the exchange answered from ${String(d.providerDid)}, which the prompt was not sealed to`)
+          const sealedTo = keys.get(d.providerDid as string)
+          if (!sealedTo) throw new CocoreError('unexpected_provider', `the exchange answered from ${String(d.providerDid)}, which the prompt was not sealed to`)
+          opener = ReplyChannel.requester(sealedTo.providerKey, sealedTo.secret)
           yield { type: 'meta', providerDid: d.providerDid as string, jobUri: d.jobUri as string, authUri: d.authUri as string, inputCommitment: d.inputCommitment as string }
         } else if (event === 'chunk') {
-          const bytes = opener && typeof d.ciphertext === 'string' ? openReply(d.ciphertext, opener.providerKey, opener.secret) : null
+          const bytes = opener && typeof d.ciphertext === 'string' ? opener.open(d.ciphertext) : null
           if (!bytes) throw new CocoreError('chunk_decrypt_failed', 'a reply chunk did not decrypt with the key the prompt was sealed to')
           yield { type: 'text', text: decoder.decode(bytes, { stream: true }) }
         } else if (event === 'complete') {
@@ -175,6 +176,7 @@ export class CocoreClient {
       throw new CocoreError('stream_ended', 'the reply stream ended before the job completed')
     } finally {
       for (const k of keys.values()) k.secret.fill(0)
+      opener?.wipe()
     }
   }
 }

@@ -56,24 +56,33 @@ function boxKey(theirPublic: Uint8Array, mySecret: Uint8Array): Uint8Array {
   return bytesLe(out)
 }
 
-/** `nonce || box` of `plaintext` from `senderSecret` to `recipientPublic`. */
-export function box(plaintext: Uint8Array, recipientPublic: Uint8Array, senderSecret: Uint8Array): Uint8Array {
+const sealWithKey = (key: Uint8Array, plaintext: Uint8Array): Uint8Array => {
   const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES))
-  const sealed = xsalsa20poly1305(boxKey(recipientPublic, senderSecret), nonce).encrypt(plaintext)
+  const sealed = xsalsa20poly1305(key, nonce).encrypt(plaintext)
   const out = new Uint8Array(NONCE_BYTES + sealed.length)
   out.set(nonce)
   out.set(sealed, NONCE_BYTES)
   return out
 }
 
-/** Opens `nonce || box` sent by `senderPublic` to us; null when it does not authenticate. */
-export function openBox(framed: Uint8Array, senderPublic: Uint8Array, recipientSecret: Uint8Array): Uint8Array | null {
+const openWithKey = (key: Uint8Array, framed: Uint8Array): Uint8Array | null => {
   if (framed.length < NONCE_BYTES + MAC_BYTES) return null
   try {
-    return xsalsa20poly1305(boxKey(senderPublic, recipientSecret), framed.subarray(0, NONCE_BYTES)).decrypt(framed.subarray(NONCE_BYTES))
+    return xsalsa20poly1305(key, framed.subarray(0, NONCE_BYTES)).decrypt(framed.subarray(NONCE_BYTES))
   } catch {
     return null
   }
+}
+
+/** `nonce || box` of `plaintext` from `senderSecret` to `recipientPublic`. */
+export function box(plaintext: Uint8Array, recipientPublic: Uint8Array, senderSecret: Uint8Array): Uint8Array {
+  return sealWithKey(boxKey(recipientPublic, senderSecret), plaintext)
+}
+
+/** Opens `nonce || box` sent by `senderPublic` to us; null when it does not authenticate. */
+export function openBox(framed: Uint8Array, senderPublic: Uint8Array, recipientSecret: Uint8Array): Uint8Array | null {
+  if (framed.length < NONCE_BYTES + MAC_BYTES) return null
+  return openWithKey(boxKey(senderPublic, recipientSecret), framed)
 }
 
 export interface SealedPrompt {
@@ -101,6 +110,43 @@ export function sealPrompt(plaintext: Uint8Array, providerEncryptionPubKey: stri
 /** The provider's side: open a prompt, given the requester's ephemeral public key. */
 export function openPrompt(sealed: string, ephemeralPublicKey: string, providerSecretKey: Uint8Array): Uint8Array | null {
   return openBox(fromB64(sealed), fromB64(ephemeralPublicKey), providerSecretKey)
+}
+
+/**
+ * One job's reply channel: the box key (NaCl `crypto_box_beforenm`) of the
+ * requester's ephemeral key and the provider's key, computed once, so each
+ * chunk costs only XSalsa20-Poly1305, not an X25519 multiplication. Both
+ * ends derive the same key; the wire form is the same `nonce || box`.
+ */
+export class ReplyChannel {
+  private readonly key: Uint8Array
+  private constructor(key: Uint8Array) {
+    this.key = key
+  }
+  /** The provider's end: the requester's ephemeral public key (base64) and its own secret key. */
+  static provider(ephemeralPublicKey: string, providerSecretKey: Uint8Array): ReplyChannel {
+    return new ReplyChannel(boxKey(fromB64(ephemeralPublicKey), providerSecretKey))
+  }
+  /** The requester's end: the provider's published key (base64) and the ephemeral secret key. */
+  static requester(providerEncryptionPubKey: string, ephemeralSecretKey: Uint8Array): ReplyChannel {
+    return new ReplyChannel(boxKey(fromB64(providerEncryptionPubKey), ephemeralSecretKey))
+  }
+  seal(chunk: Uint8Array): string {
+    return toB64(sealWithKey(this.key, chunk))
+  }
+  /** null when the chunk does not authenticate (or is not base64). */
+  open(sealed: string): Uint8Array | null {
+    let framed: Uint8Array
+    try {
+      framed = fromB64(sealed)
+    } catch {
+      return null
+    }
+    return openWithKey(this.key, framed)
+  }
+  wipe(): void {
+    this.key.fill(0)
+  }
 }
 
 /** The provider's side: seal one reply chunk back to the requester's ephemeral key. */

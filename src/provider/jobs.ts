@@ -12,7 +12,7 @@
 import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { TID } from '@atproto/common-web'
-import { openPrompt, sealReply } from '../crypto/seal.ts'
+import { ReplyChannel } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
 import { PROTOCOL_VERSION, type FinishReason, type InferenceErrorCode, type InferenceRequestFrame, type ProviderFrame } from '../protocol/agent.ts'
 import { decodeInput, inputCommitment, InputError, type ChatMessage } from '../protocol/input.ts'
@@ -59,6 +59,8 @@ export interface JobEvents {
 
 interface CheckedRequest extends InferenceRequestFrame {
   messages: ChatMessage[]
+  /** The box key of this job (one X25519 for the prompt and every reply chunk). */
+  channel: ReplyChannel
 }
 
 const HEX64 = /^[0-9a-f]{64}$/
@@ -132,16 +134,19 @@ export class JobRunner extends EventEmitter<JobEvents> {
     if (typeof f.input_commitment !== 'string' || !HEX64.test(f.input_commitment)) return bad('input_commitment must be 64 lowercase hex characters')
     if (typeof f.ciphertext !== 'string' || typeof f.requester_pub_key !== 'string') return { code: 'decrypt_failed', message: 'ciphertext and requester_pub_key must be base64 strings' }
     let plaintext: Uint8Array | null
+    let channel: ReplyChannel | null = null
     try {
-      plaintext = openPrompt(f.ciphertext, f.requester_pub_key, this.opts.keys.encryption.secretKey)
+      // The prompt's box key is the reply's: the same X25519 pair, both ways.
+      channel = ReplyChannel.provider(f.requester_pub_key, this.opts.keys.encryption.secretKey)
+      plaintext = channel.open(f.ciphertext)
     } catch {
       // A malformed or low-order requester key.
       plaintext = null
     }
-    if (!plaintext) return { code: 'decrypt_failed', message: "the prompt does not open with this machine's key" }
+    if (!plaintext || !channel) return { code: 'decrypt_failed', message: "the prompt does not open with this machine's key" }
     if (inputCommitment(plaintext) !== f.input_commitment) return bad('the prompt does not match its input_commitment')
     try {
-      return { ...f, messages: decodeInput(plaintext, f.input_format) }
+      return { ...f, messages: decodeInput(plaintext, f.input_format), channel }
     } catch (err) {
       if (err instanceof InputError || err instanceof TypeError) return bad(err instanceof InputError ? err.message : 'the prompt is not UTF-8')
       throw err
@@ -163,7 +168,7 @@ export class JobRunner extends EventEmitter<JobEvents> {
         signal.throwIfAborted()
         const bytes = utf8.encode(piece)
         output.update(bytes)
-        this.opts.send({ type: 'inference_chunk', v: PROTOCOL_VERSION, session_id: sessionId, seq: seq++, ciphertext: sealReply(bytes, req.requester_pub_key, keys.encryption.secretKey) })
+        this.opts.send({ type: 'inference_chunk', v: PROTOCOL_VERSION, session_id: sessionId, seq: seq++, ciphertext: req.channel.seal(bytes) })
       })
       // Cancelled as the engine finished: the exchange has already let the job go.
       signal.throwIfAborted()
