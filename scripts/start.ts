@@ -1,7 +1,9 @@
 /**
  * npm start: the whole system on loopback with an embedded local network.
  * A real PLC directory and PDS (in-process), demo accounts with a few
- * dev.cocore records, the AppView and the console, on fixed ports.
+ * dev.cocore records, the AppView, the console (the exchange), and the
+ * reference provider agent with its built-in engine as the demo provider, so
+ * a newcomer can chat at once.
  *
  * The PLC directory lives in memory, so DIDs do not survive a restart: each
  * start recreates `data/dev/` cleanly rather than reusing a PDS whose DIDs no
@@ -18,6 +20,8 @@ import { attestationRecord, authorizationRecord, friend, hex32, jobRecord, profi
 import { stackFile, type StackInfo } from '../src/dev/stack.ts'
 import { setLogLevel } from '../src/logger.ts'
 import { shutdownOn } from '../src/shutdown.ts'
+import { ProviderAgent } from '../src/provider/agent.ts'
+import { BuiltinEngine } from '../src/provider/engine.ts'
 
 const config = loadConfig({ ...process.env, COCORE_MODE: 'dev' })
 setLogLevel(config.logLevel)
@@ -38,6 +42,7 @@ const demo: { handle: string; role: string }[] = [
   { handle: 'market.test', role: 'exchange' },
 ]
 const password = 'password'
+const DEMO_MODEL = 'builtin'
 const accounts: Record<string, LocalAccount> = {}
 for (const d of demo) accounts[d.role === 'requester' ? d.handle : d.role] = await net.createAccount(d.handle, password)
 const alice = accounts['alice.test']!
@@ -87,6 +92,24 @@ const consoleSrv = await startConsole({
   demoAccounts: demo.map((d) => ({ handle: d.handle, password, role: d.role })),
 })
 
+// The demo provider: rig.test's machine, on the built-in deterministic engine. It publishes its own
+// provider and attestation records and registers once the AppView has indexed them.
+const provider = new ProviderAgent({
+  pdsUrl: net.pdsUrl,
+  identifier: rig.handle,
+  password,
+  exchangeUrl: consoleSrv.url,
+  exchangeDid: market.did,
+  keyFile: join(devDir, 'provider-key.json'),
+  engine: new BuiltinEngine(),
+  models: [DEMO_MODEL],
+  label: 'demo provider (built-in engine)',
+  reconnect: { initialMs: 200, maxMs: 2_000 },
+})
+const registered = new Promise<void>((resolve) => provider.once('registered', () => resolve()))
+await provider.start()
+await registered
+
 const stack: StackInfo = {
   plcUrl: net.plcUrl,
   pdsUrl: net.pdsUrl,
@@ -103,7 +126,8 @@ writeFileSync(stackFile(config.dataDir), JSON.stringify(stack, null, 2) + '\n')
 console.log(`
 cocore is running on loopback (local network: PLC + PDS in-process)
 
-  Console   ${consoleSrv.url}          <- sign in here
+  Console   ${consoleSrv.url}          <- sign in here, then Chat
+  OpenAI    ${consoleSrv.url}/v1       (an API key from the console's API keys page; model "${DEMO_MODEL}")
   AppView   ${appview.url}/xrpc/dev.cocore.compute.listProviders
   PDS       ${net.pdsUrl}
   PLC       ${net.plcUrl}
@@ -115,6 +139,7 @@ ${stack.accounts.map((a) => `    ${a.handle.padEnd(14)} ${a.role.padEnd(10)} ${a
 `)
 
 shutdownOn(['SIGINT', 'SIGTERM'], [
+  () => provider.stop(),
   () => consoleSrv.close(),
   () => appview.stop(),
   () => net.close(),
