@@ -189,7 +189,7 @@ describe('OpenAI-compatible API', () => {
     expect(n).toBe(3)
     const ben = providers['ben.test']!
     await waitFor(() => ben.cancels.includes(ben.requests[0]!.session_id), 'job cancelled at the provider')
-    expect(svc.gateway!.providers.get(ben.did)!.jobs.size).toBe(0)
+    expect(svc.gateway!.machinesOf(ben.did)[0]!.jobs.size).toBe(0)
   })
 
   it('routes by tier: private (friends), verified (hardware-attested and challenged), pro bono', async () => {

@@ -13,6 +13,7 @@ import { ids } from '../src/lexicon/generated/ids.ts'
 import { providerRecord, putRecord } from '../src/dev/records.ts'
 import { canonicalBytes } from '../src/crypto/canonical-json.ts'
 import { attestationChallengePayload } from '../src/protocol/agent.ts'
+import { connectScripted, publishScriptedRecord } from './fixture/scripted-provider.ts'
 import type { ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
@@ -80,9 +81,9 @@ describe('provider gateway', () => {
     expect(svc.gateway!.connected('llama-3-8b').map((p) => p.did)).toEqual([rig.did])
     // Liveness: a ping is answered, and the provider stays registered.
     s.ws.send(JSON.stringify({ type: 'ping', v: 1, t: 1 }))
-    await waitFor(() => svc.gateway!.providers.get(rig.did)?.lastSeen, 'ping seen')
+    await waitFor(() => svc.gateway!.machinesOf(rig.did)[0]?.lastSeen, 'ping seen')
     s.ws.close()
-    await waitFor(() => !svc.gateway!.providers.has(rig.did), 'removed on close')
+    await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'removed on close')
   })
 
   it('challenges the attestation key of the provider record, and refuses an answer signed by another key', async () => {
@@ -103,12 +104,12 @@ describe('provider gateway', () => {
       })
       s.ws.send(JSON.stringify(answer(signer)(challenge)))
       if (ok) {
-        await waitFor(() => svc.gateway!.providers.get(rig.did)?.attested, 'attested')
+        await waitFor(() => svc.gateway!.machinesOf(rig.did)[0]?.attested, 'attested')
         s.ws.close()
-        await waitFor(() => !svc.gateway!.providers.has(rig.did), 'removed on close')
+        await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'removed on close')
       } else {
         expect(await closed).toMatchObject({ type: 'error', code: 'attestation_failed' })
-        await waitFor(() => !svc.gateway!.providers.has(rig.did), 'dropped after a bad attestation')
+        await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'dropped after a bad attestation')
       }
     }
   })
@@ -128,7 +129,7 @@ describe('provider gateway', () => {
       const s = await session([register({ serviceAuth })])
       expect(s.frames[0], name).toMatchObject({ type: 'error', code: 'auth_failed' })
     }
-    expect(svc.gateway!.providers.has(rig.did)).toBe(false)
+    expect(svc.gateway!.machinesOf(rig.did).length > 0).toBe(false)
   })
 
   it('refuses frames out of protocol', async () => {
@@ -136,6 +137,33 @@ describe('provider gateway', () => {
     expect((await session([{ type: 'heartbeat' }])).frames[0]).toMatchObject({ type: 'error', code: 'not_registered' })
     expect((await session([register({ serviceAuth: await token(rig), v: 2 })])).frames[0]).toMatchObject({ type: 'error', code: 'unsupported_version' })
     expect((await session([{ type: 'register', v: 1 }])).frames[0]).toMatchObject({ type: 'error', code: 'bad_frame' })
+  })
+
+  it('keeps two machines of one DID connected side by side, re-reads their records, and lets go of one whose record is deleted', async () => {
+    const fast = await startTestConsole(net, 'http://127.0.0.1:1', { index: av.consoleIndex(), exchangeDid: exchange.did, pingIntervalMs: 200 })
+    const owner = await net.createAccount('gus.test')
+    try {
+      const a = await publishScriptedRecord(owner, 'm-a')
+      const b = await publishScriptedRecord(owner, 'm-b')
+      await waitFor(() => av.consoleIndex().providerRecords(owner.did).length === 2, 'both records indexed')
+      const url = fast.localUrl.replace('http', 'ws')
+      const pa = await connectScripted(url, owner, exchange.did, a, { models: ['m-a'] })
+      const pb = await connectScripted(url, owner, exchange.did, b, { models: ['m-b'] })
+      // Several heartbeats later both are still there: neither replaced the other.
+      await new Promise((r) => setTimeout(r, 700))
+      expect(fast.gateway!.machinesOf(owner.did).map((p) => p.models[0]).sort()).toEqual(['m-a', 'm-b'])
+      // The owner switches machine A off: routing sees it at the next heartbeat.
+      await putRecord(owner.agent, owner.did, { ...a.record, active: false }, a.ref.uri.split('/').pop())
+      await waitFor(() => fast.gateway!.machinesOf(owner.did).find((p) => p.models[0] === 'm-a')?.record.body.active === false, 'record re-read')
+      expect(() => fast.exchange!.route({ model: 'm-a', requesterDid: bob.did })).toThrow(/no provider connected now serves/)
+      // Machine B's record is deleted: the key can no longer be checked, so it is let go.
+      await owner.agent.com.atproto.repo.deleteRecord({ repo: owner.did, collection: ids.ComputeProvider, rkey: b.ref.uri.split('/').pop()! })
+      await waitFor(() => fast.gateway!.machinesOf(owner.did).length === 1, 'machine B disconnected')
+      expect(pb.raw.some((f) => f.includes('no longer published'))).toBe(true)
+      pa.close()
+    } finally {
+      await fast.close()
+    }
   })
 
   it('refuses a provider whose record is not indexed', async () => {

@@ -130,11 +130,11 @@ describe('provider agent', () => {
     await waitFor(() => svc.gateway!.connected(MODEL).some((p) => p.did === host.did), 'agent registered')
     expect(agent.registered).toBe(true)
     // The gateway challenges at registration and checks the answer against the record's attestation key.
-    await waitFor(() => svc.gateway!.providers.get(host.did)?.attested, 'attestation challenge passed')
+    await waitFor(() => svc.gateway!.machinesOf(host.did)[0]?.attested, 'attestation challenge passed')
   })
 
   it('answers pings and comes back after the connection drops', async () => {
-    const p = svc.gateway!.providers.get(host.did)!
+    const p = svc.gateway!.machinesOf(host.did)[0]!
     const pong = new Promise((resolve) => p.socket.on('message', (d) => JSON.parse(d.toString()).type === 'pong' && resolve(JSON.parse(d.toString()))))
     p.socket.send(JSON.stringify({ type: 'ping', v: 1, t: 42 }))
     expect(await pong).toMatchObject({ type: 'pong', t: 42 })
@@ -143,7 +143,7 @@ describe('provider agent', () => {
     p.socket.terminate()
     await back
     await waitFor(() => {
-      const now = svc.gateway!.providers.get(host.did)
+      const now = svc.gateway!.machinesOf(host.did)[0]
       return now && now.socket !== p.socket && now.attested
     }, 'registered and attested on a new connection')
   })
@@ -162,7 +162,7 @@ describe('provider agent', () => {
     await host.agent.com.atproto.repo.putRecord({ repo: host.did, collection: ids.ComputeProvider, rkey: rkeyOf(before.provider.uri), record: { ...cur.value, proBono: { mode: 'any' } }, validate: false, swapRecord: cur.cid })
 
     await agent.stop()
-    await waitFor(() => !svc.gateway!.providers.has(host.did), 'gone from the gateway')
+    await waitFor(() => svc.gateway!.machinesOf(host.did).length === 0, 'gone from the gateway')
     agent = new ProviderAgent(agentOpts())
     await agent.start()
     expect(b64(agent.keys.encryption.publicKey)).toBe(before.encryption)
@@ -173,7 +173,7 @@ describe('provider agent', () => {
     const prov = await getRecord<ComputeProvider>(host.agent, host.did, ids.ComputeProvider, rkeyOf(before.provider.uri))
     expect(prov.value.proBono).toEqual({ mode: 'any' })
     expect(prov.value.createdAt).toBe(cur.value.createdAt)
-    await waitFor(() => svc.gateway!.providers.get(host.did)?.attested, 're-registered')
+    await waitFor(() => svc.gateway!.machinesOf(host.did)[0]?.attested, 're-registered')
   })
 
   it('refuses a key file others can read', () => {
@@ -299,7 +299,7 @@ describe('job handler', () => {
 
   it('serves requests and cancels that arrive on its exchange connection', async () => {
     // Raw frames on the gateway's socket to the agent (the gateway drops frames of sessions it did not start).
-    const p = svc.gateway!.providers.get(host.did)!
+    const p = svc.gateway!.machinesOf(host.did)[0]!
     const got: ProviderFrame[] = []
     p.socket.on('message', (d) => got.push(JSON.parse(d.toString())))
     const of = (session: string) => got.filter((f) => 'session_id' in f && f.session_id === session)

@@ -27,8 +27,8 @@ export interface Route {
   country?: string
   minProviderVersion?: string
   targetProviderDid?: string
-  /** Only these providers (a client that sealed to them itself). */
-  onlyProviders?: string[]
+  /** Only these machines (`machineId`s: a client that sealed to them itself). */
+  onlyMachines?: string[]
 }
 
 export type ExchangeErrorCode =
@@ -173,9 +173,9 @@ export class Exchange {
       ps = ps.filter((p) => p.did === r.targetProviderDid)
       if (ps.length === 0) fail('provider_not_connected')
     }
-    if (r.onlyProviders) {
-      const only = new Set(r.onlyProviders)
-      ps = ps.filter((p) => only.has(p.did))
+    if (r.onlyMachines) {
+      const only = new Set(r.onlyMachines)
+      ps = ps.filter((p) => only.has(p.machine))
       if (ps.length === 0) fail('provider_not_connected')
     }
     if (r.tier === 'private') {

@@ -43,6 +43,8 @@ export { AGENT_PATH, PROTOCOL_VERSION }
 const MAX_FRAME_BYTES = 1 << 20
 
 export interface ConnectedProvider {
+  /** One machine: a DID may run several, each with its own provider record and key. */
+  machine: string
   did: string
   encryptionPubKey: string
   models: string[]
@@ -85,9 +87,13 @@ export type RefusalCode = 'bad_frame' | 'unsupported_version' | 'not_registered'
 
 const send = (ws: WebSocket, frame: ExchangeFrame) => ws.send(JSON.stringify(frame))
 
+/** A machine is a DID and the encryption key of one of its provider records. */
+export const machineId = (did: string, encryptionPubKey: string) => `${did} ${encryptionPubKey}`
+
 export class ProviderGateway {
   private readonly opts: GatewayOpts
   private readonly wss: WebSocketServer
+  /** Connected machines, by `machineId(did, encryptionPubKey)`. */
   readonly providers = new Map<string, ConnectedProvider>()
   private readonly timer: NodeJS.Timeout
 
@@ -111,6 +117,11 @@ export class ProviderGateway {
   /** Providers connected now that serve `model` (all when undefined). */
   connected(model?: string): ConnectedProvider[] {
     return [...this.providers.values()].filter((p) => !model || p.models.includes(model))
+  }
+
+  /** The DID's connected machines. */
+  machinesOf(did: string): ConnectedProvider[] {
+    return [...this.providers.values()].filter((p) => p.did === did)
   }
 
   /**
@@ -138,7 +149,7 @@ export class ProviderGateway {
   }
 
   private onConnection(ws: WebSocket): void {
-    let did: string | null = null
+    let machine: string | null = null
     let challenge: { nonce: string; timestamp: string } | null = null
     const refuse = (code: RefusalCode, message: string) => {
       send(ws, { type: 'error', v: PROTOCOL_VERSION, code, message })
@@ -153,16 +164,16 @@ export class ProviderGateway {
         } catch {
           return refuse('bad_frame', 'frames are JSON objects with a string "type"')
         }
-        if (!did) {
+        if (!machine) {
           if (frame.type !== 'register') return refuse('not_registered', 'the first frame must be "register"')
           const result = await this.register(frame, ws)
           if ('refusal' in result) return refuse(result.refusal, result.message)
-          did = result.did
+          machine = result.machine
           challenge = { nonce: randomBytes(16).toString('hex'), timestamp: new Date().toISOString().replace(/\.\d{3}Z$/, 'Z') }
           send(ws, { type: 'attestation_challenge', v: PROTOCOL_VERSION, ...challenge })
           return
         }
-        const p = this.providers.get(did)
+        const p = this.providers.get(machine)
         if (p?.socket !== ws) return
         p.lastSeen = Date.now()
         switch (frame.type) {
@@ -186,10 +197,10 @@ export class ProviderGateway {
     })
     ws.on('error', () => ws.terminate())
     ws.on('close', () => {
-      if (!did) return
-      const p = this.providers.get(did)
+      if (!machine) return
+      const p = this.providers.get(machine)
       if (p?.socket !== ws) return
-      this.providers.delete(did)
+      this.providers.delete(machine)
       for (const [sessionId, sink] of p.jobs) {
         p.jobs.delete(sessionId)
         sink.fail('lost', 'the provider disconnected')
@@ -231,7 +242,7 @@ export class ProviderGateway {
     }
   }
 
-  private async register(frame: Frame, ws: WebSocket): Promise<{ did: string } | { refusal: RefusalCode; message: string }> {
+  private async register(frame: Frame, ws: WebSocket): Promise<{ machine: string } | { refusal: RefusalCode; message: string }> {
     if (frame.v !== PROTOCOL_VERSION) return { refusal: 'unsupported_version', message: `this exchange speaks protocol version ${PROTOCOL_VERSION}` }
     const { did, serviceAuth, encryptionPubKey, models, version } = frame as Record<string, unknown>
     if (typeof did !== 'string' || typeof serviceAuth !== 'string' || typeof encryptionPubKey !== 'string' || !Array.isArray(models) || !models.every((m) => typeof m === 'string')) {
@@ -257,13 +268,16 @@ export class ProviderGateway {
           : `no ${ids.ComputeProvider} record of yours is indexed yet: publish it first`,
       }
     }
-    const previous = this.providers.get(did)
+    // The same machine reconnecting replaces its old connection; another machine of the DID is another entry.
+    const machine = machineId(did, encryptionPubKey)
+    const previous = this.providers.get(machine)
     if (previous && previous.socket !== ws) {
       previous.socket.close(1000, 'replaced by a new connection')
       for (const sink of previous.jobs.values()) sink.fail('lost', 'the provider reconnected')
       previous.jobs.clear()
     }
-    this.providers.set(did, {
+    this.providers.set(machine, {
+      machine,
       did,
       encryptionPubKey,
       models: models as string[],
@@ -278,11 +292,12 @@ export class ProviderGateway {
     })
     send(ws, { type: 'registered', v: PROTOCOL_VERSION, did, exchange: this.opts.exchangeDid })
     log.info('provider registered', { did, models })
-    return { did }
+    return { machine }
   }
 
   private heartbeat(every: number): void {
     const now = Date.now()
+    void this.refreshRecords()
     for (const p of this.providers.values()) {
       if (now - p.lastSeen > 3 * every) {
         log.info('provider silent; dropped', { did: p.did })
@@ -290,6 +305,32 @@ export class ProviderGateway {
         p.socket.terminate()
       } else {
         send(p.socket, { type: 'ping', v: PROTOCOL_VERSION, t: now })
+      }
+    }
+  }
+
+  /**
+   * Routing reads the provider record (active, tier, region, pro bono), which
+   * its owner may change at any time: re-read from the index each heartbeat.
+   * A machine whose record is gone (deleted, or its account deactivated) is
+   * disconnected: requesters could no longer check its key.
+   */
+  private async refreshRecords(): Promise<void> {
+    for (const did of new Set([...this.providers.values()].map((p) => p.did))) {
+      let records: IndexedProvider[]
+      try {
+        records = await this.opts.providerRecords(did)
+      } catch (err) {
+        log.warn('provider records could not be re-read', { did, err: err as Error })
+        continue
+      }
+      for (const p of this.machinesOf(did)) {
+        const record = records.find((r) => r.body.encryptionPubKey === p.encryptionPubKey)
+        if (record) p.record = record
+        else {
+          send(p.socket, { type: 'error', v: PROTOCOL_VERSION, code: 'encryption_key_mismatch', message: `your ${ids.ComputeProvider} record with this key is no longer published` })
+          p.socket.close(1008, 'encryption_key_mismatch')
+        }
       }
     }
   }

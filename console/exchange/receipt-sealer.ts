@@ -8,13 +8,14 @@
 import { ReplyChannel, sealPrompt } from '../../src/crypto/seal.ts'
 import type { Envelope } from './exchange.ts'
 import { ExchangeError } from './exchange.ts'
-import type { ConnectedProvider } from './gateway.ts'
+import { machineId, type ConnectedProvider } from './gateway.ts'
 
 export class ReceiptSealer {
   private readonly plaintext: Uint8Array
+  /** Ephemeral secret per machine sealed to. */
   private readonly secrets = new Map<string, Uint8Array>()
-  /** The reply channel of the provider that answered, computed at its first chunk. */
-  private channel: { did: string; key: string; reply: ReplyChannel } | null = null
+  /** The reply channel of the machine that answered, computed at its first chunk. */
+  private channel: { machine: string; reply: ReplyChannel } | null = null
   private readonly decoder = new TextDecoder()
 
   constructor(plaintext: Uint8Array) {
@@ -23,15 +24,16 @@ export class ReceiptSealer {
 
   seal = (p: ConnectedProvider): Envelope => {
     const s = sealPrompt(this.plaintext, p.encryptionPubKey)
-    this.secrets.set(p.did, s.ephemeralSecretKey)
+    this.secrets.set(p.machine, s.ephemeralSecretKey)
     return { ciphertext: s.sealed, requesterPubKey: s.ephemeralPublicKey }
   }
 
   /** A reply chunk from the provider that answered, as text. */
   open(provider: { did: string; key: string }, ciphertext: string): string {
-    if (this.channel?.did !== provider.did || this.channel.key !== provider.key) {
-      const secret = this.secrets.get(provider.did)
-      this.channel = secret ? { ...provider, reply: ReplyChannel.requester(provider.key, secret) } : null
+    const machine = machineId(provider.did, provider.key)
+    if (this.channel?.machine !== machine) {
+      const secret = this.secrets.get(machine)
+      this.channel = secret ? { machine, reply: ReplyChannel.requester(provider.key, secret) } : null
     }
     const bytes = this.channel?.reply.open(ciphertext)
     if (!bytes) throw new ExchangeError('provider_failed', 502, 'a reply chunk from the provider did not decrypt')

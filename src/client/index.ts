@@ -131,10 +131,11 @@ export class CocoreClient {
     if (chosen.length === 0) throw new CocoreError('unverified_provider_keys', 'no connected provider announces a key its published, indexed record carries: nothing was sent')
 
     const plaintext = encodeInput(o.messages)
+    /** Per machine sealed to (DID and key): the key and the ephemeral secret its reply opens with. */
     const keys = new Map<string, { providerKey: string; secret: Uint8Array }>()
     const envelopes = chosen.map((p) => {
       const s = sealPrompt(plaintext, p.encryptionPubKey)
-      keys.set(p.did, { providerKey: p.encryptionPubKey, secret: s.ephemeralSecretKey })
+      keys.set(`${p.did} ${p.encryptionPubKey}`, { providerKey: p.encryptionPubKey, secret: s.ephemeralSecretKey })
       return { providerDid: p.did, encryptionPubKey: p.encryptionPubKey, ephemeralPubKey: s.ephemeralPublicKey, ciphertext: s.sealed }
     })
     const input = {
@@ -158,8 +159,8 @@ export class CocoreClient {
         const d = JSON.parse(data) as Record<string, unknown>
         if (event === 'meta') {
           // Reply chunks are opened with the key we sealed to, not one the stream names.
-          const sealedTo = keys.get(d.providerDid as string)
-          if (!sealedTo) throw new CocoreError('unexpected_provider', `the exchange answered from ${String(d.providerDid)}, which the prompt was not sealed to`)
+          const sealedTo = keys.get(`${String(d.providerDid)} ${String(d.encryptionPubKey)}`)
+          if (!sealedTo) throw new CocoreError('unexpected_provider', `the exchange answered from ${String(d.providerDid)} with a key the prompt was not sealed to`)
           opener = ReplyChannel.requester(sealedTo.providerKey, sealedTo.secret)
           yield { type: 'meta', providerDid: d.providerDid as string, jobUri: d.jobUri as string, authUri: d.authUri as string, inputCommitment: d.inputCommitment as string }
         } else if (event === 'chunk') {

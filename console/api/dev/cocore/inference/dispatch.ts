@@ -18,6 +18,7 @@ import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import { admit, AdmissionError } from '../../../../exchange/admission.ts'
 import { ExchangeError, type ExchangeEvent, type JobInput, type Route } from '../../../../exchange/exchange.ts'
 import { ReceiptSealer } from '../../../../exchange/receipt-sealer.ts'
+import { machineId } from '../../../../exchange/gateway.ts'
 import { callerOf, requireScope, type ApiDeps } from '../../../context.ts'
 
 /** Placeholder `prompt` of a sealed request: the lexicon requires the field, and plaintext must not ride along. */
@@ -58,8 +59,8 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
     const format = (sealed.inputFormat ?? 'messages-v1') as InputFormat
     if (format !== 'messages-v1' && format !== 'text') throw new InvalidRequestError(`unknown input format "${sealed.inputFormat}"`)
     if (!/^[0-9a-f]{64}$/.test(sealed.inputCommitment)) throw new InvalidRequestError('inputCommitment is the sha256 hex of the sealed plaintext')
-    const envelopes = new Map(sealed.envelopes.map((e) => [e.providerDid, e]))
-    route.onlyProviders = [...envelopes.keys()]
+    const envelopes = new Map(sealed.envelopes.map((e) => [machineId(e.providerDid, e.encryptionPubKey), e]))
+    route.onlyMachines = [...envelopes.keys()]
     job = {
       route,
       inputCommitment: sealed.inputCommitment,
@@ -69,10 +70,10 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
       maxTokensOut: input.maxTokensOut,
       params: {},
       ceiling: input.priceCeiling,
-      // An envelope sealed to a key other than the one the provider registered with could not be opened: skipped.
+      // Envelopes name the machine (DID and key) they were sealed to; no other machine is tried.
       seal: (p) => {
-        const e = envelopes.get(p.did)
-        return e && e.encryptionPubKey === p.encryptionPubKey ? { ciphertext: e.ciphertext, requesterPubKey: e.ephemeralPubKey } : null
+        const e = envelopes.get(p.machine)
+        return e ? { ciphertext: e.ciphertext, requesterPubKey: e.ephemeralPubKey } : null
       },
     }
   } else {
