@@ -25,6 +25,10 @@ export interface ConsoleIndex {
   providerRecords(did: string): IndexedProvider[]
   /** Whether `owner` lists `subject` as a friend (the private tier). */
   isFriend(owner: string, subject: string): boolean
+  /** Indexed receipts after an index position, in index order (the settlement feed). */
+  receiptsAfter(rowid: number, limit: number): (IndexedProvider & { rowid: number; did: string })[]
+  /** One indexed record, or undefined. */
+  record(uri: string): (IndexedProvider & { did: string; collection: string }) | undefined
 }
 
 export interface AppViewOpts {
@@ -99,6 +103,8 @@ export class AppView implements AsyncDisposable {
       records: (did) => this.store.recordsOf(did),
       providerRecords: (did) => this.store.providerRecords(did),
       isFriend: (owner, subject) => this.store.isFriend(owner, subject),
+      receiptsAfter: (rowid, limit) => this.store.receiptsAfter(rowid, limit),
+      record: (uri) => this.store.record(uri),
     }
   }
 

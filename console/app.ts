@@ -45,6 +45,8 @@ export interface ConsoleDeps {
   wiper: Wiper
   /** The account's rows in the AppView index, for the export; absent without an in-process AppView. */
   indexedRecords?: (did: string) => Promise<unknown[]> | unknown[]
+  /** After each completed sign-in (the exchange's welcome grant, once per account). */
+  onSignIn?: (did: string) => void
   /** The OpenAI-compatible inference API (`/v1/...`), when this console is an exchange. */
   inference?: Hono<any>
   /** Test hook: the client address, where the HTTP server is not Node's. */
@@ -186,6 +188,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     }
     const { token, session } = deps.sessions.create(did, c.req.header('user-agent'), ip(c))
     deps.audit.record(did, 'sign-in', session.ipHash, { session: session.id })
+    deps.onSignIn?.(did)
     setCookie(c, SESSION_COOKIE, token, { ...cookieOpts, maxAge: SESSION_TTL_MS / 1000 })
     return c.redirect('/', 303)
   })

@@ -23,6 +23,11 @@ import { directoryRoutes } from './exchange/directory.ts'
 import { Hono } from 'hono'
 import type { InferenceDeps } from './exchange/admission.ts'
 import type { ApiDeps } from './api/context.ts'
+import { Economy } from './exchange/economy.ts'
+import { DEFAULT_POLICY, type EconomyPolicy } from './exchange/policy.ts'
+import pkg from '../package.json' with { type: 'json' }
+
+const SOFTWARE_VERSION = `cocore-appview/${pkg.version}`
 import { createIdResolver } from '../src/identity/index.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
 
@@ -44,6 +49,17 @@ export interface ConsoleOpts {
   index?: ConsoleIndex
   /** The exchange's DID: enables the provider gateway (`/v1/agent`), whose tokens must name it. */
   exchangeDid?: string
+  /** The exchange account's credentials (an app password): enables the ledger and settlements, published on its repo. */
+  exchangeAccount?: { pdsUrl: string; identifier: string; password: string }
+  /** The economy; defaults from DEFAULT_POLICY. */
+  policy?: Partial<EconomyPolicy>
+  /** A private JWK (COCORE_EXCHANGE_SIGNING_KEY); default a key file in dataDir. */
+  signingKey?: string
+  /** Settlement tuning (tests shorten it). */
+  settleEveryMs?: number
+  outboxRetry?: { firstMs: number; maxMs: number }
+  /** Test hooks of the settlement pipeline (crash tests). */
+  settlementHooks?: { afterDecide?: (receiptUri: string) => void; afterPublish?: (ref: string) => void }
   /** Wipe retry timing (tests shorten it). */
   wipeRetry?: { firstMs: number; maxMs: number; giveUpAfterMs: number; attemptMs?: number }
   /** Sign-in attempts per minute from one client address. */
@@ -70,6 +86,8 @@ export interface ConsoleService {
   /** The provider gateway and the exchange, when this console is an exchange. */
   gateway: ProviderGateway | null
   exchange: Exchange | null
+  /** The ledger and settlements, when the exchange account's credentials are configured. */
+  economy: Economy | null
   db: Db
   wiper: Wiper
   close(): Promise<void>
@@ -124,9 +142,24 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
       firstChunkTimeoutMs: opts.firstChunkTimeoutMs,
     })
   }
+  let economy: Economy | null = null
+  if (opts.exchangeDid && opts.index && opts.exchangeAccount) {
+    economy = await Economy.start({
+      db,
+      index: opts.index,
+      repo: opts.exchangeAccount,
+      policy: { ...DEFAULT_POLICY, ...opts.policy },
+      signingKey: { env: opts.signingKey, file: join(opts.dataDir, 'exchange-signing-key.json') },
+      softwareVersion: SOFTWARE_VERSION,
+      settleEveryMs: opts.settleEveryMs,
+      outbox: { retry: opts.outboxRetry, afterPublish: opts.settlementHooks?.afterPublish },
+      afterDecide: opts.settlementHooks?.afterDecide,
+    })
+    if (economy.repo.did !== opts.exchangeDid) throw new Error(`the exchange account signs in as ${economy.repo.did}, not the configured exchange DID ${opts.exchangeDid}`)
+  }
   const hasPdsSession$ = db.$client.prepare('SELECT 1 FROM oauth_sessions WHERE did = ?').pluck()
   const inference: InferenceDeps | undefined = exchange
-    ? { exchange, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined }
+    ? { exchange, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined, economy }
     : undefined
   const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference }
   const app = createConsoleApp({
@@ -136,6 +169,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     audit,
     api,
     limiter,
+    onSignIn: economy ? (did) => void economy!.welcome(did) : undefined,
     inference: inference ? new Hono().route('/', openAiRoutes({ ...inference, keys: api.keys, limiter })).route('/', directoryRoutes(inference.exchange)) : undefined,
     loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
@@ -165,8 +199,10 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     wiper,
     gateway,
     exchange,
+    economy,
     close: async () => {
       clearInterval(housekeeping)
+      await economy?.stop()
       await gateway?.close()
       await wiper.stop()
       await new Promise<void>((resolve) => {

@@ -5,6 +5,7 @@
  */
 import { AppView } from '../appview/index.ts'
 import { startConsole } from '../console/index.ts'
+import { policyFromConfig } from '../console/exchange/policy.ts'
 import { ConfigError, loadConfig, type Config } from '../src/config.ts'
 import { appviewLogger as log, setLogLevel } from '../src/logger.ts'
 import { shutdownOn } from '../src/shutdown.ts'
@@ -41,6 +42,12 @@ const consoleSrv = await startConsole({
   dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: config.exchangeDid || undefined,
+  exchangeAccount:
+    config.exchangeIdentifier && config.exchangePassword && config.exchangePdsUrl
+      ? { identifier: config.exchangeIdentifier, password: config.exchangePassword, pdsUrl: config.exchangePdsUrl }
+      : undefined,
+  policy: policyFromConfig(config),
+  signingKey: config.exchangeSigningKey || undefined,
   appviewUrl: config.appviewUrl,
 })
 log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })

@@ -13,6 +13,7 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { AppView } from '../appview/index.ts'
 import { startConsole } from '../console/index.ts'
+import { policyFromConfig } from '../console/exchange/policy.ts'
 import { loadConfig, toWs } from '../src/config.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
@@ -86,6 +87,10 @@ const consoleSrv = await startConsole({
   dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: market.did,
+  // The demo exchange account runs the ledger and publishes its policy and settlements on its repo.
+  exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password },
+  policy: policyFromConfig(config),
+  signingKey: config.exchangeSigningKey || undefined,
   plcUrl: net.plcUrl,
   pdsUrl: net.pdsUrl,
   appviewUrl: appview.url,

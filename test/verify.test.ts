@@ -4,6 +4,7 @@
  * verifies (also with a high-S signature), and each tampered field is refused
  * with its own finding.
  */
+import type { JsonWebKey } from 'node:crypto'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
@@ -181,12 +182,12 @@ describe('verifySettlement signature', () => {
     settledAt: new Date().toISOString(),
   }
   const sigCodes = (v: { findings: { code: string }[] }) => v.findings.map((f) => f.code).filter((c) => /sig|key/.test(c))
-  const run = (s: Record<string, unknown>, d: unknown, att?: string) =>
+  const run = (s: Record<string, unknown>, d: unknown, att?: string, attKey?: JsonWebKey, attRepo = 'did:web:market.example') =>
     verifySettlementFn(
       { uri: 'at://did:web:market.example/x/1', cid: 'c', did: 'did:web:market.example', body: s as never },
       undefined,
       undefined,
-      att ? ({ uri: 'u', cid: 'c', did: 'd', body: { signingKeyFingerprint: att } } as never) : undefined,
+      att ? ({ uri: `at://${attRepo}/${ids.ComputeExchangeAttestation}/1`, cid: 'c', did: attRepo, body: { signingKeyFingerprint: att, ...(attKey ? { signingKeyJwk: attKey } : {}) } } as never) : undefined,
       d as never,
     )
 
@@ -203,5 +204,16 @@ describe('verifySettlement signature', () => {
     expect(sigCodes(run(signDetached(body, P256Signer.generate()), doc()))).toEqual(['signature-invalid'])
     expect(sigCodes(run(signDetached(body, key), doc(), 'not-the-fingerprint'))).toEqual(['signing-key-unresolved'])
     expect(sigCodes(run(body, doc()))).toEqual(['no-signature'])
+  })
+  it("accepts the key the exchange's own attestation carries when its DID document has none, and only from its own repo", async () => {
+    const { jwkFingerprint } = await import('../appview/verify/settlement.ts')
+    const pub = { kty: 'EC', crv: 'P-256', x: jwk.x!, y: jwk.y! }
+    const signed = signDetached(body, key)
+    expect(sigCodes(run(signed, null, jwkFingerprint(pub), pub))).toEqual([])
+    expect(sigCodes(run(signed, { id: 'did:web:market.example' }, jwkFingerprint(pub), pub))).toEqual([])
+    // An attestation in another repo vouches for nothing.
+    expect(sigCodes(run(signed, null, jwkFingerprint(pub), pub, 'did:plc:someoneelse'))).toEqual(['signing-key-unresolved'])
+    // A carried key whose fingerprint is not the attested one is not used.
+    expect(sigCodes(run(signed, null, 'another-fingerprint', pub))).toEqual(['signing-key-unresolved'])
   })
 })

@@ -174,6 +174,27 @@ export class IndexStore {
     ).map((r) => ({ uri: r.uri, cid: r.cid, body: JSON.parse(r.body) as Record<string, unknown> }))
   }
 
+  /** Indexed receipts after a position (the SQLite rowid, which only grows), in index order: the settlement pipeline's feed. */
+  receiptsAfter(rowid: number, limit: number): { rowid: number; uri: string; cid: string; did: string; body: Record<string, unknown> }[] {
+    return (
+      this.db.$client.prepare('SELECT rowid, uri, cid, did, body FROM records WHERE collection = ? AND rowid > ? ORDER BY rowid LIMIT ?').all(ids.ComputeReceipt, rowid, limit) as {
+        rowid: number
+        uri: string
+        cid: string
+        did: string
+        body: string
+      }[]
+    ).map((r) => ({ ...r, body: JSON.parse(r.body) as Record<string, unknown> }))
+  }
+
+  /** One indexed record of a visible account, or undefined. */
+  record(uri: string): { uri: string; cid: string; did: string; collection: string; body: Record<string, unknown> } | undefined {
+    const r = this.db.$client.prepare('SELECT uri, cid, did, collection, body FROM records WHERE uri = ? AND did NOT IN (SELECT did FROM accounts WHERE active = 0)').get(uri) as
+      | { uri: string; cid: string; did: string; collection: string; body: string }
+      | undefined
+    return r ? { ...r, body: JSON.parse(r.body) as Record<string, unknown> } : undefined
+  }
+
   /** Whether `owner` publishes a friend record naming `subject`. */
   isFriend(owner: string, subject: string): boolean {
     return !!this.db.$client.prepare('SELECT 1 FROM records WHERE did = ? AND collection = ? AND subject_did = ? LIMIT 1').get(owner, ids.AccountFriend, subject)

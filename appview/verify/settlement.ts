@@ -2,7 +2,8 @@
  * Settlement verification: the amounts against the requester's payment
  * authorization and the provider's receipt, and the exchange's ES256 `sig`
  * against the settlement signing key the exchange publishes in its DID
- * document (pinned by the `exchangeAttestation` fingerprint when present).
+ * document or in its own `exchangeAttestation` record (pinned by the
+ * attestation's fingerprint when present).
  */
 import { createHash, createPublicKey, type JsonWebKey, type KeyObject } from 'node:crypto'
 import type { DidDocument } from '@atproto/identity'
@@ -88,14 +89,27 @@ export function verifySettlement(
   // The signature.
   if (!s.sig) {
     fail('no-signature', 'settlement has no sig')
-  } else if (!exchangeDoc) {
-    fail('signing-key-unresolved', `the DID document of ${settlement.did} could not be resolved`)
   } else {
-    let candidates = p256KeysOf(exchangeDoc)
-    const pinned = exchangeAttestation?.body.signingKeyFingerprint
+    // Candidates: the P-256 keys of the exchange's DID document, and the key its own exchangeAttestation carries
+    // (authenticated by the exchange's repo commit); the attested fingerprint pins which one signs.
+    let candidates = exchangeDoc ? p256KeysOf(exchangeDoc) : []
+    const attested = exchangeAttestation && uriDid(exchangeAttestation.uri) === settlement.did ? exchangeAttestation.body : undefined
+    if (attested?.signingKeyJwk) {
+      try {
+        const jwk = { kty: attested.signingKeyJwk.kty, crv: attested.signingKeyJwk.crv, x: attested.signingKeyJwk.x, y: attested.signingKeyJwk.y }
+        candidates.push({ id: exchangeAttestation!.uri, jwk, key: createPublicKey({ key: jwk, format: 'jwk' }) })
+      } catch {
+        fail('signing-key-malformed', 'the exchange attestation carries a malformed signing key', 'warning')
+      }
+    }
+    const pinned = attested?.signingKeyFingerprint
     if (pinned) candidates = candidates.filter((c) => jwkFingerprint(c.jwk) === pinned)
-    if (candidates.length === 0) fail('signing-key-unresolved', pinned ? 'no key in the exchange DID document matches the attested fingerprint' : 'the exchange DID document publishes no P-256 key')
-    else if (!candidates.some((c) => verifyDetached(s as unknown as Record<string, unknown>, c.key))) fail('signature-invalid', "sig does not verify with the exchange's signing key")
+    if (candidates.length === 0) {
+      fail(
+        'signing-key-unresolved',
+        pinned ? 'no key in the exchange DID document or its attestation matches the attested fingerprint' : exchangeDoc ? 'the exchange publishes no P-256 signing key' : `the DID document of ${settlement.did} could not be resolved`,
+      )
+    } else if (!candidates.some((c) => verifyDetached(s as unknown as Record<string, unknown>, c.key))) fail('signature-invalid', "sig does not verify with the exchange's signing key")
   }
 
   return { ok: !findings.some((f) => f.severity === 'error'), findings }

@@ -5,7 +5,7 @@
  * `npm run db:generate` and applied at start.
  */
 import { sql } from 'drizzle-orm'
-import { index, integer, primaryKey, sqliteTable, text } from 'drizzle-orm/sqlite-core'
+import { index, integer, primaryKey, sqliteTable, text, uniqueIndex } from 'drizzle-orm/sqlite-core'
 
 /**
  * Every indexed `dev.cocore.*` record, keyed by AT URI. `body` is the record
@@ -200,3 +200,96 @@ export const wipeJobs = sqliteTable(
   },
   (t) => [index('wipe_jobs_did').on(t.did)],
 )
+
+/**
+ * The exchange's token ledger, double entry: a transaction's entries sum to
+ * zero, and a balance is the sum of an account's entries. Accounts are DIDs
+ * plus `@issuance` (the counterpart of every grant, the only place tokens
+ * come from) and `@treasury` when the policy names no treasury DID.
+ */
+export const ledgerTxns = sqliteTable('ledger_txns', {
+  id: integer('id').primaryKey({ autoIncrement: true }),
+  /** grant | refresh | settlement | patronage */
+  kind: text('kind').notNull(),
+  /** What the movement is for (`settlement:<receipt uri>`, `grant:<did>`...): a retry finds it and moves nothing twice. */
+  ref: text('ref').notNull().unique(),
+  /** JSON: amounts and the records concerned, never content. */
+  meta: text('meta'),
+  createdAt: text('created_at').notNull(),
+})
+
+export const ledgerEntries = sqliteTable(
+  'ledger_entries',
+  {
+    id: integer('id').primaryKey({ autoIncrement: true }),
+    txnId: integer('txn_id')
+      .notNull()
+      .references(() => ledgerTxns.id),
+    account: text('account').notNull(),
+    /** Signed integer tokens: + credit, - debit. */
+    amount: integer('amount').notNull(),
+  },
+  (t) => [index('ledger_entries_account').on(t.account, t.id), index('ledger_entries_txn').on(t.txnId)],
+)
+
+/**
+ * Records the exchange publishes on its own repo (settlements, grants,
+ * patronage, policy): written here first, in the transaction that decides
+ * them, then published with retries; a crash between the two resumes here.
+ */
+export const exchangeOutbox = sqliteTable(
+  'exchange_outbox',
+  {
+    ref: text('ref').primaryKey(),
+    collection: text('collection').notNull(),
+    rkey: text('rkey').notNull(),
+    /** The record JSON, signed where it carries a signature. */
+    record: text('record').notNull(),
+    /** pending | published */
+    status: text('status').notNull(),
+    attempts: integer('attempts').notNull().default(0),
+    nextAttemptAt: text('next_attempt_at').notNull(),
+    lastError: text('last_error'),
+    uri: text('uri'),
+    cid: text('cid'),
+    createdAt: text('created_at').notNull(),
+    publishedAt: text('published_at'),
+  },
+  (t) => [index('exchange_outbox_pending').on(t.status, t.nextAttemptAt)],
+)
+
+/**
+ * One row per receipt the exchange has decided on: settled (with its outbox
+ * ref) or refused (with the finding). The authorization key (requester DID
+ * and nonce) is unique: an authorization pays for one job, once.
+ */
+export const settlements = sqliteTable(
+  'settlements',
+  {
+    receiptUri: text('receipt_uri').primaryKey(),
+    receiptCid: text('receipt_cid').notNull(),
+    requesterDid: text('requester_did').notNull(),
+    providerDid: text('provider_did').notNull(),
+    /** `<requester DID> <authorization nonce>`, unique among settled rows. */
+    authorizationKey: text('authorization_key'),
+    /** settled | refused */
+    outcome: text('outcome').notNull(),
+    amount: integer('amount').notNull().default(0),
+    fee: integer('fee').notNull().default(0),
+    findingCode: text('finding_code'),
+    findingMessage: text('finding_message'),
+    outboxRef: text('outbox_ref'),
+    decidedAt: text('decided_at').notNull(),
+  },
+  (t) => [
+    uniqueIndex('settlements_authorization').on(t.authorizationKey).where(sql`outcome = 'settled'`),
+    index('settlements_requester').on(t.requesterDid),
+    index('settlements_provider').on(t.providerDid),
+  ],
+)
+
+/** Small durable state of the exchange: the receipt scan position, the policy and attestation in force. */
+export const exchangeState = sqliteTable('exchange_state', {
+  key: text('key').primaryKey(),
+  value: text('value').notNull(),
+})

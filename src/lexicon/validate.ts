@@ -28,7 +28,7 @@ export function decodeBase64(s: string): Uint8Array | null {
  * closed-loop token), one character under the lexicon's `minLength: 3`.
  */
 const CLOSED_LOOP_CURRENCY = 'CC'
-const MONEY_DEFS = new Set(['money', 'tokenRate', 'modelPrice'].map((def) => `${ids.ComputeDefs}#${def}`))
+const MONEY_DEFS = new Set([...['money', 'tokenRate', 'modelPrice'].map((def) => `${ids.ComputeDefs}#${def}`), `${ids.ComputeExchangePolicy}#feeSchedule`])
 
 /**
  * Maps a record to the form the standard validator checks, for two things the
@@ -36,7 +36,8 @@ const MONEY_DEFS = new Set(['money', 'tokenRate', 'modelPrice'].map((def) => `${
  *  - `bytes` fields as plain base64 strings (not `{"$bytes": ...}` / CBOR
  *    bytes): strings at `bytes` positions are decoded, so lengths are checked
  *    on the bytes; a string that is not base64 is left as is and fails;
- *  - the closed-loop currency "CC" in money objects.
+ *  - the closed-loop currency "CC" in money objects, in a policy's fee
+ *    schedule and in its list of supported currencies.
  * Returns a copy where anything changed; the record itself is never altered.
  */
 function toValidationForm(def: LexUserType | { type: string; [k: string]: any }, value: unknown, ctx: string): unknown {
@@ -52,7 +53,10 @@ function toValidationForm(def: LexUserType | { type: string; [k: string]: any },
       for (const [k, propDef] of Object.entries<any>(d.properties ?? {})) {
         const v = (value as Record<string, unknown>)[k]
         if (v === undefined) continue
-        const nv = toValidationForm(propDef, v, ctx)
+        let nv = toValidationForm(propDef, v, ctx)
+        if (ctx === ids.ComputeExchangePolicy && k === 'supportedCurrencies' && Array.isArray(nv) && nv.includes(CLOSED_LOOP_CURRENCY)) {
+          nv = nv.map((c) => (c === CLOSED_LOOP_CURRENCY ? 'CCX' : c))
+        }
         if (nv !== v) (out ??= { ...(value as Record<string, unknown>) })[k] = nv
       }
       return out ?? value

@@ -1455,6 +1455,11 @@ export const schemas: LexiconDoc[] = [
               "description": "Fingerprint of the public key used to sign settlements; should correspond to the key published in its DID document.",
               "maxLength": 128
             },
+            "signingKeyJwk": {
+              "type": "ref",
+              "ref": "#publicJwk",
+              "description": "Additive: the settlement signing key itself (public JWK). Authenticated by the repo commit that carries this record, it lets a verifier check settlement signatures without a key in the DID document; its fingerprint must equal signingKeyFingerprint."
+            },
             "auditPosture": {
               "type": "string",
               "description": "Free-text note on how the exchange is operated, offered as an informal trust signal.",
@@ -1465,6 +1470,34 @@ export const schemas: LexiconDoc[] = [
               "description": "When this record was created.",
               "format": "datetime"
             }
+          }
+        }
+      },
+      "publicJwk": {
+        "type": "object",
+        "description": "A P-256 public key as a JSON Web Key.",
+        "required": [
+          "kty",
+          "crv",
+          "x",
+          "y"
+        ],
+        "properties": {
+          "kty": {
+            "type": "string",
+            "maxLength": 8
+          },
+          "crv": {
+            "type": "string",
+            "maxLength": 16
+          },
+          "x": {
+            "type": "string",
+            "maxLength": 64
+          },
+          "y": {
+            "type": "string",
+            "maxLength": 64
           }
         }
       }

@@ -442,10 +442,20 @@ export interface ComputeExchangeAttestation {
   softwareVersion: string
   /** Fingerprint of the public key used to sign settlements; should correspond to the key published in its DID document. */
   signingKeyFingerprint: string
+  /** Additive: the settlement signing key itself (public JWK). Authenticated by the repo commit that carries this record, it lets a verifier check settlement signatures without a key in the DID document; its fingerprint must equal signingKeyFingerprint. */
+  signingKeyJwk?: ComputeExchangeAttestationPublicJwk
   /** Free-text note on how the exchange is operated, offered as an informal trust signal. */
   auditPosture?: string
   /** When this record was created. */
   createdAt: string
+}
+
+/** A P-256 public key as a JSON Web Key. */
+export interface ComputeExchangeAttestationPublicJwk {
+  kty: string
+  crv: string
+  x: string
+  y: string
 }
 
 export interface ComputeExchangePolicy {

@@ -1,0 +1,353 @@
+/**
+ * Settlement: the exchange's policy published once, welcome grants on first
+ * sign-in only, the admission floor, and the pipeline from an indexed receipt
+ * to a signed settlement on the exchange's repo that the AppView verifies,
+ * with the ledger's books summing to zero. Real PDS, real firehose, real
+ * AppView; receipts from the reference agent and crafted ones (signed in the
+ * reference format) for the cases an honest agent never produces.
+ */
+import { createServer, connect, type Server, type Socket } from 'node:net'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import OpenAI from 'openai'
+import type { Browser } from 'playwright-core'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import type { AppView } from '../appview/index.ts'
+import { ApiKeys } from '../console/api-keys.ts'
+import { ISSUANCE } from '../console/exchange/ledger.ts'
+import { Settler } from '../console/exchange/settlement.ts'
+import type { ConsoleService } from '../console/index.ts'
+import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
+import { signReceipt } from '../src/crypto/signing.ts'
+import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import { attestationRecord, authorizationRecord, hex32, jobRecord, putRecord } from '../src/dev/records.ts'
+import { ids } from '../src/lexicon/generated/ids.ts'
+import { ProviderAgent } from '../src/provider/agent.ts'
+import { BuiltinEngine } from '../src/provider/engine.ts'
+import { startAppView, tempDbPath } from './fixture/appview.ts'
+import { launchBrowser } from './fixture/browser.ts'
+import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { waitFor } from './fixture/wait.ts'
+
+let net: LocalNetwork
+let av: AppView
+let svc: ConsoleService
+let browser: Browser
+let alice: LocalAccount
+let bob: LocalAccount
+let host: LocalAccount
+let market: LocalAccount
+let souk: LocalAccount
+let agentHost: LocalAccount
+let agent: ProviderAgent
+let pdsProxy: PausableProxy
+const signer = P256Signer.generate()
+let attestation: { uri: string; cid: string }
+
+/** A TCP proxy in front of the PDS for the exchange's own writes: paused, the PDS is unreachable for it. */
+interface PausableProxy {
+  url: string
+  pause(): void
+  resume(): void
+  close(): void
+}
+async function pausableProxy(target: string): Promise<PausableProxy> {
+  const t = new URL(target)
+  let paused = false
+  const open = new Set<Socket>()
+  const server: Server = createServer((client) => {
+    if (paused) return client.destroy()
+    const upstream = connect(Number(t.port), t.hostname)
+    open.add(client)
+    client.on('close', () => open.delete(client))
+    client.pipe(upstream).pipe(client)
+    client.on('error', () => upstream.destroy())
+    upstream.on('error', () => client.destroy())
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  return {
+    url: `http://127.0.0.1:${(server.address() as { port: number }).port}`,
+    pause: () => {
+      paused = true
+      for (const s of open) s.destroy()
+    },
+    resume: () => (paused = false),
+    close: () => server.close(),
+  }
+}
+
+const exchangeOpts = (acct: LocalAccount, pdsUrl = net.pdsUrl) => ({
+  index: av.consoleIndex(),
+  exchangeDid: acct.did,
+  exchangeAccount: { pdsUrl, identifier: acct.handle, password: acct.password },
+  settleEveryMs: 100,
+  outboxRetry: { firstMs: 100, maxMs: 400 },
+})
+
+beforeAll(async () => {
+  net = await LocalNetwork.create()
+  const accounts = await Promise.all(['alice.test', 'bob.test', 'gpu-host.test', 'market.test', 'souk.test', 'rig.test'].map((h) => net.createAccount(h)))
+  ;[alice, bob, host, market, souk, agentHost] = accounts as [LocalAccount, LocalAccount, LocalAccount, LocalAccount, LocalAccount, LocalAccount]
+  av = await startAppView(net, tempDbPath(), { http: true })
+  pdsProxy = await pausableProxy(net.pdsUrl)
+  svc = await startTestConsole(net, av.url, exchangeOpts(market, pdsProxy.url))
+  attestation = await putRecord(host.agent, host.did, attestationRecord(signer))
+  browser = await launchBrowser()
+}, 120_000)
+
+afterAll(async () => {
+  await agent?.stop()
+  await browser?.close()
+  await svc?.close()
+  pdsProxy?.close()
+  await av?.stop()
+  await net?.close()
+})
+
+const economy = () => svc.economy!
+const indexed = (uri: string) => waitFor(() => av.db.$client.prepare('SELECT 1 FROM records WHERE uri = ?').get(uri), `${uri} indexed`)
+const listAll = async (acct: LocalAccount, collection: string) => (await acct.agent.com.atproto.repo.listRecords({ repo: acct.did, collection, limit: 100 })).data.records
+const row = (uri: string) => svc.db.$client.prepare('SELECT * FROM settlements WHERE receipt_uri = ?').get(uri) as Record<string, unknown> | undefined
+const xrpc = async (nsid: string, params: Record<string, string>) => (await fetch(`${av.url}/xrpc/${nsid}?${new URLSearchParams(params)}`)).json() as Promise<Record<string, unknown>>
+
+/** A job of `requester` paid through `exchange`, and a receipt for it signed by `provider`, as the network writes them. */
+async function craft(
+  o: {
+    requester?: LocalAccount
+    provider?: LocalAccount
+    exchange?: LocalAccount
+    price?: number
+    tokens?: { in: number; out: number }
+    ceiling?: number
+    authCeiling?: number
+    authExpiresAt?: string
+    jobExpiresAt?: string
+    completedAt?: string
+    proBono?: boolean
+    job?: { uri: string; cid: string }
+  } = {},
+) {
+  const requester = o.requester ?? alice
+  const provider = o.provider ?? host
+  let job = o.job
+  // A reused job keeps its own commitment.
+  const commitment = job
+    ? ((await requester.agent.com.atproto.repo.getRecord({ repo: requester.did, collection: ids.ComputeJob, rkey: job.uri.split('/').pop()! })).data.value as { inputCommitment: string }).inputCommitment
+    : hex32()
+  if (!job) {
+    const auth = await putRecord(requester.agent, requester.did, { ...authorizationRecord((o.exchange ?? market).did, o.authCeiling ?? 1_000_000), ...(o.authExpiresAt ? { expiresAt: o.authExpiresAt } : {}) })
+    job = await putRecord(requester.agent, requester.did, { ...jobRecord(auth, commitment, 'llama-3-8b', o.ceiling ?? 1_000_000), ...(o.jobExpiresAt ? { expiresAt: o.jobExpiresAt } : {}) })
+  }
+  const completedAt = o.completedAt ?? new Date().toISOString()
+  const receipt = signReceipt(
+    {
+      $type: ids.ComputeReceipt,
+      job,
+      requester: requester.did,
+      model: 'llama-3-8b',
+      inputCommitment: commitment,
+      outputCommitment: sha256Hex('out'),
+      tokens: o.tokens ?? { in: 10_000, out: 20_000 },
+      startedAt: new Date(Date.parse(completedAt) - 1000).toISOString(),
+      completedAt,
+      price: { amount: o.price ?? 5, currency: 'CC' },
+      attestation,
+      ...(o.proBono !== undefined ? { proBono: o.proBono } : {}),
+    },
+    signer,
+  )
+  const ref = await putRecord(provider.agent, provider.did, receipt)
+  return { receipt: ref, job }
+}
+
+describe('policy and grants', () => {
+  it('publishes the policy and attestation once, and again only when the policy changes', async () => {
+    expect(await listAll(market, ids.ComputeExchangePolicy)).toHaveLength(1)
+    const [att] = await listAll(market, ids.ComputeExchangeAttestation)
+    expect(att!.value).toMatchObject({ exchange: market.did, signingKeyFingerprint: economy().key.fingerprint, signingKeyJwk: economy().key.publicJwk })
+    const [policy] = await listAll(market, ids.ComputeExchangePolicy)
+    expect(policy!.value).toMatchObject({ exchange: market.did, fee: { bps: 500, currency: 'CC' }, tokenGrant: 1_000_000, tokenFloor: 1_000, treasuryDid: market.did })
+    // A restart with the same policy publishes nothing; a changed fee publishes a new policy and attestation.
+    const dataDir = mkdtempSync(join(tmpdir(), 'cocore-policy-'))
+    const again = await startTestConsole(net, av.url, { ...exchangeOpts(market), dataDir, signingKey: JSON.stringify(economy().key.signer.privateKey.export({ format: 'jwk' })) })
+    await again.close()
+    expect(await listAll(market, ids.ComputeExchangePolicy)).toHaveLength(1)
+    expect(await listAll(market, ids.ComputeExchangeAttestation)).toHaveLength(1)
+    const changed = await startTestConsole(net, av.url, { ...exchangeOpts(market), dataDir, policy: { feeBps: 250 }, signingKey: JSON.stringify(economy().key.signer.privateKey.export({ format: 'jwk' })) })
+    await changed.close()
+    expect(await listAll(market, ids.ComputeExchangePolicy)).toHaveLength(2)
+  })
+
+  it('grants the welcome tokens on the first sign-in only, never on a read, and publishes the grant', async () => {
+    const issued = economy().ledger.issued()
+    // Reads by anyone, about anyone, mint nothing.
+    await fetch(`${svc.url}/exchange/providers`)
+    await xrpc(ids.ComputeListSettlements, {})
+    await fetch(`${svc.url}/v1/models`, { headers: { authorization: 'Bearer cocore_nope' } })
+    expect(economy().ledger.issued()).toBe(issued)
+    for (let i = 0; i < 2; i++) (await signInWithBrowser(browser, svc.url, alice.handle, alice.password)).close()
+    expect(economy().ledger.balance(alice.did)).toBe(1_000_000)
+    expect(economy().ledger.issued()).toBe(issued + 1_000_000)
+    await waitFor(async () => (await listAll(market, ids.AccountTokenGrant)).some((r) => (r.value as { recipient: string }).recipient === alice.did), 'grant published')
+    expect((await listAll(market, ids.AccountTokenGrant)).filter((r) => (r.value as { recipient: string }).recipient === alice.did)).toHaveLength(1)
+  })
+})
+
+describe('settlement', () => {
+  it('settles a receipt from the reference agent: signed settlement on the exchange repo, verified by the AppView, balances moved', async () => {
+    agent = new ProviderAgent({
+      pdsUrl: net.pdsUrl,
+      identifier: agentHost.handle,
+      password: agentHost.password,
+      exchangeUrl: svc.url,
+      exchangeDid: market.did,
+      keyFile: join(mkdtempSync(join(tmpdir(), 'cocore-agent-')), 'key.json'),
+      engine: new BuiltinEngine(),
+      models: ['builtin'],
+      reconnect: { initialMs: 100, maxMs: 500 },
+    })
+    const registered = new Promise<void>((resolve) => agent.once('registered', () => resolve()))
+    await agent.start()
+    await registered
+    const key = new ApiKeys(svc.db).create(alice.did, 'sdk', ['inference']).secret
+    const before = { alice: economy().ledger.balance(alice.did), rig: economy().ledger.balance(agentHost.did), treasury: economy().ledger.balance(market.did) }
+    const res = (await new OpenAI({ baseURL: `${svc.url}/v1`, apiKey: key, maxRetries: 0 }).chat.completions.create({ model: 'builtin', messages: [{ role: 'user', content: 'settle me' }] })) as unknown as { cocore: { receipt: string } }
+    const receiptUri = res.cocore.receipt
+    const settled = await waitFor(() => row(receiptUri), 'receipt decided')
+    expect(settled).toMatchObject({ outcome: 'settled', requester_did: alice.did, provider_did: agentHost.did })
+    const amount = settled.amount as number
+    const fee = settled.fee as number
+    expect(amount).toBeGreaterThan(0)
+    expect(fee).toBe(Math.floor((amount * 500) / 10_000))
+    expect(economy().ledger.balance(alice.did)).toBe(before.alice - amount)
+    expect(economy().ledger.balance(agentHost.did)).toBe(before.rig + amount - fee)
+    expect(economy().ledger.balance(market.did)).toBe(before.treasury + fee)
+    // Published, indexed, and verified by the AppView with the key the exchange attested.
+    const out = await waitFor(() => economy().outbox.get(`settlement:${receiptUri}`)?.uri, 'settlement published')
+    await indexed(out)
+    const verdict = await xrpc(ids.ComputeVerifySettlement, { uri: out })
+    expect(verdict).toMatchObject({ ok: true })
+  })
+
+  it('refuses, with a finding and no balance moved: over the ceiling, past the authorization, over the token rate, a non-zero pro bono price, a reused authorization', async () => {
+    const total = () => economy().ledger.balance(alice.did)
+    const start = total()
+    const past = new Date(Date.now() - 60_000).toISOString()
+    const cases = [
+      { code: 'over-ceiling', o: { price: 50, authCeiling: 10 } },
+      { code: 'price-over-ceiling', o: { price: 50, ceiling: 10 } },
+      { code: 'authorization-expired', o: { authExpiresAt: past } },
+      { code: 'over-token-rate', o: { price: 500, tokens: { in: 10, out: 10 } } },
+      { code: 'pro-bono-nonzero-price', o: { price: 3, tokens: { in: 0, out: 0 }, proBono: true } },
+    ]
+    const made = []
+    for (const c of cases) made.push({ code: c.code, ...(await craft(c.o)) })
+    // Two receipts for one job: the authorization pays once.
+    const first = await craft({ price: 7 })
+    const second = await craft({ price: 7, job: first.job })
+    for (const m of made) {
+      const r = await waitFor(() => row(m.receipt.uri), `${m.code} decided`)
+      expect(r, m.code).toMatchObject({ outcome: 'refused', finding_code: m.code })
+    }
+    await waitFor(() => row(second.receipt.uri), 'reused authorization decided')
+    expect([row(first.receipt.uri)!.outcome, row(second.receipt.uri)!.outcome].sort()).toEqual(['refused', 'settled'])
+    expect([row(first.receipt.uri), row(second.receipt.uri)].find((r) => r!.outcome === 'refused')).toMatchObject({ finding_code: 'authorization-reused' })
+    expect(total()).toBe(start - 7)
+  })
+
+  it('judges expiry at the completion time: timely work on an authorization that has since expired is settled', async () => {
+    const c = await craft({ completedAt: new Date(Date.now() - 10 * 60_000).toISOString(), authExpiresAt: new Date(Date.now() - 5 * 60_000).toISOString(), jobExpiresAt: new Date(Date.now() - 5 * 60_000).toISOString() })
+    expect(await waitFor(() => row(c.receipt.uri), 'decided')).toMatchObject({ outcome: 'settled' })
+  })
+
+  it('settles pro bono and self-loop jobs without moving a token', async () => {
+    const before = { alice: economy().ledger.balance(alice.did), host: economy().ledger.balance(host.did), treasury: economy().ledger.balance(market.did) }
+    const pb = await craft({ price: 0, tokens: { in: 0, out: 0 }, proBono: true })
+    // Host's own job on its own machine: no fee, and it pays itself.
+    await economy().welcome(host.did)
+    const hostBefore = economy().ledger.balance(host.did)
+    const self = await craft({ requester: host, provider: host, price: 20 })
+    expect(await waitFor(() => row(pb.receipt.uri), 'pro bono decided')).toMatchObject({ outcome: 'settled', amount: 0, fee: 0 })
+    expect(await waitFor(() => row(self.receipt.uri), 'self-loop decided')).toMatchObject({ outcome: 'settled', amount: 20, fee: 0 })
+    expect(economy().ledger.balance(alice.did)).toBe(before.alice)
+    expect(economy().ledger.balance(host.did)).toBe(hostBefore)
+    expect(economy().ledger.balance(market.did)).toBe(before.treasury)
+    const published = await waitFor(() => economy().outbox.get(`settlement:${pb.receipt.uri}`)?.record, 'queued')
+    expect(published).toMatchObject({ amountCharged: { amount: 0 }, providerPayout: { amount: 0 }, exchangeFee: { amount: 0 } })
+  })
+
+  it('leaves receipts of another exchange to it: two exchanges on one firehose each settle only their own', async () => {
+    const other = await startTestConsole(net, av.url, exchangeOpts(souk))
+    try {
+      await other.economy!.welcome(alice.did)
+      const mine = await craft({ price: 9 })
+      const theirs = await craft({ price: 11, exchange: souk })
+      const theirRow = () => other.db.$client.prepare('SELECT * FROM settlements WHERE receipt_uri = ?').get(theirs.receipt.uri) as Record<string, unknown> | undefined
+      await waitFor(() => row(mine.receipt.uri) && theirRow(), 'both decided')
+      expect(theirRow()).toMatchObject({ outcome: 'settled', amount: 11 })
+      expect(row(theirs.receipt.uri)).toBeUndefined()
+      expect(other.db.$client.prepare('SELECT * FROM settlements WHERE receipt_uri = ?').get(mine.receipt.uri)).toBeUndefined()
+      await waitFor(() => other.economy!.outbox.get(`settlement:${theirs.receipt.uri}`)?.uri, 'published by souk')
+      expect(other.economy!.outbox.get(`settlement:${theirs.receipt.uri}`)!.uri).toContain(souk.did)
+    } finally {
+      await other.close()
+    }
+  })
+
+  it('decides a receipt once when two pipelines see it at the same time', async () => {
+    const c = await craft({ price: 4 })
+    await indexed(c.receipt.uri)
+    const e = economy()
+    const twin = () =>
+      new Settler({ db: svc.db, index: av.consoleIndex(), ledger: e.ledger, outbox: e.outbox, exchangeDid: market.did, policy: e.policy, refs: { policy: e.refs.policy, attestation: e.refs.attestation }, key: e.key })
+    await Promise.all([twin(), twin(), twin()].map(async (s) => s.pass()))
+    await waitFor(() => row(c.receipt.uri), 'decided')
+    expect(svc.db.$client.prepare("SELECT COUNT(*) FROM ledger_txns WHERE ref = ?").pluck().get(`settlement:${c.receipt.uri}`)).toBe(1)
+    expect(svc.db.$client.prepare('SELECT COUNT(*) FROM exchange_outbox WHERE ref = ?').pluck().get(`settlement:${c.receipt.uri}`)).toBe(1)
+  })
+
+  it('publishes every settlement exactly once after its PDS comes back', async () => {
+    pdsProxy.pause()
+    const made = await Promise.all([1, 2, 3, 4, 5].map((price) => craft({ price })))
+    for (const m of made) await waitFor(() => row(m.receipt.uri), 'decided while the PDS is down')
+    await waitFor(() => made.every((m) => (economy().outbox.get(`settlement:${m.receipt.uri}`)?.attempts ?? 0) >= 1), 'publication attempts failed')
+    expect(made.every((m) => economy().outbox.get(`settlement:${m.receipt.uri}`)!.status === 'pending')).toBe(true)
+    pdsProxy.resume()
+    await waitFor(() => economy().outbox.pending() === 0, 'outbox drained', 30_000)
+    const onRepo = (await listAll(market, ids.ComputeSettlement)).map((r) => (r.value as { receipt: { uri: string } }).receipt.uri)
+    for (const m of made) expect(onRepo.filter((u) => u === m.receipt.uri)).toHaveLength(1)
+  })
+
+  it('keeps the books at zero after a randomized run of many jobs', async () => {
+    await economy().welcome(bob.did)
+    let seed = 42
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) % n)
+    const jobs = []
+    for (let i = 0; i < 24; i++) {
+      const requester = [alice, bob, host][rand(3)]!
+      const kind = rand(5)
+      const tokens = { in: 100 + rand(5000), out: 100 + rand(5000) }
+      const most = Math.ceil((tokens.in * 1000 + tokens.out * 2000) / 1e6)
+      jobs.push(
+        craft(
+          kind === 0
+            ? { requester, price: 0, tokens: { in: 0, out: 0 }, proBono: true }
+            : kind === 1
+              ? { requester, tokens, price: most + 1 + rand(10) } // over the rate: refused
+              : { requester, tokens, price: rand(most + 1) },
+        ),
+      )
+    }
+    const made = await Promise.all(jobs)
+    for (const m of made) await waitFor(() => row(m.receipt.uri), 'decided')
+    const l = economy().ledger
+    expect(l.total()).toBe(0)
+    expect(l.unbalanced()).toEqual([])
+    const balances = l.accounts().reduce((s, a) => s + a.balance, 0)
+    expect(balances + l.balance(ISSUANCE)).toBe(0)
+    // Every settled row moved exactly what it says: the treasury holds the fees.
+    const fees = svc.db.$client.prepare("SELECT COALESCE(SUM(fee), 0) FROM settlements WHERE outcome = 'settled'").pluck().get() as number
+    expect(l.balance(market.did)).toBe(fees)
+  })
+})
