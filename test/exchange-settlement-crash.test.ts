@@ -1,0 +1,148 @@
+/**
+ * The settlement pipeline survives being killed between its steps: after
+ * the decision is committed (ledger + outbox) and before it is published, and
+ * after it is published and before that is recorded. The restarted exchange
+ * finishes the job: every settlement on the exchange's repo exactly once,
+ * every ledger movement exactly once.
+ */
+import { spawn, type ChildProcess } from 'node:child_process'
+import { join } from 'node:path'
+import { afterAll, beforeAll, expect, it } from 'vitest'
+import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
+import { signReceipt } from '../src/crypto/signing.ts'
+import { openDb } from '../src/db/index.ts'
+import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import { attestationRecord, authorizationRecord, hex32, jobRecord, putRecord } from '../src/dev/records.ts'
+import { ids } from '../src/lexicon/generated/ids.ts'
+import { consoleOpts } from './fixture/console.ts'
+import { waitFor } from './fixture/wait.ts'
+
+let net: LocalNetwork
+let alice: LocalAccount
+let host: LocalAccount
+let market: LocalAccount
+let child: ChildProcess | undefined
+let opts: ReturnType<typeof consoleOpts>
+const signer = P256Signer.generate()
+let attestation: { uri: string; cid: string }
+
+beforeAll(async () => {
+  net = await LocalNetwork.create()
+  alice = await net.createAccount('alice.test')
+  host = await net.createAccount('gpu-host.test')
+  market = await net.createAccount('market.test')
+  attestation = await putRecord(host.agent, host.did, attestationRecord(signer))
+  opts = consoleOpts(net, 'http://unused', {
+    exchangeDid: market.did,
+    exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password: market.password },
+    settleEveryMs: 100,
+    outboxRetry: { firstMs: 100, maxMs: 400 },
+  })
+}, 60_000)
+
+afterAll(async () => {
+  if (child && child.exitCode === null) child.kill('SIGKILL')
+  await net?.close()
+})
+
+/** Starts the exchange process; resolves when it is listening. */
+async function start(crashAfter?: 'decide' | 'publish'): Promise<ChildProcess> {
+  const p = spawn(process.execPath, ['test/fixture/exchange-process.ts', JSON.stringify({ appviewDbPath: join(opts.dataDir, 'appview.sqlite'), pdsUrl: net.pdsUrl, plcUrl: net.plcUrl, console: opts })], {
+    env: { ...process.env, ...(crashAfter ? { COCORE_TEST_CRASH_AFTER: crashAfter } : {}) },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  await new Promise<void>((resolve, reject) => {
+    let out = ''
+    p.stdout!.on('data', (d: Buffer) => {
+      out += d.toString()
+      if (out.includes('"consoleUrl"')) resolve()
+    })
+    p.once('exit', (code, signal) => reject(new Error(`exchange process exited early (${code ?? signal})`)))
+  })
+  return p
+}
+
+const exited = (p: ChildProcess) => (p.exitCode !== null || p.signalCode !== null ? Promise.resolve() : new Promise<void>((r) => p.once('exit', () => r())))
+
+async function receipt(price: number) {
+  const commitment = hex32()
+  const auth = await putRecord(alice.agent, alice.did, authorizationRecord(market.did))
+  const job = await putRecord(alice.agent, alice.did, jobRecord(auth, commitment))
+  const completedAt = new Date().toISOString()
+  return putRecord(
+    host.agent,
+    host.did,
+    signReceipt(
+      {
+        $type: ids.ComputeReceipt,
+        job,
+        requester: alice.did,
+        model: 'llama-3-8b',
+        inputCommitment: commitment,
+        outputCommitment: sha256Hex('out'),
+        tokens: { in: 10_000, out: 20_000 },
+        startedAt: completedAt,
+        completedAt,
+        price: { amount: price, currency: 'CC' },
+        attestation,
+      },
+      signer,
+    ),
+  )
+}
+
+/** The exchange's books and outbox, read from its database file while it is stopped. */
+function books() {
+  const db = openDb(opts.dbPath)
+  try {
+    const c = db.$client
+    return {
+      settled: c.prepare("SELECT receipt_uri AS uri FROM settlements WHERE outcome = 'settled'").pluck().all() as string[],
+      txns: c.prepare("SELECT ref FROM ledger_txns WHERE kind = 'settlement'").pluck().all() as string[],
+      outbox: c.prepare("SELECT ref, status, rkey FROM exchange_outbox WHERE ref LIKE 'settlement:%'").all() as { ref: string; status: string; rkey: string }[],
+      total: c.prepare('SELECT COALESCE(SUM(amount), 0) FROM ledger_entries').pluck().get() as number,
+    }
+  } finally {
+    db.$client.close()
+  }
+}
+
+const settlementsOnRepo = async () =>
+  (await market.agent.com.atproto.repo.listRecords({ repo: market.did, collection: ids.ComputeSettlement, limit: 100 })).data.records.map((r) => ({
+    rkey: r.uri.split('/').pop()!,
+    receipt: (r.value as { receipt: { uri: string } }).receipt.uri,
+  }))
+
+it('resumes after a kill between the decision and the publication, and between the publication and its record', async () => {
+  // Killed right after the first decision was committed: nothing published yet.
+  child = await start('decide')
+  const first = await receipt(12)
+  await exited(child)
+  let b = books()
+  expect(b.settled).toEqual([first.uri])
+  expect(b.txns).toEqual([`settlement:${first.uri}`])
+  expect(b.outbox).toMatchObject([{ status: 'pending' }])
+  expect(await settlementsOnRepo()).toEqual([])
+
+  // Restarted, and killed right after a settlement is published, before that is recorded.
+  child = await start('publish')
+  const second = await receipt(13)
+  await exited(child)
+  b = books()
+  const published = (await settlementsOnRepo()).map((s) => s.rkey)
+  expect(published).toHaveLength(1)
+  expect(b.outbox.find((o) => o.rkey === published[0])).toMatchObject({ status: 'pending' })
+
+  // Restarted without faults: everything published, once.
+  child = await start()
+  await waitFor(async () => (await settlementsOnRepo()).length === 2 && books().outbox.every((o) => o.status === 'published'), 'all published', 30_000)
+  child.kill('SIGTERM')
+  await exited(child)
+  b = books()
+  const onRepo = await settlementsOnRepo()
+  expect(onRepo.map((s) => s.receipt).sort()).toEqual([first.uri, second.uri].sort())
+  // At the rkeys chosen when they were decided: a re-publication rewrote, never added.
+  expect(onRepo.map((s) => s.rkey).sort()).toEqual(b.outbox.map((o) => o.rkey).sort())
+  expect(b.txns.sort()).toEqual([`settlement:${first.uri}`, `settlement:${second.uri}`].sort())
+  expect(b.total).toBe(0)
+}, 120_000)
