@@ -130,7 +130,10 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.get('/', async (c) => {
     if (!c.get('session')) return c.html(signInPage(undefined, '', deps.demoAccounts))
-    return c.html(dashboardPage(await who(c), deps.appviewUrl))
+    const economy = deps.api.inference?.economy
+    const did = c.get('session')!.did
+    const ledger = economy ? { ...economy.admissible(did), floor: economy.policy.floor, entries: economy.ledger.history(did, 20) } : undefined
+    return c.html(dashboardPage(await who(c), deps.appviewUrl, ledger))
   })
 
   app.post('/login', async (c) => {
@@ -366,6 +369,13 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
       usage: deps.api.usage.list(s.did),
       activity: deps.audit.list(s.did, 10_000),
       indexedRecords: deps.indexedRecords ? await deps.indexedRecords(s.did) : [],
+      ledger: deps.api.inference?.economy
+        ? {
+            balance: deps.api.inference.economy.ledger.balance(s.did),
+            entries: deps.api.inference.economy.ledger.history(s.did, 1_000_000),
+            settlements: deps.api.inference.economy.settlementsOf(s.did),
+          }
+        : null,
     }
     c.header('Content-Disposition', `attachment; filename="cocore-export-${s.did.replace(/[^a-z0-9]/gi, '_')}.json"`)
     return c.json(data)

@@ -62,11 +62,30 @@ export function errorPage(title: string, message: string, status: 'sign-in' | 'h
   return layout(title, html`<h2>${title}</h2><p class="err" role="alert">${message}</p><p><a href="/">${status === 'sign-in' ? 'Try again' : 'Back'}</a></p>`)
 }
 
-export function dashboardPage(who: { did: string; handle?: string | null }, appviewUrl: string): Html {
+export interface LedgerView {
+  balance: number
+  floor: number
+  ok: boolean
+  entries: { txnId: number; kind: string; amount: number; meta: Record<string, unknown> | null; createdAt: string }[]
+}
+
+function ledgerSection(l: LedgerView): Html {
+  return html`<h3>Tokens</h3>
+    <p>Balance: <strong id="balance">${l.balance}</strong> tokens${l.ok ? '' : html` <span class="err">(under the admission floor of ${l.floor}: jobs are refused until it is reached)</span>`}</p>
+    ${l.entries.length
+      ? html`<table id="ledger">
+          <tr><th>When</th><th>What</th><th>Tokens</th></tr>
+          ${l.entries.map((e) => html`<tr><td>${e.createdAt}</td><td>${e.kind}${typeof e.meta?.receipt === 'string' ? html` <code>${e.meta.receipt}</code>` : ''}</td><td>${e.amount > 0 ? '+' : ''}${e.amount}</td></tr>`)}
+        </table>`
+      : html`<p>No movements yet.</p>`}`
+}
+
+export function dashboardPage(who: { did: string; handle?: string | null }, appviewUrl: string, ledger?: LedgerView): Html {
   return layout(
     'Account',
     html`<h2>Signed in as ${who.handle ?? who.did}</h2>
       <p><code>${who.did}</code></p>
+      ${ledger ? ledgerSection(ledger) : ''}
       <ul>
         <li><a href="/sessions">Your sessions</a>: where you are signed in, revoke any.</li>
         <li><a href="/audit">Activity</a>: sign-ins and other security events of your account.</li>

@@ -351,3 +351,100 @@ describe('settlement', () => {
     expect(l.balance(market.did)).toBe(fees)
   })
 })
+
+describe('grants over time', () => {
+  it('credits the refresh once per window, only to accounts that signed in', async () => {
+    const e = economy()
+    const week = e.policy.refresh.cadenceMinutes * 60_000
+    const before = e.ledger.balance(alice.did)
+    expect(e.refresh(alice.did)).toBe(false) // the window she joined in is covered by her welcome grant
+    expect(e.refresh(alice.did, Date.now() + week)).toBe(true)
+    expect(e.refresh(alice.did, Date.now() + week)).toBe(false)
+    expect(e.refresh(alice.did, Date.now() + 2 * week)).toBe(true)
+    expect(e.ledger.balance(alice.did)).toBe(before + 2 * e.policy.refresh.amountPerDid)
+    const stranger = 'did:plc:neversignedinaaaaaaaaaaaa'
+    expect(e.refresh(stranger, Date.now() + week)).toBe(false)
+    expect(e.ledger.balance(stranger)).toBe(0)
+    expect(e.ledger.total()).toBe(0)
+  })
+
+  it('distributes patronage once per window, pro rata, from the treasury, and publishes it', async () => {
+    const e = economy()
+    const month = e.policy.patronage.cadenceDays * 86_400_000
+    // A job big enough that its fee gives the treasury something to share.
+    const big = await craft({ price: 3_000, tokens: { in: 1_000_000, out: 1_000_000 } })
+    expect(await waitFor(() => row(big.receipt.uri), 'decided')).toMatchObject({ outcome: 'settled', fee: 150 })
+    const treasury = e.ledger.balance(market.did)
+    expect(treasury).toBeGreaterThan(0)
+    const balances = Object.fromEntries([alice, bob, host, agentHost].map((a) => [a.did, e.ledger.balance(a.did)]))
+    // The window that is open now, closed a month from now.
+    const paid = e.patronage(Date.now() + month)
+    expect(paid).toBeGreaterThan(0)
+    expect(paid).toBeLessThanOrEqual(Math.floor((treasury * e.policy.patronage.fractionBps) / 10_000))
+    expect(e.patronage(Date.now() + month)).toBe(0)
+    expect(e.ledger.balance(market.did)).toBe(treasury - paid)
+    const credited = [alice, bob, host, agentHost].reduce((s, a) => s + e.ledger.balance(a.did) - balances[a.did]!, 0)
+    expect(credited).toBe(paid)
+    expect(e.ledger.total()).toBe(0)
+    await waitFor(async () => (await listAll(market, ids.AccountTokenPatronage)).length >= 2, 'patronage published')
+    const records = (await listAll(market, ids.AccountTokenPatronage)).map((r) => r.value as { recipient: string; tokensCredited: number; totalPatronage: number })
+    expect(records.reduce((s, r) => s + r.tokensCredited, 0)).toBe(paid)
+  })
+})
+
+describe('reading the ledger', () => {
+  const call = async (nsid: string, init: { key?: string; cookie?: string; params?: Record<string, string> } = {}) => {
+    const res = await fetch(`${svc.url}/xrpc/${nsid}?${new URLSearchParams(init.params ?? {})}`, { headers: { ...(init.key ? { authorization: `Bearer ${init.key}` } : {}) } })
+    return { status: res.status, body: (await res.json()) as Record<string, any> }
+  }
+
+  it("shows an account its own balance and history only, with a cursor; the policy and the treasury's aggregate to anyone", async () => {
+    const keys = new ApiKeys(svc.db)
+    const aliceKey = keys.create(alice.did, 'reader', ['read']).secret
+    const bobKey = keys.create(bob.did, 'reader', ['read']).secret
+    const mine = await call(ids.OrgCocoreexchangeLedgerGetBalance, { key: aliceKey })
+    expect(mine.body).toMatchObject({ did: alice.did, balance: economy().ledger.balance(alice.did), currency: 'CC', floor: 1_000, admissible: true })
+    expect((await call(ids.OrgCocoreexchangeLedgerGetBalance, { key: bobKey })).body.did).toBe(bob.did)
+    expect((await call(ids.OrgCocoreexchangeLedgerGetBalance)).status).toBe(401)
+    // Pages of 3, newest first, covering the whole history once.
+    const seen: number[] = []
+    let cursor: string | undefined
+    do {
+      const page = await call(ids.OrgCocoreexchangeLedgerListEntries, { key: aliceKey, params: { limit: '3', ...(cursor ? { cursor } : {}) } })
+      expect(page.status).toBe(200)
+      seen.push(...page.body.entries.map((x: { id: number }) => x.id))
+      cursor = page.body.cursor
+    } while (cursor)
+    expect(seen).toEqual(economy().ledger.history(alice.did, 1000).map((h) => h.txnId))
+    expect(new Set(seen).size).toBe(seen.length)
+    const sum = economy().ledger.history(alice.did, 1000).reduce((s, h) => s + h.amount, 0)
+    expect(sum).toBe(economy().ledger.balance(alice.did))
+
+    const policy = await call(ids.OrgCocoreexchangeLedgerGetPolicy)
+    expect(policy.status).toBe(200)
+    expect(policy.body).toMatchObject({ exchange: market.did, signingKeyFingerprint: economy().key.fingerprint, value: { fee: { bps: 500 } } })
+    const treasury = await call(ids.OrgCocoreexchangeLedgerGetTreasury)
+    expect(treasury.body).toMatchObject({ treasury: market.did, balance: economy().ledger.balance(market.did), booksBalanced: true, currency: 'CC' })
+    expect(treasury.body.settlements).toBeGreaterThan(5)
+  })
+
+  it('refuses a job under the admission floor with insufficient_quota', async () => {
+    const dee = await net.createAccount('dee.test')
+    const key = new ApiKeys(svc.db).create(dee.did, 'poor', ['inference']).secret
+    const err = await new OpenAI({ baseURL: `${svc.url}/v1`, apiKey: key, maxRetries: 0 }).chat.completions.create({ model: 'builtin', messages: [{ role: 'user', content: 'x' }] }).catch((e) => e)
+    expect(err).toMatchObject({ status: 429, code: 'insufficient_quota' })
+    expect(String(err.message)).toMatch(/admission floor/)
+  })
+
+  it('shows the balance and history on the dashboard, and puts the ledger in the export', async () => {
+    const page = await signInWithBrowser(browser, svc.url, alice.handle, alice.password)
+    expect(Number(await page.locator('#balance').textContent())).toBe(economy().ledger.balance(alice.did))
+    expect(await page.locator('#ledger tr').count()).toBeGreaterThan(3)
+    const download = await page.request.post(`${svc.url}/account/export`, { headers: { origin: svc.url } })
+    const data = (await download.json()) as { ledger: { balance: number; entries: unknown[]; settlements: { outcome: string }[] } }
+    expect(data.ledger.balance).toBe(economy().ledger.balance(alice.did))
+    expect(data.ledger.entries.length).toBe(economy().ledger.history(alice.did, 1000).length)
+    expect(data.ledger.settlements.some((s) => s.outcome === 'refused')).toBe(true)
+    await page.close()
+  })
+})

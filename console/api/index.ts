@@ -18,6 +18,10 @@ import deleteApiKey from './dev/cocore/account/deleteApiKey.ts'
 import listApiKeys from './dev/cocore/account/listApiKeys.ts'
 import revokeApiKey from './dev/cocore/account/revokeApiKey.ts'
 import dispatch from './dev/cocore/inference/dispatch.ts'
+import getBalance from './org/cocoreexchange/ledger/getBalance.ts'
+import getPolicy from './org/cocoreexchange/ledger/getPolicy.ts'
+import getTreasury from './org/cocoreexchange/ledger/getTreasury.ts'
+import listEntries from './org/cocoreexchange/ledger/listEntries.ts'
 
 export const handlers = {
   [ids.AccountCreateApiKey]: createApiKey,
@@ -25,7 +29,14 @@ export const handlers = {
   [ids.AccountListApiKeys]: listApiKeys,
   [ids.AccountRevokeApiKey]: revokeApiKey,
   [ids.InferenceDispatch]: dispatch,
+  [ids.OrgCocoreexchangeLedgerGetBalance]: getBalance,
+  [ids.OrgCocoreexchangeLedgerListEntries]: listEntries,
+  [ids.OrgCocoreexchangeLedgerGetPolicy]: getPolicy,
+  [ids.OrgCocoreexchangeLedgerGetTreasury]: getTreasury,
 } as unknown as Record<string, QueryHandler<ApiDeps>>
+
+/** Methods anyone may call, signed in or not (they show no account's data). */
+const PUBLIC = new Set<string>([ids.OrgCocoreexchangeLedgerGetPolicy, ids.OrgCocoreexchangeLedgerGetTreasury])
 
 export interface AuthOpts {
   deps: ApiDeps
@@ -40,6 +51,7 @@ const INVALID_KEY = 'Invalid API key'
 
 export function authenticate(opts: AuthOpts): MiddlewareHandler {
   return async (c, next) => {
+    if (PUBLIC.has(c.req.path.split('/').pop() ?? '')) return next()
     const { deps } = opts
     const ipHash = deps.sessions.hashIp(opts.clientIp(c))
     const header = c.req.header('authorization')

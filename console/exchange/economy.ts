@@ -186,6 +186,32 @@ export class Economy {
     return done ? paid : 0
   }
 
+  /** The settlement decisions an account took part in (as requester or provider), for its export. */
+  settlementsOf(did: string): Record<string, unknown>[] {
+    return this.db.$client
+      .prepare(
+        'SELECT receipt_uri AS receipt, requester_did AS requester, provider_did AS provider, outcome, amount, fee, finding_code AS finding, decided_at AS decidedAt FROM settlements WHERE requester_did = ? OR provider_did = ? ORDER BY decided_at',
+      )
+      .all(did, did) as Record<string, unknown>[]
+  }
+
+  /** Public aggregates: no account's balance but the treasury's. */
+  figures(): { treasury: string; balance: number; issued: number; settlements: number; refused: number; charged: number; fees: number; booksBalanced: boolean } {
+    const c = this.db.$client
+    const s = c.prepare("SELECT COUNT(*) AS n, COALESCE(SUM(amount), 0) AS charged, COALESCE(SUM(fee), 0) AS fees FROM settlements WHERE outcome = 'settled'").get() as { n: number; charged: number; fees: number }
+    const refused = c.prepare("SELECT COUNT(*) FROM settlements WHERE outcome = 'refused'").pluck().get() as number
+    return {
+      treasury: this.treasury,
+      balance: this.ledger.balance(this.treasury),
+      issued: this.ledger.issued(),
+      settlements: s.n,
+      refused,
+      charged: s.charged,
+      fees: s.fees,
+      booksBalanced: this.ledger.total() === 0 && this.ledger.unbalanced().length === 0,
+    }
+  }
+
   async stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer)
     await this.outbox.stop()

@@ -42,6 +42,10 @@ export const ids = {
   InferenceDispatch: "dev.cocore.inference.dispatch",
   InferenceStatus: "dev.cocore.inference.status",
   InferenceSubmit: "dev.cocore.inference.submit",
+  OrgCocoreexchangeLedgerGetBalance: "org.cocoreexchange.ledger.getBalance",
+  OrgCocoreexchangeLedgerGetPolicy: "org.cocoreexchange.ledger.getPolicy",
+  OrgCocoreexchangeLedgerGetTreasury: "org.cocoreexchange.ledger.getTreasury",
+  OrgCocoreexchangeLedgerListEntries: "org.cocoreexchange.ledger.listEntries",
 } as const
 
 export type Nsid = (typeof ids)[keyof typeof ids]

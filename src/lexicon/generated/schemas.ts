@@ -3842,5 +3842,256 @@ export const schemas: LexiconDoc[] = [
         ]
       }
     }
+  },
+  {
+    "lexicon": 1,
+    "id": "org.cocoreexchange.ledger.getBalance",
+    "defs": {
+      "main": {
+        "type": "query",
+        "description": "The caller's token balance on this exchange's ledger, and whether it may start a job now (the admission floor). Authenticated: an account sees only its own.",
+        "output": {
+          "encoding": "application/json",
+          "schema": {
+            "type": "object",
+            "required": [
+              "did",
+              "balance",
+              "currency",
+              "floor",
+              "admissible"
+            ],
+            "properties": {
+              "did": {
+                "type": "string",
+                "format": "did"
+              },
+              "balance": {
+                "type": "integer",
+                "description": "Tokens: the sum of the account's ledger entries (may be negative after a charge larger than the balance)."
+              },
+              "currency": {
+                "type": "string"
+              },
+              "floor": {
+                "type": "integer",
+                "description": "The balance a job needs to be admitted."
+              },
+              "admissible": {
+                "type": "boolean"
+              }
+            }
+          }
+        },
+        "errors": [
+          {
+            "name": "AuthRequired"
+          },
+          {
+            "name": "MethodNotImplemented"
+          }
+        ]
+      }
+    }
+  },
+  {
+    "lexicon": 1,
+    "id": "org.cocoreexchange.ledger.getPolicy",
+    "defs": {
+      "main": {
+        "type": "query",
+        "description": "The policy this exchange enforces and the attestation naming its settlement signing key, as published on its repo. Public.",
+        "output": {
+          "encoding": "application/json",
+          "schema": {
+            "type": "object",
+            "required": [
+              "exchange",
+              "policy",
+              "attestation",
+              "signingKeyFingerprint"
+            ],
+            "properties": {
+              "exchange": {
+                "type": "string",
+                "format": "did"
+              },
+              "policy": {
+                "type": "ref",
+                "ref": "com.atproto.repo.strongRef"
+              },
+              "attestation": {
+                "type": "ref",
+                "ref": "com.atproto.repo.strongRef"
+              },
+              "signingKeyFingerprint": {
+                "type": "string"
+              },
+              "value": {
+                "type": "unknown",
+                "description": "The exchangePolicy record in force."
+              }
+            }
+          }
+        },
+        "errors": [
+          {
+            "name": "MethodNotImplemented"
+          }
+        ]
+      }
+    }
+  },
+  {
+    "lexicon": 1,
+    "id": "org.cocoreexchange.ledger.getTreasury",
+    "defs": {
+      "main": {
+        "type": "query",
+        "description": "This exchange's aggregate figures: the treasury's balance, tokens ever issued (grants), and settlement totals. Public; no account's balance is shown.",
+        "output": {
+          "encoding": "application/json",
+          "schema": {
+            "type": "object",
+            "required": [
+              "treasury",
+              "balance",
+              "issued",
+              "settlements",
+              "charged",
+              "fees",
+              "currency",
+              "booksBalanced"
+            ],
+            "properties": {
+              "treasury": {
+                "type": "string",
+                "format": "did"
+              },
+              "balance": {
+                "type": "integer"
+              },
+              "issued": {
+                "type": "integer"
+              },
+              "settlements": {
+                "type": "integer"
+              },
+              "refused": {
+                "type": "integer"
+              },
+              "charged": {
+                "type": "integer"
+              },
+              "fees": {
+                "type": "integer"
+              },
+              "currency": {
+                "type": "string"
+              },
+              "booksBalanced": {
+                "type": "boolean",
+                "description": "Every ledger transaction sums to zero, and so do all entries."
+              }
+            }
+          }
+        },
+        "errors": [
+          {
+            "name": "MethodNotImplemented"
+          }
+        ]
+      }
+    }
+  },
+  {
+    "lexicon": 1,
+    "id": "org.cocoreexchange.ledger.listEntries",
+    "defs": {
+      "main": {
+        "type": "query",
+        "description": "The caller's ledger movements, newest first. Authenticated: an account sees only its own.",
+        "parameters": {
+          "type": "params",
+          "properties": {
+            "limit": {
+              "type": "integer",
+              "minimum": 1,
+              "maximum": 100,
+              "default": 50
+            },
+            "cursor": {
+              "type": "string"
+            }
+          }
+        },
+        "output": {
+          "encoding": "application/json",
+          "schema": {
+            "type": "object",
+            "required": [
+              "entries"
+            ],
+            "properties": {
+              "entries": {
+                "type": "array",
+                "items": {
+                  "type": "ref",
+                  "ref": "#entry"
+                }
+              },
+              "cursor": {
+                "type": "string"
+              }
+            }
+          }
+        },
+        "errors": [
+          {
+            "name": "AuthRequired"
+          },
+          {
+            "name": "MethodNotImplemented"
+          }
+        ]
+      },
+      "entry": {
+        "type": "object",
+        "description": "One transaction as it touched the account: its net amount for the account.",
+        "required": [
+          "id",
+          "kind",
+          "amount",
+          "createdAt"
+        ],
+        "properties": {
+          "id": {
+            "type": "integer"
+          },
+          "kind": {
+            "type": "string",
+            "knownValues": [
+              "grant",
+              "refresh",
+              "settlement",
+              "patronage"
+            ]
+          },
+          "amount": {
+            "type": "integer",
+            "description": "Net tokens for the account: positive credited, negative debited."
+          },
+          "receipt": {
+            "type": "string",
+            "format": "at-uri",
+            "description": "The receipt a settlement paid."
+          },
+          "createdAt": {
+            "type": "string",
+            "format": "datetime"
+          }
+        }
+      }
+    }
   }
 ] as LexiconDoc[]

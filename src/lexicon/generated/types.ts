@@ -1185,3 +1185,66 @@ export type InferenceSubmitOutput = {
   /** Lowercase hex SHA-256 digest of the input. */
   inputCommitment: string
 }
+
+/** The caller's token balance on this exchange's ledger, and whether it may start a job now (the admission floor). Authenticated: an account sees only its own. */
+export interface OrgCocoreexchangeLedgerGetBalanceParams {}
+
+export type OrgCocoreexchangeLedgerGetBalanceOutput = {
+  did: string
+  /** Tokens: the sum of the account's ledger entries (may be negative after a charge larger than the balance). */
+  balance: number
+  currency: string
+  /** The balance a job needs to be admitted. */
+  floor: number
+  admissible: boolean
+}
+
+/** The policy this exchange enforces and the attestation naming its settlement signing key, as published on its repo. Public. */
+export interface OrgCocoreexchangeLedgerGetPolicyParams {}
+
+export type OrgCocoreexchangeLedgerGetPolicyOutput = {
+  exchange: string
+  policy: ComAtprotoRepoStrongRef
+  attestation: ComAtprotoRepoStrongRef
+  signingKeyFingerprint: string
+  /** The exchangePolicy record in force. */
+  value?: unknown
+}
+
+/** This exchange's aggregate figures: the treasury's balance, tokens ever issued (grants), and settlement totals. Public; no account's balance is shown. */
+export interface OrgCocoreexchangeLedgerGetTreasuryParams {}
+
+export type OrgCocoreexchangeLedgerGetTreasuryOutput = {
+  treasury: string
+  balance: number
+  issued: number
+  settlements: number
+  refused?: number
+  charged: number
+  fees: number
+  currency: string
+  /** Every ledger transaction sums to zero, and so do all entries. */
+  booksBalanced: boolean
+}
+
+/** The caller's ledger movements, newest first. Authenticated: an account sees only its own. */
+export interface OrgCocoreexchangeLedgerListEntriesParams {
+  limit?: number
+  cursor?: string
+}
+
+export type OrgCocoreexchangeLedgerListEntriesOutput = {
+  entries: Array<OrgCocoreexchangeLedgerListEntriesEntry>
+  cursor?: string
+}
+
+/** One transaction as it touched the account: its net amount for the account. */
+export interface OrgCocoreexchangeLedgerListEntriesEntry {
+  id: number
+  kind: "grant" | "refresh" | "settlement" | "patronage" | (string & {})
+  /** Net tokens for the account: positive credited, negative debited. */
+  amount: number
+  /** The receipt a settlement paid. */
+  receipt?: string
+  createdAt: string
+}
