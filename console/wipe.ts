@@ -57,6 +57,7 @@ export interface WipeDeps {
 const KEPT = [
   "Records about you in other people's repos (for example friend records that name you, or receipts of jobs you ran on someone's machine) live on their PDSes; only they can delete them.",
   "Settlements and grants the exchange published on its own repo stay there: they are its books. They hold your DID and amounts, not your prompts.",
+  "The exchange's ledger keeps the token movements that name your DID (amounts and record links, no content): they are financial records, and removing one side of a movement would unbalance the books of the other accounts.",
   'This report (your DID and the counts above) is kept for 7 days so you can read it, then deleted.',
   'One activity entry saying that this wipe happened (when, and these counts; no content, no IP) is kept for security for the same 7 days, then deleted.',
 ]
