@@ -6,6 +6,7 @@
  * refused the same way.
  */
 import { createHash, randomBytes } from 'node:crypto'
+import type { Statement } from 'better-sqlite3'
 import type { Db } from '../src/db/index.ts'
 
 export const KEY_PREFIX = 'cocore_'
@@ -90,8 +91,13 @@ const toKey = (r: Row): ApiKey => ({
 
 export class ApiKeys {
   private readonly db: Db
+  /** Every API call looks its key up: prepared once. */
+  private readonly byHash: Statement
+  private readonly touch: Statement
   constructor(db: Db) {
     this.db = db
+    this.byHash = db.$client.prepare('SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)')
+    this.touch = db.$client.prepare('UPDATE api_keys SET last_used_at = ? WHERE id = ?')
   }
 
   /** Creates a key; the secret is returned here and nowhere else. */
@@ -140,10 +146,10 @@ export class ApiKeys {
   authenticate(secret: string): ApiKey | null {
     if (!wellFormed(secret)) return null
     const now = new Date().toISOString()
-    const row = this.db.$client.prepare('SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)').get(hashKey(secret), now) as Row | undefined
+    const row = this.byHash.get(hashKey(secret), now) as Row | undefined
     if (!row) return null
     // lastUsedAt at minute resolution: no write per request.
-    if (row.last_used_at?.slice(0, 16) !== now.slice(0, 16)) this.db.$client.prepare('UPDATE api_keys SET last_used_at = ? WHERE id = ?').run(now, row.id)
+    if (row.last_used_at?.slice(0, 16) !== now.slice(0, 16)) this.touch.run(now, row.id)
     return toKey({ ...row, last_used_at: now })
   }
 }
@@ -151,14 +157,19 @@ export class ApiKeys {
 /** Daily usage counters per account and per key: metadata only (counts and cost, never content). */
 export class UsageCounters {
   private readonly db: Db
+  /** Written on every call and read before every job: prepared once. */
+  private readonly upsert: Statement
+  private readonly todayRow: Statement
   constructor(db: Db) {
     this.db = db
+    this.upsert = db.$client.prepare(`INSERT INTO usage_daily (did, key_id, day, requests, tokens_in, tokens_out, cost) VALUES (?, ?, ?, ?, ?, ?, ?)
+      ON CONFLICT (did, key_id, day) DO UPDATE SET requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in,
+        tokens_out = tokens_out + excluded.tokens_out, cost = cost + excluded.cost`)
+    this.todayRow = db.$client.prepare("SELECT requests, tokens_in AS tokensIn, tokens_out AS tokensOut, cost FROM usage_daily WHERE did = ? AND key_id = '' AND day = ?")
   }
   add(did: string, keyId: string | null, u: { requests?: number; tokensIn?: number; tokensOut?: number; cost?: number }): void {
     const day = new Date().toISOString().slice(0, 10)
-    const st = this.db.$client.prepare(`INSERT INTO usage_daily (did, key_id, day, requests, tokens_in, tokens_out, cost) VALUES (?, ?, ?, ?, ?, ?, ?)
-      ON CONFLICT (did, key_id, day) DO UPDATE SET requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in,
-        tokens_out = tokens_out + excluded.tokens_out, cost = cost + excluded.cost`)
+    const st = this.upsert
     const v = [u.requests ?? 0, u.tokensIn ?? 0, u.tokensOut ?? 0, u.cost ?? 0]
     this.db.$client.transaction(() => {
       // '' is the account-wide row.
@@ -168,9 +179,7 @@ export class UsageCounters {
   }
   /** The account's totals for today (UTC). */
   today(did: string): { requests: number; tokensIn: number; tokensOut: number; cost: number } {
-    const row = this.db.$client
-      .prepare("SELECT requests, tokens_in AS tokensIn, tokens_out AS tokensOut, cost FROM usage_daily WHERE did = ? AND key_id = '' AND day = ?")
-      .get(did, new Date().toISOString().slice(0, 10)) as { requests: number; tokensIn: number; tokensOut: number; cost: number } | undefined
+    const row = this.todayRow.get(did, new Date().toISOString().slice(0, 10)) as { requests: number; tokensIn: number; tokensOut: number; cost: number } | undefined
     return row ?? { requests: 0, tokensIn: 0, tokensOut: 0, cost: 0 }
   }
   list(did: string): { keyId: string; day: string; requests: number; tokensIn: number; tokensOut: number; cost: number }[] {

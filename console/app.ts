@@ -185,6 +185,8 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     try {
       const { session } = await deps.oauth.callback(params)
       did = session.did
+      // A new OAuth session (and DPoP key): an agent made from the previous one must not be reused.
+      deps.publisher.forget(did)
     } catch (err) {
       log.info('sign-in callback failed', { err: err as Error })
       return c.html(errorPage('Sign-in failed', 'Your PDS did not confirm the sign-in. Start again from the sign-in page.', 'sign-in'), 400)
@@ -210,6 +212,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   app.post('/logout-everywhere', requireSession, async (c) => {
     const s = c.get('session')!
     const n = deps.sessions.revokeAll(s.did)
+    deps.publisher.forget(s.did)
     await deps.oauth.revoke(s.did).catch((err) => log.warn('OAuth revoke failed', { err: err as Error }))
     deps.audit.record(s.did, 'sign-out-everywhere', deps.sessions.hashIp(ip(c)), { sessions: n })
     deleteCookie(c, SESSION_COOKIE, cookieOpts)

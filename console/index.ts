@@ -118,7 +118,10 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     db,
     publisher,
     purgeIndex: opts.index ? (did) => opts.index!.purge(did) : null,
-    revokeOAuth: (did) => oauth.revoke(did),
+    revokeOAuth: (did) => {
+      publisher.forget(did)
+      return oauth.revoke(did)
+    },
     retry: opts.wipeRetry,
   })
   const usage = new UsageCounters(db)

@@ -45,8 +45,12 @@ export interface JobSpec {
 export interface JobRecords {
   auth: { uri: string; cid: string }
   job: { uri: string; cid: string }
-  /** Settles when both records are on the requester's PDS (one commit); rejects if they could not be written. */
-  written: Promise<void>
+  /**
+   * Writes both records on the requester's PDS (one commit), once however
+   * often it is called; rejects if they could not be written. The exchange
+   * calls it once a provider answers, so the write does not delay the job.
+   */
+  publish: () => Promise<void>
 }
 
 export interface RepoRecord<T> {
@@ -55,16 +59,40 @@ export interface RepoRecord<T> {
   value: T
 }
 
+/** Agents kept per account: building one costs milliseconds (every API schema), too much per job. */
+const AGENT_CACHE_SIZE = 1_000
+const AGENT_TTL_MS = 10 * 60_000
+
 export class Publisher {
   private readonly oauth: NodeOAuthClient
+  private readonly agents = new Map<string, { agent: Promise<Agent>; at: number }>()
 
   constructor(oauth: NodeOAuthClient) {
     this.oauth = oauth
   }
 
-  /** An agent acting as `did`, from its stored OAuth session (refreshed under the client's lock). */
+  /**
+   * An agent acting as `did`, from its stored OAuth session. Kept for a few
+   * minutes: the session behind it reads its tokens from the store on every
+   * request (refreshing them under the client's lock). Its DPoP key is the
+   * one of the sign-in it was made from, so a new sign-in or a revocation
+   * drops it (`forget`).
+   */
   async agent(did: string): Promise<Agent> {
-    return new Agent(await this.oauth.restore(did))
+    const hit = this.agents.get(did)
+    if (hit && Date.now() - hit.at < AGENT_TTL_MS) return hit.agent
+    const agent = this.oauth.restore(did).then((session) => new Agent(session))
+    this.agents.delete(did)
+    this.agents.set(did, { agent, at: Date.now() })
+    if (this.agents.size > AGENT_CACHE_SIZE) this.agents.delete(this.agents.keys().next().value!)
+    // A failed restore is not remembered.
+    agent.catch(() => this.agents.get(did)?.agent === agent && this.agents.delete(did))
+    return agent
+  }
+
+  /** Drops the account's agent (its OAuth session was replaced or revoked). */
+  forget(did: string): void {
+    this.agents.delete(did)
   }
 
   private check(collection: string, record: Record<string, unknown>): void {
@@ -75,8 +103,8 @@ export class Publisher {
   /**
    * The requester's `paymentAuthorization` and `job` for one job. Their rkeys
    * and CIDs are computed here, so the job can be sent to a provider (whose
-   * receipt names it by URI and CID) while the one `applyWrites` commit that
-   * publishes both is still in flight.
+   * receipt names it by URI and CID) before the one `applyWrites` commit that
+   * publishes both is made.
    */
   async prepareJob(did: string, spec: JobSpec): Promise<JobRecords> {
     const now = new Date()
@@ -111,7 +139,8 @@ export class Publisher {
     const job = { uri: `at://${did}/${ids.ComputeJob}/${jobRkey}`, cid: (await cidForLex(jobRecord as LexValue)).toString() }
     this.check(ids.ComputePaymentAuthorization, authorization)
     this.check(ids.ComputeJob, jobRecord)
-    const written = (async () => {
+    let written: Promise<void> | null = null
+    const write = async () => {
       const agent = await this.agent(did)
       const res = await agent.com.atproto.repo.applyWrites({
         repo: did,
@@ -122,10 +151,16 @@ export class Publisher {
       })
       const cids = (res.data.results ?? []).map((r) => (r as { cid?: string }).cid)
       if (cids[0] !== auth.cid || cids[1] !== job.cid) throw new PublishError(`the PDS stored the job records under other CIDs than computed (${cids.join(', ')})`)
-    })()
-    // The caller awaits it when it needs to; an unobserved failure must not crash the process.
-    written.catch(() => undefined)
-    return { auth, job, written }
+    }
+    const publish = () => {
+      if (!written) {
+        written = write()
+        // The caller awaits it when it needs to; an unobserved failure must not crash the process.
+        written.catch(() => undefined)
+      }
+      return written
+    }
+    return { auth, job, publish }
   }
 
   async getProfile(did: string): Promise<RepoRecord<AccountProfile> | null> {

@@ -5,6 +5,9 @@
  * before its first chunk. After the first chunk the reply cannot move (the
  * requester has part of it), so a failure then is an error to the requester.
  *
+ * The requester's job records are written once a provider answers (and
+ * before the reply completes), not before the job is sent.
+ *
  * The exchange never holds a prompt it could read here: callers hand it a
  * `seal` function that returns the prompt sealed to a given provider's
  * published key, and it relays ciphertext both ways.
@@ -258,8 +261,6 @@ export class Exchange {
       const env = input.seal(p)
       if (!env) continue
       const steps = new StepQueue()
-      // A job whose records could not be published does not run on.
-      records.written.catch((err: Error) => steps.fail('job_not_recorded', err.message))
       const job = this.opts.gateway.startJob(
         p,
         {
@@ -277,6 +278,15 @@ export class Exchange {
         },
         steps,
       )
+      // The records are written once a provider has answered: the PDS commit (tens of ms of CPU on a
+      // small machine) must not delay the first token, and a job no provider took leaves no records.
+      let written: Promise<void> | null = null
+      const publish = () => {
+        written ??= records.publish()
+        // A job whose records could not be published does not run on.
+        written.catch((err: Error) => steps.fail('job_not_recorded', err.message))
+        return written
+      }
       const meta: ExchangeEvent = { kind: 'meta', providerDid: p.did, encryptionPubKey: p.encryptionPubKey, sessionId: job.sessionId, jobUri: records.job.uri, jobCid: records.job.cid, authUri: records.auth.uri, inputCommitment: input.inputCommitment }
       let started = false
       let ended = false
@@ -298,6 +308,7 @@ export class Exchange {
           if (!started) {
             started = true
             yield meta
+            void publish()
           }
           if (s.t === 'chunk') {
             if (s.seq !== nextSeq) throw new ExchangeError('provider_failed', 502, `the provider sent chunk ${s.seq} where ${nextSeq} was due`)
@@ -307,7 +318,7 @@ export class Exchange {
           }
           ended = true
           try {
-            await records.written
+            await publish()
           } catch (err) {
             throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${(err as Error).message}`)
           }

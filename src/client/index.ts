@@ -10,7 +10,7 @@
  *
  * Browser-safe: fetch, Web Crypto and Uint8Array only.
  */
-import { ReplyChannel, sealPrompt } from '../crypto/seal.ts'
+import { sealPrompt, type ReplyChannel } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../protocol/input.ts'
 
@@ -131,11 +131,11 @@ export class CocoreClient {
     if (chosen.length === 0) throw new CocoreError('unverified_provider_keys', 'no connected provider announces a key its published, indexed record carries: nothing was sent')
 
     const plaintext = encodeInput(o.messages)
-    /** Per machine sealed to (DID and key): the key and the ephemeral secret its reply opens with. */
-    const keys = new Map<string, { providerKey: string; secret: Uint8Array }>()
+    /** Per machine sealed to (DID and key): the reply channel its reply opens with, and the ephemeral secret. */
+    const keys = new Map<string, { reply: ReplyChannel; secret: Uint8Array }>()
     const envelopes = chosen.map((p) => {
       const s = sealPrompt(plaintext, p.encryptionPubKey)
-      keys.set(`${p.did} ${p.encryptionPubKey}`, { providerKey: p.encryptionPubKey, secret: s.ephemeralSecretKey })
+      keys.set(`${p.did} ${p.encryptionPubKey}`, { reply: s.reply, secret: s.ephemeralSecretKey })
       return { providerDid: p.did, encryptionPubKey: p.encryptionPubKey, ephemeralPubKey: s.ephemeralPublicKey, ciphertext: s.sealed }
     })
     const input = {
@@ -161,7 +161,7 @@ export class CocoreClient {
           // Reply chunks are opened with the key we sealed to, not one the stream names.
           const sealedTo = keys.get(`${String(d.providerDid)} ${String(d.encryptionPubKey)}`)
           if (!sealedTo) throw new CocoreError('unexpected_provider', `the exchange answered from ${String(d.providerDid)} with a key the prompt was not sealed to`)
-          opener = ReplyChannel.requester(sealedTo.providerKey, sealedTo.secret)
+          opener = sealedTo.reply
           yield { type: 'meta', providerDid: d.providerDid as string, jobUri: d.jobUri as string, authUri: d.authUri as string, inputCommitment: d.inputCommitment as string }
         } else if (event === 'chunk') {
           const bytes = opener && typeof d.ciphertext === 'string' ? opener.open(d.ciphertext) : null
@@ -176,8 +176,10 @@ export class CocoreClient {
       }
       throw new CocoreError('stream_ended', 'the reply stream ended before the job completed')
     } finally {
-      for (const k of keys.values()) k.secret.fill(0)
-      opener?.wipe()
+      for (const k of keys.values()) {
+        k.secret.fill(0)
+        k.reply.wipe()
+      }
     }
   }
 }

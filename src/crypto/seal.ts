@@ -8,7 +8,9 @@
  * ephemeral key per job and sends the ephemeral public key alongside; the
  * provider seals reply chunks back to that ephemeral key. One implementation
  * for the browser, the TypeScript client and the provider: Uint8Array only,
- * randomness from Web Crypto.
+ * randomness from Web Crypto. The X25519 multiplication runs on Node's native
+ * crypto when there is one (about 5x faster than the pure-JS curve, which the
+ * browser uses); both give the same bytes.
  */
 import { hsalsa, xsalsa20poly1305 } from '@noble/ciphers/salsa.js'
 import { x25519 } from '@noble/curves/ed25519.js'
@@ -39,18 +41,53 @@ const bytesLe = (words: Uint32Array): Uint8Array => {
 }
 const SIGMA = u32le(new TextEncoder().encode('expand 32-byte k'))
 
-export function generateX25519KeyPair(): X25519KeyPair {
-  const secretKey = crypto.getRandomValues(new Uint8Array(32))
-  return { secretKey, publicKey: x25519.getPublicKey(secretKey) }
+type NodeCrypto = typeof import('node:crypto')
+/** Node's crypto, looked up without an import so this module still loads in a browser. */
+const native = (globalThis as { process?: { getBuiltinModule?: (id: string) => unknown } }).process?.getBuiltinModule?.('node:crypto') as NodeCrypto | undefined
+
+const hex = (h: string) => Uint8Array.from(h.match(/../g)!, (b) => parseInt(b, 16))
+/** DER wrappers of a raw X25519 key (RFC 8410): PKCS#8 for a secret, SPKI for a public key. */
+const PKCS8_X25519 = hex('302e020100300506032b656e04220420')
+const SPKI_X25519 = hex('302a300506032b656e032100')
+const concat = (a: Uint8Array, b: Uint8Array) => {
+  const out = new Uint8Array(a.length + b.length)
+  out.set(a)
+  out.set(b, a.length)
+  return out
+}
+const nativeSecret = (n: NodeCrypto, secret: Uint8Array) => n.createPrivateKey({ key: concat(PKCS8_X25519, secret) as never, format: 'der', type: 'pkcs8' })
+
+function publicOf(secretKey: Uint8Array): Uint8Array {
+  if (!native) return x25519.getPublicKey(secretKey)
+  const spki = native.createPublicKey(nativeSecret(native, secretKey)).export({ format: 'der', type: 'spki' })
+  return new Uint8Array(spki.subarray(spki.length - 32))
 }
 
-export const x25519PublicKey = (secretKey: Uint8Array): Uint8Array => x25519.getPublicKey(secretKey)
+/** The X25519 shared point; a low-order public key (an all-zero point) is refused. */
+function sharedPoint(mySecret: Uint8Array, theirPublic: Uint8Array): Uint8Array {
+  if (!native) return x25519.getSharedSecret(mySecret, theirPublic)
+  let shared: Uint8Array
+  try {
+    const pub = native.createPublicKey({ key: concat(SPKI_X25519, theirPublic) as never, format: 'der', type: 'spki' })
+    shared = new Uint8Array(native.diffieHellman({ privateKey: nativeSecret(native, mySecret), publicKey: pub }))
+  } catch (err) {
+    throw new SealError(`X25519 refused the key: ${(err as Error).message}`)
+  }
+  if (shared.every((b) => b === 0)) throw new SealError('low-order X25519 public key')
+  return shared
+}
+
+export function generateX25519KeyPair(): X25519KeyPair {
+  const secretKey = crypto.getRandomValues(new Uint8Array(32))
+  return { secretKey, publicKey: publicOf(secretKey) }
+}
+
+export const x25519PublicKey = (secretKey: Uint8Array): Uint8Array => publicOf(secretKey)
 
 /** crypto_box_beforenm: HSalsa20 of the X25519 shared point, the key of the box. */
 function boxKey(theirPublic: Uint8Array, mySecret: Uint8Array): Uint8Array {
   if (theirPublic.length !== 32) throw new SealError(`X25519 public key must be 32 bytes, got ${theirPublic.length}`)
-  // Throws on a low-order public key (an all-zero shared point): such a key is refused.
-  const shared = x25519.getSharedSecret(mySecret, theirPublic)
+  const shared = sharedPoint(mySecret, theirPublic)
   const out = new Uint32Array(8)
   hsalsa(SIGMA, u32le(shared), new Uint32Array(4), out)
   return bytesLe(out)
@@ -92,6 +129,8 @@ export interface SealedPrompt {
   ephemeralPublicKey: string
   /** Kept by the requester only, to open the reply; never sent. */
   ephemeralSecretKey: Uint8Array
+  /** The requester's end of the reply channel (the same box key): opens the reply without another X25519. */
+  reply: ReplyChannel
 }
 
 const toB64 = (b: Uint8Array): string => {
@@ -104,7 +143,8 @@ const fromB64 = (s: string): Uint8Array => Uint8Array.from(atob(s), (c) => c.cha
 /** The requester's side: seal a prompt to a provider's published `encryptionPubKey` (base64) from a fresh ephemeral key. */
 export function sealPrompt(plaintext: Uint8Array, providerEncryptionPubKey: string): SealedPrompt {
   const eph = generateX25519KeyPair()
-  return { sealed: toB64(box(plaintext, fromB64(providerEncryptionPubKey), eph.secretKey)), ephemeralPublicKey: toB64(eph.publicKey), ephemeralSecretKey: eph.secretKey }
+  const reply = ReplyChannel.requester(providerEncryptionPubKey, eph.secretKey)
+  return { sealed: reply.seal(plaintext), ephemeralPublicKey: toB64(eph.publicKey), ephemeralSecretKey: eph.secretKey, reply }
 }
 
 /** The provider's side: open a prompt, given the requester's ephemeral public key. */
