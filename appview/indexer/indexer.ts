@@ -64,6 +64,39 @@ export function checkRecord(collection: string, uri: string, record: unknown, si
   return null
 }
 
+const COMMIT_TYPE = 'com.atproto.sync.subscribeRepos#commit'
+
+/** A commit frame none of whose ops touches a dev.cocore collection (checked on the raw, unvalidated value). */
+export function isForeignCommit(v: unknown): boolean {
+  const c = v as { $type?: unknown; seq?: unknown; repo?: unknown; ops?: unknown } | undefined
+  if (c?.$type !== COMMIT_TYPE || !Number.isSafeInteger(c.seq) || typeof c.repo !== 'string' || !Array.isArray(c.ops)) return false
+  for (const op of c.ops) {
+    const path = (op as { path?: unknown } | null)?.path
+    if (typeof path !== 'string' || path.startsWith(NSID_PREFIX)) return false
+  }
+  return true
+}
+
+/**
+ * On a relay almost every commit is someone else's (posts, likes...). The
+ * library validates each frame fully against its lexicon before it filters
+ * ops by collection, and that validation is most of what a foreign commit
+ * costs. A commit whose op paths are all outside dev.cocore is indexed by no
+ * one here (the library would drop its ops right after), so it skips the
+ * validation and only moves the cursor. Every other frame is validated as
+ * before. The hook is the subscription's `validate` option of the pinned
+ * @atproto/sync; if its shape ever differs, frames are simply all validated.
+ */
+export function skipValidationOfForeignCommits(firehose: Firehose): void {
+  const sub = (firehose as unknown as { sub?: { opts?: { validate?: (v: unknown) => unknown } } }).sub
+  const full = sub?.opts?.validate
+  if (!sub?.opts || typeof full !== 'function') {
+    log.warn('firehose internals changed: every frame is validated')
+    return
+  }
+  sub.opts.validate = (value) => (isForeignCommit(value) ? value : full(value))
+}
+
 interface Sub {
   source: string
   firehose: Firehose
@@ -140,6 +173,7 @@ export class Indexer implements AsyncDisposable {
       handleEvent: (evt) => this.handleEvent(source, evt),
       onError: (err) => this.onError(source, err),
     })
+    skipValidationOfForeignCommits(firehose)
     return { source, firehose, runner, running: null, ended: false }
   }
 
