@@ -282,9 +282,11 @@ export class Exchange {
       // small machine) must not delay the first token, and a job no provider took leaves no records.
       let written: Promise<void> | null = null
       const publish = () => {
-        written ??= records.publish()
-        // A job whose records could not be published does not run on.
-        written.catch((err: Error) => steps.fail('job_not_recorded', err.message))
+        if (!written) {
+          written = records.publish()
+          // A job whose records could not be published does not run on.
+          written.catch((err: Error) => steps.fail('job_not_recorded', err.message))
+        }
         return written
       }
       const meta: ExchangeEvent = { kind: 'meta', providerDid: p.did, encryptionPubKey: p.encryptionPubKey, sessionId: job.sessionId, jobUri: records.job.uri, jobCid: records.job.cid, authUri: records.auth.uri, inputCommitment: input.inputCommitment }
