@@ -252,6 +252,9 @@ export function openAiRoutes(deps: OpenAiDeps): Hono<Env> {
 
     c.header('Content-Type', 'text/event-stream; charset=utf-8')
     c.header('Cache-Control', 'no-cache')
+    // Chunked, as Hono's streamSSE sets it: without it the Node adapter holds the headers back to read
+    // ahead for a Content-Length, waiting a timer tick (1 ms or more) when the second event is not ready.
+    c.header('Transfer-Encoding', 'chunked')
     // Pull the first event before answering, so routing and publishing errors are plain HTTP errors.
     const first = await events.next().catch((err: unknown) => {
       wipe()
