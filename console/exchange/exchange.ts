@@ -310,7 +310,9 @@ export class Exchange {
           if (!started) {
             started = true
             yield meta
-            void publish()
+            // Once this turn's writes are out: the commit's work (OAuth token, DPoP proof, the XRPC call)
+            // runs after the first chunk has been flushed to the requester, not before its socket write.
+            setImmediate(() => void publish())
           }
           if (s.t === 'chunk') {
             if (s.seq !== nextSeq) throw new ExchangeError('provider_failed', 502, `the provider sent chunk ${s.seq} where ${nextSeq} was due`)
