@@ -8,9 +8,10 @@
  * ephemeral key per job and sends the ephemeral public key alongside; the
  * provider seals reply chunks back to that ephemeral key. One implementation
  * for the browser, the TypeScript client and the provider: Uint8Array only,
- * randomness from Web Crypto. The X25519 multiplication runs on Node's native
- * crypto when there is one (about 5x faster than the pure-JS curve, which the
- * browser uses); both give the same bytes.
+ * randomness from Web Crypto. X25519 (key generation and multiplication) runs
+ * on Node's native crypto when there is one (far faster than the pure-JS
+ * curve, which the browser uses), with its key objects kept for keys used
+ * again; base64 goes through Buffer there. Both give the same bytes.
  */
 import { hsalsa, xsalsa20poly1305 } from '@noble/ciphers/salsa.js'
 import { x25519 } from '@noble/curves/ed25519.js'
@@ -42,25 +43,75 @@ const bytesLe = (words: Uint32Array): Uint8Array => {
 const SIGMA = u32le(new TextEncoder().encode('expand 32-byte k'))
 
 type NodeCrypto = typeof import('node:crypto')
+type KeyObject = import('node:crypto').KeyObject
 /** Node's crypto, looked up without an import so this module still loads in a browser. */
 const native = (globalThis as { process?: { getBuiltinModule?: (id: string) => unknown } }).process?.getBuiltinModule?.('node:crypto') as NodeCrypto | undefined
+/** Node's Buffer, for base64 (several times faster than atob/btoa over strings); absent in a browser. */
+const NodeBuffer = (globalThis as { Buffer?: typeof Buffer }).Buffer
+
+const STRICT_B64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
+function toB64(b: Uint8Array): string {
+  if (NodeBuffer) return NodeBuffer.from(b.buffer, b.byteOffset, b.byteLength).toString('base64')
+  let s = ''
+  for (const x of b) s += String.fromCharCode(x)
+  return btoa(s)
+}
+/** Throws on what atob refuses; Buffer (lenient) only decodes strict, padded base64. */
+function fromB64(s: string): Uint8Array {
+  if (NodeBuffer && STRICT_B64.test(s)) {
+    const b = NodeBuffer.from(s, 'base64')
+    return new Uint8Array(b.buffer, b.byteOffset, b.byteLength)
+  }
+  return Uint8Array.from(atob(s), (c) => c.charCodeAt(0))
+}
+/** A fresh array (keys: never a view of Buffer's shared pool). */
+const fromB64url = (s: string): Uint8Array => new Uint8Array(fromB64(s.replace(/-/g, '+').replace(/_/g, '/') + '='.repeat((4 - (s.length % 4)) % 4)))
 
 const hex = (h: string) => Uint8Array.from(h.match(/../g)!, (b) => parseInt(b, 16))
-/** DER wrappers of a raw X25519 key (RFC 8410): PKCS#8 for a secret, SPKI for a public key. */
+/** DER wrapper of a raw X25519 secret key (RFC 8410 PKCS#8). */
 const PKCS8_X25519 = hex('302e020100300506032b656e04220420')
-const SPKI_X25519 = hex('302a300506032b656e032100')
 const concat = (a: Uint8Array, b: Uint8Array) => {
   const out = new Uint8Array(a.length + b.length)
   out.set(a)
   out.set(b, a.length)
   return out
 }
-const nativeSecret = (n: NodeCrypto, secret: Uint8Array) => n.createPrivateKey({ key: concat(PKCS8_X25519, secret) as never, format: 'der', type: 'pkcs8' })
+
+/**
+ * Native secret keys, by the array that holds the raw key: importing one
+ * costs as much as the X25519 multiplication itself, and a provider uses its
+ * machine key for every job. Each entry carries a fingerprint (sha256, not the
+ * key) checked on every use, so a key changed or wiped in place is not reused.
+ */
+const nativeSecrets = new WeakMap<Uint8Array, { fingerprint: string; key: KeyObject }>()
+const fingerprintOf = (n: NodeCrypto, secret: Uint8Array) => n.createHash('sha256').update(secret).digest('base64')
+function nativeSecret(n: NodeCrypto, secret: Uint8Array): KeyObject {
+  const fingerprint = fingerprintOf(n, secret)
+  const hit = nativeSecrets.get(secret)
+  if (hit?.fingerprint === fingerprint) return hit.key
+  const key = n.createPrivateKey({ key: concat(PKCS8_X25519, secret) as never, format: 'der', type: 'pkcs8' })
+  nativeSecrets.set(secret, { fingerprint, key })
+  return key
+}
+
+/** Native public keys by their base64, a few kept: requesters seal to the same provider keys job after job. */
+const nativePublics = new Map<string, KeyObject>()
+const NATIVE_PUBLICS_KEPT = 64
+function nativePublic(n: NodeCrypto, pub: Uint8Array): KeyObject {
+  const id = toB64(pub)
+  let key = nativePublics.get(id)
+  if (!key) {
+    // JWK: half the cost of importing DER.
+    key = n.createPublicKey({ key: { kty: 'OKP', crv: 'X25519', x: id.replace(/=+$/, '').replace(/\+/g, '-').replace(/\//g, '_') }, format: 'jwk' })
+    nativePublics.set(id, key)
+    if (nativePublics.size > NATIVE_PUBLICS_KEPT) nativePublics.delete(nativePublics.keys().next().value!)
+  }
+  return key
+}
 
 function publicOf(secretKey: Uint8Array): Uint8Array {
   if (!native) return x25519.getPublicKey(secretKey)
-  const spki = native.createPublicKey(nativeSecret(native, secretKey)).export({ format: 'der', type: 'spki' })
-  return new Uint8Array(spki.subarray(spki.length - 32))
+  return fromB64url(native.createPublicKey(nativeSecret(native, secretKey)).export({ format: 'jwk' }).x!)
 }
 
 /** The X25519 shared point; a low-order public key (an all-zero point) is refused. */
@@ -68,8 +119,7 @@ function sharedPoint(mySecret: Uint8Array, theirPublic: Uint8Array): Uint8Array 
   if (!native) return x25519.getSharedSecret(mySecret, theirPublic)
   let shared: Uint8Array
   try {
-    const pub = native.createPublicKey({ key: concat(SPKI_X25519, theirPublic) as never, format: 'der', type: 'spki' })
-    shared = new Uint8Array(native.diffieHellman({ privateKey: nativeSecret(native, mySecret), publicKey: pub }))
+    shared = new Uint8Array(native.diffieHellman({ privateKey: nativeSecret(native, mySecret), publicKey: nativePublic(native, theirPublic) }))
   } catch (err) {
     throw new SealError(`X25519 refused the key: ${(err as Error).message}`)
   }
@@ -78,8 +128,16 @@ function sharedPoint(mySecret: Uint8Array, theirPublic: Uint8Array): Uint8Array 
 }
 
 export function generateX25519KeyPair(): X25519KeyPair {
-  const secretKey = crypto.getRandomValues(new Uint8Array(32))
-  return { secretKey, publicKey: publicOf(secretKey) }
+  if (!native) {
+    const secretKey = crypto.getRandomValues(new Uint8Array(32))
+    return { secretKey, publicKey: x25519.getPublicKey(secretKey) }
+  }
+  // Generated natively: the key object comes with it, so sealing to a provider imports nothing.
+  const { privateKey } = native.generateKeyPairSync('x25519')
+  const jwk = privateKey.export({ format: 'jwk' })
+  const secretKey = fromB64url(jwk.d!)
+  nativeSecrets.set(secretKey, { fingerprint: fingerprintOf(native, secretKey), key: privateKey })
+  return { secretKey, publicKey: fromB64url(jwk.x!) }
 }
 
 export const x25519PublicKey = (secretKey: Uint8Array): Uint8Array => publicOf(secretKey)
@@ -133,12 +191,6 @@ export interface SealedPrompt {
   reply: ReplyChannel
 }
 
-const toB64 = (b: Uint8Array): string => {
-  let s = ''
-  for (const x of b) s += String.fromCharCode(x)
-  return btoa(s)
-}
-const fromB64 = (s: string): Uint8Array => Uint8Array.from(atob(s), (c) => c.charCodeAt(0))
 
 /** The requester's side: seal a prompt to a provider's published `encryptionPubKey` (base64) from a fresh ephemeral key. */
 export function sealPrompt(plaintext: Uint8Array, providerEncryptionPubKey: string): SealedPrompt {
