@@ -9,6 +9,8 @@
  *    server, vLLM), streamed.
  */
 import { createHash } from 'node:crypto'
+import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from 'node:http'
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { canonicalBytes } from '../crypto/canonical-json.ts'
 import type { FinishReason, GenerationParams } from '../protocol/agent.ts'
@@ -227,69 +229,143 @@ const count = (v: unknown): number | undefined => (Number.isSafeInteger(v) && (v
  * from the final usage chunk (`stream_options.include_usage`); a server that
  * sends none gets estimates (one token per streamed piece out, about four
  * characters per token in).
+ *
+ * Over node:http(s) with a keep-alive connection pool, read as 'data'
+ * events: the first piece reaches the job about a millisecond sooner than
+ * through fetch (whose WHATWG request, body stream and decoder stream cost
+ * that much on every job).
  */
 export class OpenAIUpstreamEngine implements Engine {
   readonly url: string
   private readonly apiKey: string | undefined
+  private readonly target: URL
+  private readonly agent: HttpAgent
 
   constructor(url: string, apiKey?: string) {
     this.url = chatCompletionsUrl(url)
     this.apiKey = apiKey
+    this.target = new URL(this.url)
+    if (this.target.protocol !== 'http:' && this.target.protocol !== 'https:') throw new EngineError(`upstream URL must be http(s): ${this.url}`)
+    // Idle connections do not keep the process alive (the agent unrefs them).
+    this.agent = this.target.protocol === 'https:' ? new HttpsAgent({ keepAlive: true }) : new HttpAgent({ keepAlive: true })
+  }
+
+  /** The response to the request, retried once on a fresh connection when a pooled one was closed under it. */
+  private async post(body: string, signal: AbortSignal): Promise<IncomingMessage> {
+    const send = () =>
+      new Promise<IncomingMessage>((resolve, reject) => {
+        const req = (this.target.protocol === 'https:' ? httpsRequest : httpRequest)(this.target, {
+          method: 'POST',
+          agent: this.agent,
+          signal,
+          headers: {
+            'content-type': 'application/json',
+            'content-length': Buffer.byteLength(body),
+            accept: 'text/event-stream',
+            ...(this.apiKey ? { authorization: `Bearer ${this.apiKey}` } : {}),
+          },
+        })
+        req.once('response', resolve)
+        req.once('error', (err) => reject(Object.assign(err, { reused: req.reusedSocket })))
+        req.end(body)
+      })
+    try {
+      return await send()
+    } catch (err) {
+      // The server closed an idle keep-alive connection just as it was reused: nothing was processed.
+      if ((err as { reused?: boolean }).reused && (err as { code?: string }).code === 'ECONNRESET' && !signal.aborted) return send()
+      throw err
+    }
   }
 
   async *generate(req: GenerateRequest): AsyncGenerator<string, Completion, undefined> {
     const { temperature, top_p, stop, seed } = req.params
-    const res = await fetch(this.url, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', accept: 'text/event-stream', ...(this.apiKey ? { authorization: `Bearer ${this.apiKey}` } : {}) },
-      body: JSON.stringify({
-        model: req.model,
-        messages: req.messages,
-        stream: true,
-        stream_options: { include_usage: true },
-        max_tokens: req.maxTokens,
-        temperature,
-        top_p,
-        stop: stop?.length ? stop : undefined,
-        seed,
-      }),
-      signal: req.signal,
+    const body = JSON.stringify({
+      model: req.model,
+      messages: req.messages,
+      stream: true,
+      stream_options: { include_usage: true },
+      max_tokens: req.maxTokens,
+      temperature,
+      top_p,
+      stop: stop?.length ? stop : undefined,
+      seed,
     })
-    if (!res.ok || !res.body) throw new EngineError(`upstream answered HTTP ${res.status}${await errorMessage(res)}`)
+    const res = await this.post(body, req.signal)
+    if (res.statusCode !== 200) throw new EngineError(`upstream answered HTTP ${res.statusCode}${await errorMessage(res)}`)
+
+    // The body as it arrives, pulled one 'data' event at a time.
+    const texts: string[] = []
+    let ended = false
+    let failed: Error | null = null
+    let wake: (() => void) | null = null
+    const poke = () => {
+      const w = wake
+      wake = null
+      w?.()
+    }
+    res.setEncoding('utf8')
+    res.on('data', (t: string) => {
+      texts.push(t)
+      poke()
+    })
+    res.once('end', () => {
+      ended = true
+      poke()
+    })
+    res.once('error', (err) => {
+      failed = err
+      poke()
+    })
+    req.signal.addEventListener('abort', poke)
 
     let buf = ''
     let pieces = 0
     let finish: unknown = null
     let done = false
     let usage: StreamChunk['usage'] = null
-    read: for await (const text of res.body.pipeThrough(new TextDecoderStream())) {
-      buf += text
-      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-        const line = buf.slice(0, nl).trim()
-        buf = buf.slice(nl + 1)
-        if (!line.startsWith('data:')) continue
-        const data = line.slice(5).trim()
-        if (data === '[DONE]') {
-          done = true
-          // Leaving the loop cancels the body: the connection is not held open.
-          break read
+    try {
+      read: for (;;) {
+        req.signal.throwIfAborted()
+        if (failed) throw failed
+        const text = texts.shift()
+        if (text === undefined) {
+          if (ended) break
+          await new Promise<void>((resolve) => (wake = resolve))
+          continue
         }
-        let chunk: StreamChunk
-        try {
-          chunk = JSON.parse(data) as StreamChunk
-        } catch {
-          throw new EngineError('upstream sent a malformed stream event')
+        buf += text
+        for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+          const line = buf.slice(0, nl).trim()
+          buf = buf.slice(nl + 1)
+          if (!line.startsWith('data:')) continue
+          const data = line.slice(5).trim()
+          if (data === '[DONE]') {
+            done = true
+            break read
+          }
+          let chunk: StreamChunk
+          try {
+            chunk = JSON.parse(data) as StreamChunk
+          } catch {
+            throw new EngineError('upstream sent a malformed stream event')
+          }
+          if (chunk.error) throw new EngineError(`upstream error: ${String(chunk.error.message ?? 'unknown').slice(0, 200)}`)
+          const choice = chunk.choices?.[0]
+          const content = choice?.delta?.content
+          if (typeof content === 'string' && content) {
+            pieces++
+            yield content
+          }
+          if (choice?.finish_reason) finish = choice.finish_reason
+          if (chunk.usage) usage = chunk.usage
         }
-        if (chunk.error) throw new EngineError(`upstream error: ${String(chunk.error.message ?? 'unknown').slice(0, 200)}`)
-        const choice = chunk.choices?.[0]
-        const content = choice?.delta?.content
-        if (typeof content === 'string' && content) {
-          pieces++
-          yield content
-        }
-        if (choice?.finish_reason) finish = choice.finish_reason
-        if (chunk.usage) usage = chunk.usage
       }
+    } finally {
+      req.signal.removeEventListener('abort', poke)
+      // A response read to its end leaves its connection to the pool; anything else (done early, failed,
+      // aborted, a server that holds the stream open after [DONE]) is not held open.
+      if (!res.complete) res.destroy()
     }
     if (!done && !finish) throw new EngineError('upstream stream ended before the reply did')
     const chars = req.messages.reduce((sum, m) => sum + m.content.length, 0)
@@ -302,9 +378,17 @@ export class OpenAIUpstreamEngine implements Engine {
 }
 
 /** The upstream's error message, if it sent an OpenAI-style one (never the request). */
-async function errorMessage(res: Response): Promise<string> {
+async function errorMessage(res: IncomingMessage): Promise<string> {
   try {
-    const body = (await res.json()) as { error?: { message?: unknown } | string }
+    const parts: Buffer[] = []
+    let size = 0
+    for await (const part of res as AsyncIterable<Buffer>) {
+      size += part.length
+      // Only the start of an error body is read: the message is cut to 200 characters anyway.
+      if (size > 64 * 1024) break
+      parts.push(part)
+    }
+    const body = JSON.parse(Buffer.concat(parts).toString('utf8')) as { error?: { message?: unknown } | string }
     const msg = typeof body.error === 'string' ? body.error : body.error?.message
     return typeof msg === 'string' ? `: ${msg.slice(0, 200)}` : ''
   } catch {
