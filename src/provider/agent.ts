@@ -393,12 +393,35 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
 
   /** Job frames go out on the registered connection only. */
   private send(frame: ProviderFrame): void {
-    if (this.registered && this.ws) sendOn(this.ws, frame)
+    if (this.registered && this.ws) sendBatched(this.ws, frame)
   }
 }
 
 function sendOn(ws: WebSocket, frame: ProviderFrame): void {
   if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(frame))
+}
+
+/** Sockets whose writes are held until the end of the current turn. */
+const corked = new WeakSet<object>()
+
+/**
+ * Job frames: the first one of a turn goes out at once, the ones sent after
+ * it in the same turn (the pieces an engine delivered together) leave
+ * together in one write at the end of the turn, not one system call and one
+ * packet each, which the exchange would then read one by one.
+ */
+function sendBatched(ws: WebSocket, frame: ProviderFrame): void {
+  if (ws.readyState !== WebSocket.OPEN) return
+  ws.send(JSON.stringify(frame))
+  // ws keeps its socket as _socket (the library has no cork of its own); without one, frames go one by one.
+  const socket = (ws as unknown as { _socket?: { cork(): void; uncork(): void; destroyed: boolean } })._socket
+  if (!socket || corked.has(socket)) return
+  corked.add(socket)
+  socket.cork()
+  process.nextTick(() => {
+    corked.delete(socket)
+    if (!socket.destroyed) socket.uncork()
+  })
 }
 
 /** Closes politely, and cuts the connection if the other side does not answer in time. */
