@@ -5,7 +5,8 @@
  *  - `text`: UTF-8 of "role: content" lines joined by "\n" (older clients).
  * `inputCommitment` is the sha256 hex of the exact plaintext bytes sealed, so
  * the job record, the receipt and the sealed bytes can be matched later
- * without revealing the prompt. Browser-safe: no Node imports.
+ * without revealing the prompt. Browser-safe: no Node imports (Node's crypto is
+ * used when the runtime has it).
  */
 import { sha256 } from '@noble/hashes/sha2.js'
 import { bytesToHex } from '@noble/hashes/utils.js'
@@ -53,7 +54,11 @@ export function decodeInput(bytes: Uint8Array, format: string | undefined): Chat
   })
 }
 
-export const sha256HexOf = (bytes: Uint8Array): string => bytesToHex(sha256(bytes))
+/** Node's crypto, looked up without an import so this module still loads in a browser. */
+const native = (globalThis as { process?: { getBuiltinModule?: (id: string) => unknown } }).process?.getBuiltinModule?.('node:crypto') as typeof import('node:crypto') | undefined
+
+/** sha256 hex; native in Node (several times faster than the pure-JS hash, which the browser uses). */
+export const sha256HexOf = (bytes: Uint8Array): string => (native ? native.createHash('sha256').update(bytes).digest('hex') : bytesToHex(sha256(bytes)))
 
 /** sha256 hex of the exact sealed plaintext. */
 export const inputCommitment = (plaintext: Uint8Array): string => sha256HexOf(plaintext)
