@@ -157,25 +157,24 @@ export class ApiKeys {
 /** Daily usage counters per account and per key: metadata only (counts and cost, never content). */
 export class UsageCounters {
   private readonly db: Db
-  /** Written on every call and read before every job: prepared once. */
-  private readonly upsert: Statement
+  /** Written on every call and read before every job: prepared once (the transaction too). */
   private readonly todayRow: Statement
+  private readonly addRows: (did: string, keyId: string | null, day: string, v: number[]) => void
   constructor(db: Db) {
     this.db = db
-    this.upsert = db.$client.prepare(`INSERT INTO usage_daily (did, key_id, day, requests, tokens_in, tokens_out, cost) VALUES (?, ?, ?, ?, ?, ?, ?)
+    const upsert = db.$client.prepare(`INSERT INTO usage_daily (did, key_id, day, requests, tokens_in, tokens_out, cost) VALUES (?, ?, ?, ?, ?, ?, ?)
       ON CONFLICT (did, key_id, day) DO UPDATE SET requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in,
         tokens_out = tokens_out + excluded.tokens_out, cost = cost + excluded.cost`)
     this.todayRow = db.$client.prepare("SELECT requests, tokens_in AS tokensIn, tokens_out AS tokensOut, cost FROM usage_daily WHERE did = ? AND key_id = '' AND day = ?")
+    this.addRows = db.$client.transaction((did: string, keyId: string | null, day: string, v: number[]) => {
+      // '' is the account-wide row.
+      upsert.run(did, '', day, ...v)
+      if (keyId) upsert.run(did, keyId, day, ...v)
+    })
   }
   add(did: string, keyId: string | null, u: { requests?: number; tokensIn?: number; tokensOut?: number; cost?: number }): void {
     const day = new Date().toISOString().slice(0, 10)
-    const st = this.upsert
-    const v = [u.requests ?? 0, u.tokensIn ?? 0, u.tokensOut ?? 0, u.cost ?? 0]
-    this.db.$client.transaction(() => {
-      // '' is the account-wide row.
-      st.run(did, '', day, ...v)
-      if (keyId) st.run(did, keyId, day, ...v)
-    })()
+    this.addRows(did, keyId, day, [u.requests ?? 0, u.tokensIn ?? 0, u.tokensOut ?? 0, u.cost ?? 0])
   }
   /** The account's totals for today (UTC). */
   today(did: string): { requests: number; tokensIn: number; tokensOut: number; cost: number } {
