@@ -99,10 +99,28 @@ export interface ExchangeOpts {
 
 type Step = { t: 'chunk'; seq: number; ciphertext: string } | { t: 'complete'; tokensIn: number; tokensOut: number; finishReason: FinishReason; receiptUri?: string } | { t: 'fail'; code: string; message: string } | { t: 'timeout' }
 
-/** The steps of one job on one provider, awaited one at a time. */
+/**
+ * The steps of one job on one provider, awaited one at a time. One timer for
+ * the first step and one abort listener serve the whole job: nothing is set up
+ * and torn down per wait, and the timer is cleared after the turn in which the
+ * first step came, not on the first chunk's way to the requester.
+ */
 class StepQueue implements JobSink {
   private readonly items: Step[] = []
   private wake: (() => void) | null = null
+  private readonly signal: AbortSignal
+  private readonly timer: NodeJS.Timeout
+  private answered = false
+  private readonly poke = () => {
+    const w = this.wake
+    this.wake = null
+    w?.()
+  }
+  constructor(signal: AbortSignal, firstStepTimeoutMs: number) {
+    this.signal = signal
+    this.timer = setTimeout(() => this.answered || this.push({ t: 'timeout' }), firstStepTimeoutMs)
+    signal.addEventListener('abort', this.poke)
+  }
   chunk(seq: number, ciphertext: string) {
     this.push({ t: 'chunk', seq, ciphertext })
   }
@@ -113,25 +131,24 @@ class StepQueue implements JobSink {
     this.push({ t: 'fail', code, message })
   }
   push(s: Step) {
+    if (!this.answered && s.t !== 'timeout') {
+      this.answered = true
+      setImmediate(() => clearTimeout(this.timer))
+    }
     this.items.push(s)
-    this.wake?.()
+    this.poke()
   }
-  async next(signal: AbortSignal, timeoutMs: number | null): Promise<Step> {
+  async next(): Promise<Step> {
     while (this.items.length === 0) {
-      signal.throwIfAborted()
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          this.wake = null
-          clearTimeout(timer)
-          signal.removeEventListener('abort', done)
-          resolve()
-        }
-        const timer = timeoutMs === null ? undefined : setTimeout(() => this.push({ t: 'timeout' }), timeoutMs)
-        this.wake = done
-        signal.addEventListener('abort', done)
-      })
+      this.signal.throwIfAborted()
+      await new Promise<void>((resolve) => (this.wake = resolve))
     }
     return this.items.shift()!
+  }
+  /** The job is over on this provider. */
+  close(): void {
+    clearTimeout(this.timer)
+    this.signal.removeEventListener('abort', this.poke)
   }
 }
 
@@ -260,8 +277,8 @@ export class Exchange {
     for (const p of candidates) {
       const env = input.seal(p)
       if (!env) continue
-      const steps = new StepQueue()
-      const job = this.opts.gateway.startJob(
+      const steps = new StepQueue(signal, this.opts.firstChunkTimeoutMs ?? 60_000)
+      const start = () => this.opts.gateway.startJob(
         p,
         {
           job_uri: records.job.uri,
@@ -278,6 +295,13 @@ export class Exchange {
         },
         steps,
       )
+      let job: ReturnType<typeof start>
+      try {
+        job = start()
+      } catch (err) {
+        steps.close()
+        throw err
+      }
       // The records are written once a provider has answered: the PDS commit (tens of ms of CPU on a
       // small machine) must not delay the first token, and a job no provider took leaves no records.
       let written: Promise<void> | null = null
@@ -295,7 +319,7 @@ export class Exchange {
       let nextSeq = 0
       try {
         for (;;) {
-          const s = await steps.next(signal, started ? null : (this.opts.firstChunkTimeoutMs ?? 60_000))
+          const s = await steps.next()
           if (s.t === 'timeout') {
             failures.push(`${p.did}: no answer in time`)
             break
@@ -330,6 +354,7 @@ export class Exchange {
           return
         }
       } finally {
+        steps.close()
         if (!ended) job.cancel(signal.aborted ? 'the requester went away' : 'failed over')
       }
     }
