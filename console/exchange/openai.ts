@@ -13,7 +13,6 @@ import { randomBytes } from 'node:crypto'
 import { IncomingMessage, ServerResponse } from 'node:http'
 import { Hono, type Context } from 'hono'
 import { bodyLimit } from 'hono/body-limit'
-import { stream } from 'hono/streaming'
 import { consoleLogger as log } from '../../src/logger.ts'
 import type { GenerationParams } from '../../src/protocol/agent.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../../src/protocol/input.ts'
@@ -307,41 +306,64 @@ export function openAiRoutes(deps: OpenAiDeps): Hono<Env> {
       wipe()
       throw err
     })
-    return stream(c, async (s) => {
-      s.onAbort(() => ac.abort())
-      const chunk = (delta: Record<string, unknown>, finish: string | null, extra: Record<string, unknown> = {}) =>
-        s.write(`data: ${JSON.stringify({ id, object: 'chat.completion.chunk', created, model: req.model, choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }], ...extra })}\n\n`)
-      let meta: Extract<ExchangeEvent, { kind: 'meta' }> | null = null
-      try {
-        let next = first
-        while (!next.done) {
-          const e = next.value
-          if (e.kind === 'meta') {
-            meta = e
-            provider = { did: e.providerDid, key: e.encryptionPubKey }
-            await chunk({ role: 'assistant', content: '' }, null)
-          } else if (e.kind === 'chunk') {
-            await chunk({ content: open(e.ciphertext) }, null)
-          } else {
-            settle(e)
-            await chunk({}, e.finishReason, { cocore: { provider: meta?.providerDid, job: meta?.jobUri, receipt: e.receiptUri ?? null } })
-            if (req.includeUsage) await s.write(`data: ${JSON.stringify({ id, object: 'chat.completion.chunk', created, model: req.model, choices: [], usage: usage(e) })}\n\n`)
-            await s.write('data: [DONE]\n\n')
-            return
+    const encoder = new TextEncoder()
+    const sse = (data: unknown) => encoder.encode(`data: ${JSON.stringify(data)}\n\n`)
+    const chunk = (delta: Record<string, unknown>, finish: string | null, extra: Record<string, unknown> = {}) =>
+      sse({ id, object: 'chat.completion.chunk', created, model: req.model, choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }], ...extra })
+    let meta: Extract<ExchangeEvent, { kind: 'meta' }> | null = null
+    let pending: IteratorResult<ExchangeEvent> | null = first
+    let ended = false
+    const end = async () => {
+      if (ended) return
+      ended = true
+      await events.return(undefined)
+      wipe()
+    }
+    // Pulled by the adapter as it writes to the client, one event at a time: a slow client holds the relay back.
+    const sseStream = new ReadableStream<Uint8Array>(
+      {
+        pull: async (controller) => {
+          try {
+            const next = pending ?? (await events.next())
+            pending = null
+            if (next.done) {
+              await end()
+              return controller.close()
+            }
+            const e = next.value
+            if (e.kind === 'meta') {
+              meta = e
+              provider = { did: e.providerDid, key: e.encryptionPubKey }
+              controller.enqueue(chunk({ role: 'assistant', content: '' }, null))
+            } else if (e.kind === 'chunk') {
+              controller.enqueue(chunk({ content: open(e.ciphertext) }, null))
+            } else {
+              settle(e)
+              controller.enqueue(chunk({}, e.finishReason, { cocore: { provider: meta?.providerDid, job: meta?.jobUri, receipt: e.receiptUri ?? null } }))
+              if (req.includeUsage) controller.enqueue(sse({ id, object: 'chat.completion.chunk', created, model: req.model, choices: [], usage: usage(e) }))
+              controller.enqueue(encoder.encode('data: [DONE]\n\n'))
+              await end()
+              controller.close()
+            }
+          } catch (err) {
+            if (ac.signal.aborted) return void (await end())
+            const e = err instanceof OpenAiError ? err : err instanceof ExchangeError ? fromExchange(err) : new OpenAiError(500, 'server_error', 'internal_error', 'The exchange could not complete this request.')
+            if (!(err instanceof OpenAiError || err instanceof ExchangeError)) log.error('inference stream error', { err: err as Error })
+            // Mid-stream, an error is an event carrying an OpenAI error object.
+            controller.enqueue(sse(e.toJSON()))
+            await end()
+            controller.close()
           }
-          next = await events.next()
-        }
-      } catch (err) {
-        if (ac.signal.aborted) return
-        const e = err instanceof OpenAiError ? err : err instanceof ExchangeError ? fromExchange(err) : new OpenAiError(500, 'server_error', 'internal_error', 'The exchange could not complete this request.')
-        if (!(err instanceof OpenAiError || err instanceof ExchangeError)) log.error('inference stream error', { err: err as Error })
-        // Mid-stream, an error is an event carrying an OpenAI error object.
-        await s.write(`data: ${JSON.stringify(e.toJSON())}\n\n`)
-      } finally {
-        await events.return(undefined)
-        wipe()
-      }
-    })
+        },
+        // The client went away.
+        cancel: async () => {
+          ac.abort()
+          await end()
+        },
+      },
+      { highWaterMark: 0 },
+    )
+    return c.body(sseStream)
   }
   app.post('/v1/chat/completions', completions)
   app.post('/v1/:tier/chat/completions', completions)
