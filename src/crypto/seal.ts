@@ -151,8 +151,27 @@ function boxKey(theirPublic: Uint8Array, mySecret: Uint8Array): Uint8Array {
   return bytesLe(out)
 }
 
+/**
+ * Random nonces drawn from a pool filled by Web Crypto 4 KB at a time: one
+ * call per reply chunk cost more than the cipher. Each byte is handed out
+ * once, and the pool is zeroed as it is used.
+ */
+const NONCE_POOL_BYTES = 4096
+const noncePool = new Uint8Array(NONCE_POOL_BYTES)
+let noncePoolAt = NONCE_POOL_BYTES
+function randomNonce(): Uint8Array {
+  if (noncePoolAt + NONCE_BYTES > NONCE_POOL_BYTES) {
+    crypto.getRandomValues(noncePool)
+    noncePoolAt = 0
+  }
+  const nonce = noncePool.slice(noncePoolAt, noncePoolAt + NONCE_BYTES)
+  noncePool.fill(0, noncePoolAt, noncePoolAt + NONCE_BYTES)
+  noncePoolAt += NONCE_BYTES
+  return nonce
+}
+
 const sealWithKey = (key: Uint8Array, plaintext: Uint8Array): Uint8Array => {
-  const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES))
+  const nonce = randomNonce()
   const sealed = xsalsa20poly1305(key, nonce).encrypt(plaintext)
   const out = new Uint8Array(NONCE_BYTES + sealed.length)
   out.set(nonce)
