@@ -94,15 +94,15 @@ function nativeSecret(n: NodeCrypto, secret: Uint8Array): KeyObject {
   return key
 }
 
-/** Native public keys by their base64, a few kept: requesters seal to the same provider keys job after job. */
+/** Native public keys by their base64url, a few kept: requesters seal to the same provider keys job after job. */
 const nativePublics = new Map<string, KeyObject>()
 const NATIVE_PUBLICS_KEPT = 64
 function nativePublic(n: NodeCrypto, pub: Uint8Array): KeyObject {
-  const id = toB64(pub)
+  const id = NodeBuffer ? NodeBuffer.from(pub.buffer, pub.byteOffset, pub.byteLength).toString('base64url') : toB64(pub).replace(/=+$/, '').replace(/\+/g, '-').replace(/\//g, '_')
   let key = nativePublics.get(id)
   if (!key) {
     // JWK: half the cost of importing DER.
-    key = n.createPublicKey({ key: { kty: 'OKP', crv: 'X25519', x: id.replace(/=+$/, '').replace(/\+/g, '-').replace(/\//g, '_') }, format: 'jwk' })
+    key = n.createPublicKey({ key: { kty: 'OKP', crv: 'X25519', x: id }, format: 'jwk' })
     nativePublics.set(id, key)
     if (nativePublics.size > NATIVE_PUBLICS_KEPT) nativePublics.delete(nativePublics.keys().next().value!)
   }

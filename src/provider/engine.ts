@@ -9,7 +9,8 @@
  *    server, vLLM), streamed.
  */
 import { createHash } from 'node:crypto'
-import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from 'node:http'
+import { Agent as HttpAgent, request as httpRequest, type IncomingMessage, type RequestOptions } from 'node:http'
+import { urlToHttpOptions } from 'node:url'
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { canonicalBytes } from '../crypto/canonical-json.ts'
@@ -239,6 +240,7 @@ export class OpenAIUpstreamEngine implements Engine {
   readonly url: string
   private readonly apiKey: string | undefined
   private readonly target: URL
+  private readonly requestTarget: RequestOptions
   private readonly agent: HttpAgent
 
   constructor(url: string, apiKey?: string) {
@@ -246,6 +248,8 @@ export class OpenAIUpstreamEngine implements Engine {
     this.apiKey = apiKey
     this.target = new URL(this.url)
     if (this.target.protocol !== 'http:' && this.target.protocol !== 'https:') throw new EngineError(`upstream URL must be http(s): ${this.url}`)
+    // Converted once, not on every request.
+    this.requestTarget = urlToHttpOptions(this.target)
     // Idle connections do not keep the process alive (the agent unrefs them).
     this.agent = this.target.protocol === 'https:' ? new HttpsAgent({ keepAlive: true }) : new HttpAgent({ keepAlive: true })
   }
@@ -254,7 +258,8 @@ export class OpenAIUpstreamEngine implements Engine {
   private async post(body: string, signal: AbortSignal): Promise<IncomingMessage> {
     const send = () =>
       new Promise<IncomingMessage>((resolve, reject) => {
-        const req = (this.target.protocol === 'https:' ? httpsRequest : httpRequest)(this.target, {
+        const req = (this.target.protocol === 'https:' ? httpsRequest : httpRequest)({
+          ...this.requestTarget,
           method: 'POST',
           agent: this.agent,
           signal,
