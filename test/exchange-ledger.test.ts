@@ -23,12 +23,12 @@ import { signReceipt } from '../src/crypto/signing.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { attestationRecord, authorizationRecord, hex32, jobRecord, putRecord } from '../src/dev/records.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
-import { ProviderAgent } from '../src/provider/agent.ts'
-import { BuiltinEngine } from '../src/provider/engine.ts'
+import type { ProviderAgent } from '../src/provider/agent.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
 import { launchBrowser } from './fixture/browser.ts'
 import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
+import { startBuiltinAgent } from './fixture/agent.ts'
 
 let net: LocalNetwork
 let av: AppView
@@ -196,20 +196,7 @@ describe('policy and grants', () => {
 
 describe('settlement', () => {
   it('settles a receipt from the reference agent: signed settlement on the exchange repo, verified by the AppView, balances moved', async () => {
-    agent = new ProviderAgent({
-      pdsUrl: net.pdsUrl,
-      identifier: agentHost.handle,
-      password: agentHost.password,
-      exchangeUrl: svc.url,
-      exchangeDid: market.did,
-      keyFile: join(mkdtempSync(join(tmpdir(), 'cocore-agent-')), 'key.json'),
-      engine: new BuiltinEngine(),
-      models: ['builtin'],
-      reconnect: { initialMs: 100, maxMs: 500 },
-    })
-    const registered = new Promise<void>((resolve) => agent.once('registered', () => resolve()))
-    await agent.start()
-    await registered
+    agent = await startBuiltinAgent(net.pdsUrl, agentHost, { url: svc.url, did: market.did })
     const key = new ApiKeys(svc.db).create(alice.did, 'sdk', ['inference']).secret
     const before = { alice: economy().ledger.balance(alice.did), rig: economy().ledger.balance(agentHost.did), treasury: economy().ledger.balance(market.did) }
     const res = (await new OpenAI({ baseURL: `${svc.url}/v1`, apiKey: key, maxRetries: 0 }).chat.completions.create({ model: 'builtin', messages: [{ role: 'user', content: 'settle me' }] })) as unknown as { cocore: { receipt: string } }

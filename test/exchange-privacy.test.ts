@@ -12,9 +12,8 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs'
+import { readdirSync, readFileSync, statSync } from 'node:fs'
 import { createServer, connect, type Server } from 'node:net'
-import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import type { Browser } from 'playwright-core'
@@ -23,11 +22,11 @@ import { ApiKeys } from '../console/api-keys.ts'
 import { openDb } from '../src/db/index.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
-import { ProviderAgent } from '../src/provider/agent.ts'
-import { BuiltinEngine } from '../src/provider/engine.ts'
+import type { ProviderAgent } from '../src/provider/agent.ts'
 import { launchBrowser, screenshot } from './fixture/browser.ts'
 import { consoleOpts, signInWithBrowser } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
+import { startBuiltinAgent } from './fixture/agent.ts'
 
 let net: LocalNetwork
 let alice: LocalAccount
@@ -142,20 +141,7 @@ beforeAll(async () => {
   appviewUrl = ready.appviewUrl
   p.target(Number(new URL(ready.consoleUrl).port))
 
-  agent = new ProviderAgent({
-    pdsUrl: net.pdsUrl,
-    identifier: rig.handle,
-    password: rig.password,
-    exchangeUrl: consoleUrl,
-    exchangeDid: market.did,
-    keyFile: join(mkdtempSync(join(tmpdir(), 'cocore-agent-')), 'key.json'),
-    engine: new BuiltinEngine(),
-    models: ['builtin'],
-    reconnect: { initialMs: 100, maxMs: 500 },
-  })
-  const registered = new Promise<void>((resolve) => agent.once('registered', () => resolve()))
-  await agent.start()
-  await registered
+  agent = await startBuiltinAgent(net.pdsUrl, rig, { url: consoleUrl, did: market.did })
   browser = await launchBrowser()
 }, 120_000)
 
