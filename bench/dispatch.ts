@@ -42,7 +42,6 @@
  * overhead), --max-tokens M (default 64), --client openai|fetch,
  * --single-process.
  */
-import { fork, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -58,6 +57,7 @@ import { BuiltinEngine, OpenAIUpstreamEngine } from '../src/provider/engine.ts'
 import { startEngineServer } from '../src/provider/engine-server.ts'
 import { toWs } from '../src/config.ts'
 import { launchBrowser } from '../test/fixture/browser.ts'
+import { serveRole, startRole as startRoleOf, type Role } from './roles.ts'
 import { consoleOpts, signInWithBrowser } from '../test/fixture/console.ts'
 
 // The logger reads COCORE_LOG_LEVEL when first imported: set the level here (the child processes inherit the variable).
@@ -90,13 +90,6 @@ interface Account {
   did: string
   handle: string
   password: string
-}
-
-/** A started role: what it tells the orchestrator, what it can be asked, and how it stops. */
-interface Role<I, M extends Record<string, (...a: never[]) => Promise<unknown>>> {
-  info: I
-  methods: M
-  close(): Promise<void>
 }
 
 type NetworkInfo = { plcUrl: string; pdsUrl: string; accounts: Record<keyof typeof HANDLES, Account> }
@@ -170,80 +163,12 @@ async function providerRole(p: ProviderParams): Promise<Role<{ engineUrl: string
 const ROLES = { network: networkRole, exchange: exchangeRole, provider: providerRole } as const
 type RoleName = keyof typeof ROLES
 
-type Msg = { id: number; method: string; args: unknown[] } | { id: number; result?: unknown; error?: string } | { ready: unknown } | { failed: string }
-
-/** In a child process: start the role named on the command line, answer calls, stop on `close`. */
-async function serveRole(name: RoleName): Promise<void> {
-  const params = JSON.parse(process.env.BENCH_DISPATCH_PARAMS ?? '{}') as never
-  const send = (m: Msg) => process.send!(m)
-  let role: Role<unknown, Record<string, (...a: unknown[]) => Promise<unknown>>>
-  try {
-    role = (await ROLES[name](params)) as typeof role
-  } catch (err) {
-    send({ failed: (err as Error).stack ?? String(err) })
-    process.exit(1)
-  }
-  process.on('message', (m: { id: number; method: string; args: unknown[] }) => {
-    const run = m.method === 'close' ? role.close() : role.methods[m.method]!(...m.args)
-    run.then(
-      (result) => {
-        send({ id: m.id, result })
-        if (m.method === 'close') process.disconnect()
-      },
-      (err: Error) => send({ id: m.id, error: err.stack ?? String(err) }),
-    )
-  })
-  // The orchestrator is gone: so is this process.
-  process.on('disconnect', () => process.exit(0))
-  send({ ready: role.info })
-}
-
-/** Starts a role in a child process, or in this one; the same interface either way. */
-async function startRole<N extends RoleName>(name: N, params: unknown, inProcess: boolean): Promise<Awaited<ReturnType<(typeof ROLES)[N]>> & { pid: number }> {
-  type R = Awaited<ReturnType<(typeof ROLES)[N]>>
-  if (inProcess) return Object.assign((await ROLES[name](params as never)) as R, { pid: process.pid })
-  const child: ChildProcess = fork(import.meta.filename, ['--role', name], { env: { ...process.env, BENCH_DISPATCH_PARAMS: JSON.stringify(params) }, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
-  const pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
-  let next = 0
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
-  child.once('exit', (code) => {
-    for (const p of pending.values()) p.reject(new Error(`the ${name} process exited (${code})`))
-    pending.clear()
-  })
-  const info = await new Promise<unknown>((resolve, reject) => {
-    child.once('exit', (code) => reject(new Error(`the ${name} process exited (${code}) before it was ready`)))
-    child.on('message', (m: Msg) => {
-      if ('ready' in m) return resolve(m.ready)
-      if ('failed' in m) return reject(new Error(`the ${name} process failed to start: ${m.failed}`))
-      if ('id' in m && !('method' in m)) {
-        const p = pending.get(m.id)
-        pending.delete(m.id)
-        if (m.error !== undefined) p?.reject(new Error(`${name}: ${m.error}`))
-        else p?.resolve(m.result)
-      }
-    })
-  })
-  const call = (method: string, ...a: unknown[]) =>
-    new Promise<unknown>((resolve, reject) => {
-      const id = next++
-      pending.set(id, { resolve, reject })
-      child.send({ id, method, args: a })
-    })
-  const methods = new Proxy({}, { get: (_, method: string) => (...a: unknown[]) => call(method, ...a) })
-  return {
-    info,
-    methods,
-    close: async () => {
-      if (child.exitCode === null) await call('close').catch(() => undefined)
-      await exited
-    },
-    pid: child.pid!,
-  } as unknown as R & { pid: number }
-}
+/** Starts a role in a child process running this script, or in this one. */
+const startRole = <N extends RoleName>(name: N, params: unknown, inProcess: boolean) => startRoleOf(import.meta.filename, ROLES, name, params, inProcess)
 
 if (args.role !== undefined) {
   if (!(args.role in ROLES)) throw new Error(`--role: one of ${Object.keys(ROLES).join(', ')}`)
-  await serveRole(args.role as RoleName)
+  await serveRole(ROLES, args.role)
 } else {
   await main()
 }
