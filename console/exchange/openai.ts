@@ -11,6 +11,7 @@
  */
 import { randomBytes } from 'node:crypto'
 import { IncomingMessage, ServerResponse } from 'node:http'
+import { RESPONSE_ALREADY_SENT } from '@hono/node-server/utils/response'
 import { Hono, type Context } from 'hono'
 import { bodyLimit } from 'hono/body-limit'
 import { consoleLogger as log } from '../../src/logger.ts'
@@ -142,6 +143,9 @@ export function parseChatRequest(body: unknown): ChatRequest {
 type Env = { Variables: { key: ApiKey } }
 
 const MAX_BODY_BYTES = 4 << 20
+
+/** Headers of a streamed completion besides its content type. */
+const API_STREAM_HEADERS = { 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' }
 const tooLarge = () => new OpenAiError(413, 'invalid_request_error', 'request_too_large', 'the request body is over 4 MB')
 
 /** Node's request and response, when the app runs on @hono/node-server (not under app.request in tests). */
@@ -296,18 +300,13 @@ export function openAiRoutes(deps: OpenAiDeps): Hono<Env> {
       }
     }
 
-    c.header('Content-Type', 'text/event-stream; charset=utf-8')
-    c.header('Cache-Control', 'no-cache')
-    // Chunked, as Hono's streamSSE sets it: without it the Node adapter holds the headers back to read
-    // ahead for a Content-Length, waiting a timer tick (1 ms or more) when the second event is not ready.
-    c.header('Transfer-Encoding', 'chunked')
     // Pull the first event before answering, so routing and publishing errors are plain HTTP errors.
     const first = await events.next().catch((err: unknown) => {
       wipe()
       throw err
     })
     const encoder = new TextEncoder()
-    const sse = (data: unknown) => encoder.encode(`data: ${JSON.stringify(data)}\n\n`)
+    const sse = (data: unknown) => `data: ${JSON.stringify(data)}\n\n`
     const chunk = (delta: Record<string, unknown>, finish: string | null, extra: Record<string, unknown> = {}) =>
       sse({ id, object: 'chat.completion.chunk', created, model: req.model, choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }], ...extra })
     let meta: Extract<ExchangeEvent, { kind: 'meta' }> | null = null
@@ -319,41 +318,74 @@ export function openAiRoutes(deps: OpenAiDeps): Hono<Env> {
       await events.return(undefined)
       wipe()
     }
-    // Pulled by the adapter as it writes to the client, one event at a time: a slow client holds the relay back.
+    /**
+     * The SSE text of the next event, or null once the reply has ended. The
+     * role chunk (sent when a provider answers, with its first piece already
+     * in hand) leaves together with that piece: one write, one wake-up of the
+     * client, for the time to first token.
+     */
+    const nextText = async (): Promise<string | null> => {
+      try {
+        const next = pending ?? (await events.next())
+        pending = null
+        if (next.done) {
+          await end()
+          return null
+        }
+        const e = next.value
+        if (e.kind === 'meta') {
+          meta = e
+          provider = { did: e.providerDid, key: e.encryptionPubKey }
+          return chunk({ role: 'assistant', content: '' }, null) + ((await nextText()) ?? '')
+        }
+        if (e.kind === 'chunk') return chunk({ content: open(e.ciphertext) }, null)
+        settle(e)
+        let text = chunk({}, e.finishReason, { cocore: { provider: meta?.providerDid, job: meta?.jobUri, receipt: e.receiptUri ?? null } })
+        if (req.includeUsage) text += sse({ id, object: 'chat.completion.chunk', created, model: req.model, choices: [], usage: usage(e) })
+        await end()
+        return `${text}data: [DONE]\n\n`
+      } catch (err) {
+        if (ac.signal.aborted) {
+          await end()
+          return null
+        }
+        const e = err instanceof OpenAiError ? err : err instanceof ExchangeError ? fromExchange(err) : new OpenAiError(500, 'server_error', 'internal_error', 'The exchange could not complete this request.')
+        if (!(err instanceof OpenAiError || err instanceof ExchangeError)) log.error('inference stream error', { err: err as Error })
+        await end()
+        // Mid-stream, an error is an event carrying an OpenAI error object.
+        return sse(e.toJSON())
+      }
+    }
+
+    if (node) {
+      // Written to Node's response directly: the headers leave with the first event in one write
+      // (through the adapter they are flushed alone), and each event is one write, in order, waiting
+      // for 'drain' when the client reads slowly, so a slow client holds the relay back. The headers
+      // are those the console's middleware gives every response, which does not see this one.
+      const out = node.outgoing
+      out.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', ...API_STREAM_HEADERS })
+      void (async () => {
+        for (let text = await nextText(); text !== null; text = await nextText()) {
+          if (out.destroyed) return void (await end())
+          if (!out.write(text)) await new Promise((resolve) => (out.once('drain', resolve), out.once('close', resolve)))
+        }
+        out.end()
+      })().catch((err: unknown) => {
+        log.error('inference stream error', { err: err as Error })
+        out.destroy()
+      })
+      return RESPONSE_ALREADY_SENT
+    }
+    c.header('Content-Type', 'text/event-stream; charset=utf-8')
+    for (const [name, value] of Object.entries(API_STREAM_HEADERS)) c.header(name, value)
+    // Pulled as the response is written, one event at a time: a slow client holds the relay back.
     const sseStream = new ReadableStream<Uint8Array>(
       {
         pull: async (controller) => {
-          try {
-            const next = pending ?? (await events.next())
-            pending = null
-            if (next.done) {
-              await end()
-              return controller.close()
-            }
-            const e = next.value
-            if (e.kind === 'meta') {
-              meta = e
-              provider = { did: e.providerDid, key: e.encryptionPubKey }
-              controller.enqueue(chunk({ role: 'assistant', content: '' }, null))
-            } else if (e.kind === 'chunk') {
-              controller.enqueue(chunk({ content: open(e.ciphertext) }, null))
-            } else {
-              settle(e)
-              controller.enqueue(chunk({}, e.finishReason, { cocore: { provider: meta?.providerDid, job: meta?.jobUri, receipt: e.receiptUri ?? null } }))
-              if (req.includeUsage) controller.enqueue(sse({ id, object: 'chat.completion.chunk', created, model: req.model, choices: [], usage: usage(e) }))
-              controller.enqueue(encoder.encode('data: [DONE]\n\n'))
-              await end()
-              controller.close()
-            }
-          } catch (err) {
-            if (ac.signal.aborted) return void (await end())
-            const e = err instanceof OpenAiError ? err : err instanceof ExchangeError ? fromExchange(err) : new OpenAiError(500, 'server_error', 'internal_error', 'The exchange could not complete this request.')
-            if (!(err instanceof OpenAiError || err instanceof ExchangeError)) log.error('inference stream error', { err: err as Error })
-            // Mid-stream, an error is an event carrying an OpenAI error object.
-            controller.enqueue(sse(e.toJSON()))
-            await end()
-            controller.close()
-          }
+          const text = await nextText()
+          if (text === null) return controller.close()
+          controller.enqueue(encoder.encode(text))
+          if (ended) controller.close()
         },
         // The client went away.
         cancel: async () => {
