@@ -75,6 +75,8 @@ export class AppView implements AsyncDisposable {
       cacheTtlSec: opts.didCacheTtlSec ?? 3600,
       allowHttp: opts.allowHttp ?? false,
       handlesViaPds: opts.handlesViaPds,
+      // The operator's own sources: repo fetches may reach them on a private network.
+      trusted: opts.sources,
     })
     this.indexer = new Indexer({ store: this.store, idResolver: this.idResolver, sources: opts.sources, replayFromStart: opts.replayFromStart })
   }

@@ -1,7 +1,8 @@
 /**
  * Production entry point: the same services as `npm start`, pointed by
  * configuration at a relay and/or PDSes and the public PLC directory.
- * Identity and repo fetches use the SSRF-safe default fetch (https only).
+ * Every fetch of an address from user data (DID documents, handles, PDS
+ * endpoints, sign-in identifiers) is SSRF-safe: `src/net/safe-fetch.ts`.
  */
 import { AppView } from '../appview/index.ts'
 import { startConsole } from '../console/index.ts'
@@ -36,6 +37,8 @@ const consoleSrv = await startConsole({
   dbPath: config.consoleDbPath,
   dataDir: config.dataDir,
   mode: 'production',
+  // Sign-in and the provider gateway resolve DIDs at the configured directory too.
+  plcUrl: config.plcUrl,
   publicUrl: config.consoleUrl,
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,

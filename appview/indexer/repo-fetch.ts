@@ -2,12 +2,19 @@
  * Full-repo fetch for backfill and resync: `com.atproto.sync.getRepo` from the
  * repo's own PDS, verified (commit signature against the DID's key, MST
  * integrity), reduced to its `dev.cocore.*` records.
+ *
+ * The PDS address comes from the DID document, which its owner writes: it is
+ * fetched with the AppView's outbound fetch (`src/net/safe-fetch.ts`), SSRF-safe
+ * outside the local network, bounded in size and time, and a redirect is
+ * refused (a PDS serves its own repos).
  */
 import type { IdResolver } from '@atproto/identity'
 import { cborToLexRecord, readCarWithRoot, verifyRepo } from '@atproto/repo'
-import { pdsEndpoint } from '../../src/identity/index.ts'
+import { outboundPolicyOf, pdsEndpoint } from '../../src/identity/index.ts'
+import { outboundFailure, outboundFetch } from '../../src/net/safe-fetch.ts'
 import { NSID_PREFIX } from '../../src/lexicon/generated/ids.ts'
 import { MAX_RECORD_BYTES } from '../../src/lexicon/validate.ts'
+import { indexerLogger as log } from '../../src/logger.ts'
 import type { RecordWrite } from './store.ts'
 
 export class RepoFetchError extends Error {
@@ -18,6 +25,41 @@ export class RepoFetchError extends Error {
     super(message, options)
     this.gone = gone
   }
+}
+
+/** Largest repo CAR read. Repos with our records are small; a bigger answer is refused, not buffered. */
+export const MAX_REPO_BYTES = 64 * 1024 * 1024
+export const REPO_TIMEOUT_MS = 60_000
+
+const repoFetches = new WeakMap<IdResolver, typeof fetch>()
+
+/**
+ * The fetch for the PDSes a resolver's DID documents name, under that
+ * resolver's rules (`outboundPolicyOf`): SSRF-safe unless it was built for the
+ * local network. One per resolver (each holds a connection pool).
+ */
+export function repoFetchFor(idResolver: IdResolver): typeof fetch {
+  let f = repoFetches.get(idResolver)
+  if (!f) repoFetches.set(idResolver, (f = outboundFetch({ ...outboundPolicyOf(idResolver), maxBytes: MAX_REPO_BYTES, timeoutMs: REPO_TIMEOUT_MS })))
+  return f
+}
+
+/**
+ * One request to a PDS named by a DID document. Redirects are refused; a
+ * refusal or network failure becomes a RepoFetchError naming the reason.
+ */
+async function pdsGet(fetchImpl: typeof fetch, pds: string, path: string, what: string, timeoutMs: number): Promise<Response> {
+  let res: Response
+  try {
+    res = await fetchImpl(`${pds.replace(/\/+$/, '')}${path}`, { redirect: 'manual', signal: AbortSignal.timeout(timeoutMs) })
+  } catch (err) {
+    throw new RepoFetchError(`${what} at ${pds}: ${outboundFailure(err)}`, false, { cause: err })
+  }
+  if (res.status >= 300 && res.status < 400) {
+    await res.body?.cancel()
+    throw new RepoFetchError(`${what} at ${pds}: redirect refused (HTTP ${res.status})`)
+  }
+  return res
 }
 
 export interface FetchedRepo {
@@ -35,15 +77,22 @@ export async function resolvePds(idResolver: IdResolver, did: string, forceRefre
   return pds
 }
 
-export async function fetchRepo(idResolver: IdResolver, did: string, fetchImpl: typeof fetch = fetch): Promise<FetchedRepo> {
+export async function fetchRepo(idResolver: IdResolver, did: string, fetchImpl: typeof fetch = repoFetchFor(idResolver)): Promise<FetchedRepo> {
   const pds = await resolvePds(idResolver, did)
-  const res = await fetchImpl(`${pds}/xrpc/com.atproto.sync.getRepo?did=${encodeURIComponent(did)}`, { signal: AbortSignal.timeout(60_000) })
+  const what = `getRepo ${did}`
+  const res = await pdsGet(fetchImpl, pds, `/xrpc/com.atproto.sync.getRepo?did=${encodeURIComponent(did)}`, what, REPO_TIMEOUT_MS)
   if (!res.ok) {
     const body = (await res.json().catch(() => ({}))) as { error?: string }
     const gone = ['RepoNotFound', 'RepoTakendown', 'RepoDeactivated'].includes(body.error ?? '')
-    throw new RepoFetchError(`getRepo ${did}: HTTP ${res.status} ${body.error ?? ''}`, gone)
+    throw new RepoFetchError(`${what}: HTTP ${res.status} ${body.error ?? ''}`, gone)
   }
-  const car = new Uint8Array(await res.arrayBuffer())
+  let car: Uint8Array
+  try {
+    car = new Uint8Array(await res.arrayBuffer())
+  } catch (err) {
+    // Too large, too slow, or cut off: the fetch's limits stopped reading.
+    throw new RepoFetchError(`${what} at ${pds}: ${outboundFailure(err)}`, false, { cause: err })
+  }
   const { root, blocks } = await readCarWithRoot(car)
   const key = await idResolver.did.resolveAtprotoKey(did)
   let verified
@@ -79,7 +128,7 @@ export async function fetchRepo(idResolver: IdResolver, did: string, fetchImpl: 
 export async function getRepoStatus(
   idResolver: IdResolver,
   did: string,
-  fetchImpl: typeof fetch = fetch,
+  fetchImpl: typeof fetch = repoFetchFor(idResolver),
 ): Promise<{ exists: boolean; active: boolean; status?: string } | null> {
   let pds: string
   try {
@@ -90,7 +139,7 @@ export async function getRepoStatus(
     return null
   }
   try {
-    const res = await fetchImpl(`${pds}/xrpc/com.atproto.sync.getRepoStatus?did=${encodeURIComponent(did)}`, { signal: AbortSignal.timeout(10_000) })
+    const res = await pdsGet(fetchImpl, pds, `/xrpc/com.atproto.sync.getRepoStatus?did=${encodeURIComponent(did)}`, `getRepoStatus ${did}`, 10_000)
     if (res.status === 400 || res.status === 404) {
       const body = (await res.json().catch(() => ({}))) as { error?: string }
       if (body.error === 'RepoNotFound') return { exists: false, active: false, status: 'deleted' }
@@ -100,7 +149,8 @@ export async function getRepoStatus(
     if (!res.ok) return null
     const body = (await res.json()) as { active: boolean; status?: string }
     return { exists: true, active: body.active, status: body.status }
-  } catch {
+  } catch (err) {
+    log.debug('getRepoStatus failed', { did, pds, reason: outboundFailure(err) })
     return null
   }
 }

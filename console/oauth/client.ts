@@ -7,11 +7,11 @@
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { dirname } from 'node:path'
-import { safeFetchWrap } from '@atproto-labs/fetch-node'
 import { JoseKey, NodeOAuthClient, requestLocalLock } from '@atproto/oauth-client-node'
 import { buildAtprotoLoopbackClientMetadata } from '@atproto/oauth-types'
 import type { Db } from '../../src/db/index.ts'
 import type { SecretBox } from '../../src/crypto/secretbox.ts'
+import { IDENTITY_FETCH, outboundFetch } from '../../src/net/safe-fetch.ts'
 import { consoleScope } from './scopes.ts'
 import { sessionStore, stateStore } from './stores.ts'
 
@@ -21,8 +21,9 @@ export interface OAuthClientOpts {
   /** Where the console is reached; the callback is `<url>/oauth/callback`. */
   consoleUrl: string
   mode: 'dev' | 'production'
-  /** dev: the embedded PLC directory and PDS (handles resolve there). */
+  /** The PLC directory (COCORE_PLC_URL; dev: the embedded one). Default https://plc.directory. */
   plcUrl?: string
+  /** dev: the embedded PDS (handles resolve there). */
   handleResolverUrl?: string
   /** production: file of the ES256 client key. */
   clientKeyFile?: string
@@ -71,9 +72,11 @@ export async function createOAuthClient(opts: OAuthClientOpts): Promise<NodeOAut
       jwks_uri: `${base}${JWKS_PATH}`,
     },
     keyset: [await clientKey(opts.clientKeyFile!)],
-    // Users type handles and PDS addresses: fetch them SSRF-safely (https only,
-    // no private or loopback addresses after resolution, size and time limits).
-    fetch: safeFetchWrap({ allowHttp: false, allowPrivateIps: false, allowIpHost: false, timeout: 10_000 }),
+    ...(opts.plcUrl ? { plcDirectoryUrl: opts.plcUrl } : {}),
+    // Users type handles, DIDs and PDS addresses: fetch them SSRF-safely (https
+    // only, no private or loopback addresses after resolution, each redirect hop
+    // checked, size and time limits). Only the configured PLC directory is trusted.
+    fetch: outboundFetch({ local: false, trusted: opts.plcUrl ? [opts.plcUrl] : [], ...IDENTITY_FETCH }),
     // Refresh tokens are single use: one refresh at a time per session.
     requestLock: requestLocalLock,
     ...stores,

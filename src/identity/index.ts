@@ -1,9 +1,14 @@
 /**
- * Identity resolution with a bounded DID cache. In production the resolver
- * keeps `@atproto/identity`'s default SSRF-safe fetch (https only, no private
- * addresses); only the embedded local network passes plain `fetch` for http.
+ * Identity resolution with a bounded DID cache. Outside the local network
+ * every DID document and handle is fetched SSRF-safely (`src/net/safe-fetch.ts`,
+ * the same rules as `@atproto/identity`'s default fetch: https only, default
+ * port, no IP-literal hosts, no private, loopback or link-local address after
+ * resolution, redirects checked hop by hop, 512 kB and 10 s at most); only the
+ * configured PLC directory is trusted wherever it is. The embedded local
+ * network passes plain `fetch` for http on loopback.
  */
 import { HandleResolver, IdResolver, type CacheResult, type DidCache, type DidDocument } from '@atproto/identity'
+import { IDENTITY_FETCH, outboundFetch, type OutboundPolicy } from '../net/safe-fetch.ts'
 
 /** An LRU DID cache with a size bound and stale/expiry ages (never an unbounded Map). */
 export class BoundedDidCache implements DidCache {
@@ -61,7 +66,19 @@ export interface IdentityOpts {
    * have neither DNS records nor a reachable well-known endpoint.
    */
   handlesViaPds?: string
+  /** Operator-configured origins (firehose sources) that PDS fetches may reach even on a private network. */
+  trusted?: readonly string[]
 }
+
+/** How each resolver reaches the network: what it resolves, and the PDSes it names, are fetched under the same rules. */
+const policies = new WeakMap<IdResolver, OutboundPolicy>()
+
+/**
+ * The outbound rules for the PDSes a resolver's DID documents name: the local
+ * network's when it was built for it, else the public network's (SSRF-safe),
+ * trusting only the configured PLC directory and sources.
+ */
+export const outboundPolicyOf = (resolver: IdResolver): OutboundPolicy => policies.get(resolver) ?? { local: false }
 
 /** Resolves handles with `com.atproto.identity.resolveHandle` on one PDS (local network). */
 class PdsHandleResolver extends HandleResolver {
@@ -82,9 +99,10 @@ export function createIdResolver(opts: IdentityOpts): IdResolver {
     plcUrl: opts.plcUrl,
     timeout: 5000,
     didCache: new BoundedDidCache({ maxSize: opts.cacheSize, staleMs: opts.cacheTtlSec * 1000 }),
-    ...(opts.allowHttp ? { fetch: globalThis.fetch } : {}),
+    fetch: opts.allowHttp ? globalThis.fetch : outboundFetch({ local: false, trusted: [opts.plcUrl], ...IDENTITY_FETCH }),
   })
   if (opts.handlesViaPds) resolver.handle = new PdsHandleResolver(opts.handlesViaPds)
+  policies.set(resolver, { local: opts.allowHttp, trusted: [opts.plcUrl, ...(opts.trusted ?? [])] })
   return resolver
 }
 
