@@ -96,10 +96,12 @@ export interface ConsoleService {
 export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   const db = openDb(opts.dbPath)
   const box = new SecretBox(loadKeyring(opts.secretKey, join(opts.dataDir, 'secret.key')))
-  // The loopback client id must name the exact port, so bind first when the port is 0.
+  // The loopback client id must name the exact port, so bind first when the port is 0. Until the app
+  // is built (the exchange policy may wait for its PDS), requests are answered 503.
+  let app: ReturnType<typeof createConsoleApp> | null = null
   let server: Server
   const port = await new Promise<number>((resolve) => {
-    server = serve({ fetch: (req, env) => app.fetch(req, env), port: opts.port, hostname: opts.host }, (info) => resolve(info.port)) as Server
+    server = serve({ fetch: (req, env) => (app ? app.fetch(req, env) : starting(req)), port: opts.port, hostname: opts.host }, (info) => resolve(info.port)) as Server
   })
   const url = opts.publicUrl ?? `http://${opts.host}:${port}`
   const oauth = await createOAuthClient({
@@ -165,7 +167,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     ? { exchange, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined, economy }
     : undefined
   const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference }
-  const app = createConsoleApp({
+  app = createConsoleApp({
     oauth,
     states: stateStore(db, box),
     sessions,
@@ -217,4 +219,13 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
       })
     },
   }
+}
+
+/** The answer while the console starts: 503 with Retry-After, as an XRPC or OpenAI error where one is expected. */
+function starting(req: Request): Response {
+  const path = new URL(req.url).pathname
+  const message = 'the console is starting; retry in a moment'
+  const body = path.startsWith('/xrpc/') ? { error: 'ServiceUnavailable', message } : path.startsWith('/v1/') ? { error: { message, type: 'server_error', param: null, code: 'service_starting' } } : null
+  const headers = { 'retry-after': '1', 'cache-control': 'no-store' }
+  return body ? Response.json(body, { status: 503, headers }) : new Response(message, { status: 503, headers: { ...headers, 'content-type': 'text/plain; charset=utf-8' } })
 }

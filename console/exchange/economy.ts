@@ -75,9 +75,13 @@ export class Economy {
   /** Signs in to the exchange's repo, publishes the policy and attestation if they changed, and starts the pipeline. */
   static async start(opts: EconomyOpts): Promise<Economy> {
     const repo = new ExchangeRepo(opts.repo)
-    await repo.session()
     const key = loadSigningKey(opts.signingKey.env, opts.signingKey.file)
-    const refs = await publishPolicy(repo, opts.policy, key, opts.softwareVersion)
+    // Settlements cite the policy in force, so they wait for it: an unreachable or failing PDS is
+    // waited out (backing off), refused credentials are not.
+    const refs = await untilReachable('publishing the exchange policy', async () => {
+      await repo.session()
+      return publishPolicy(repo, opts.policy, key, opts.softwareVersion)
+    })
     log.info('exchange policy in force', { policy: refs.policy.uri, published: refs.policy.published, attestation: refs.attestation.uri })
     const economy = new Economy(opts, repo, key, refs)
     economy.outbox.start(opts.outbox?.everyMs)
@@ -215,5 +219,19 @@ export class Economy {
   async stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer)
     await this.outbox.stop()
+  }
+}
+
+/** Runs `f` until it succeeds, backing off from 250 ms to 10 s, unless the PDS refused the request itself (4xx). */
+async function untilReachable<T>(what: string, f: () => Promise<T>): Promise<T> {
+  for (let delay = 250; ; delay = Math.min(delay * 2, 10_000)) {
+    try {
+      return await f()
+    } catch (err) {
+      const status = (err as { status?: unknown }).status
+      if (typeof status === 'number' && status >= 400 && status < 500) throw err
+      log.warn(`${what} failed; retrying`, { err: err as Error, inMs: delay })
+      await new Promise((resolve) => setTimeout(resolve, delay))
+    }
   }
 }

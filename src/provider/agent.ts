@@ -35,7 +35,7 @@ import { loadOrCreateKeys, saveRecordKeys, type ProviderKeys } from './keys.ts'
 import { log } from './log.ts'
 import { machineFacts, type MachineFacts } from './machine.ts'
 import { attestationRecord, attestsSameState, priceList, providerRecord, type ModelPrice } from './records.ts'
-import { isSwapConflict, RepoWriter, withRetry, type StrongRef } from './repo.ts'
+import { isSwapConflict, RefusedSignIn, RepoWriter, withRetry, type StrongRef } from './repo.ts'
 
 export const AGENT_VERSION: string = pkg.version
 
@@ -153,8 +153,18 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     if (this.live) throw new ProviderAgentError('the agent is already started')
     const { pdsUrl, identifier, password } = this.opts
     const atp = new AtpAgent({ service: pdsUrl })
+    // A PDS that is down or failing as the agent starts is waited for (about a minute, backing off);
+    // credentials it refuses are not.
+    const startup = (what: string) => ({ attempts: 8, firstDelayMs: 500, onRetry: (err: unknown) => log.warn(`${what} failed; retrying`, { err: err as Error }) })
     try {
-      await atp.login({ identifier, password })
+      await withRetry(async () => {
+        try {
+          await atp.login({ identifier, password })
+        } catch (err) {
+          const status = (err as { status?: unknown }).status
+          throw status === 400 || status === 401 ? new RefusedSignIn((err as Error).message) : err
+        }
+      }, startup('signing in'))
     } catch (err) {
       throw new ProviderAgentError(`could not sign in to ${pdsUrl} as ${identifier}: ${(err as Error).message}`)
     }
@@ -162,7 +172,7 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     const writer = new RepoWriter(atp, did)
     const facts = machineFacts()
     const prices = priceList(this.opts.models, this.opts.prices)
-    const retry = { attempts: 3, firstDelayMs: 1000, onRetry: (err: unknown) => log.warn('publishing failed; retrying', { err: err as Error }) }
+    const retry = startup('publishing')
     const provider = await withRetry(() => this.publishProvider(writer, facts, prices), retry)
     const attestation = await withRetry(() => this.publishAttestation(writer, facts, false), retry)
     const jobs = new JobRunner({

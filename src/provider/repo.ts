@@ -16,6 +16,11 @@ export class InvalidRecordError extends Error {
   override name = 'InvalidRecordError'
 }
 
+/** The PDS refused the account's credentials: trying again will not help. */
+export class RefusedSignIn extends Error {
+  override name = 'RefusedSignIn'
+}
+
 const xrpcError = (err: unknown): string | undefined => (err as { error?: string } | null)?.error
 
 export class RepoWriter {
@@ -70,7 +75,7 @@ export async function withRetry<T>(fn: () => Promise<T>, opts: RetryOpts): Promi
     try {
       return await fn()
     } catch (err) {
-      if (attempt >= opts.attempts || err instanceof InvalidRecordError || isSwapConflict(err) || opts.signal?.aborted) throw err
+      if (attempt >= opts.attempts || err instanceof InvalidRecordError || err instanceof RefusedSignIn || isSwapConflict(err) || opts.signal?.aborted) throw err
       opts.onRetry?.(err, attempt)
       await sleep(opts.firstDelayMs * 2 ** (attempt - 1), undefined, { signal: opts.signal })
     }
