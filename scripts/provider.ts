@@ -27,6 +27,7 @@ Optional:
   --engine NAME          builtin or openai (default: openai with --upstream, else builtin)
   --label NAME           the machine's name on its provider record (default: the hostname)
   --max-concurrent N     jobs run at once (default 4)
+  --token-delay-ms MS    builtin engine: pause before each piece, as a real model streams (default 0)
   --log-level LEVEL      debug, info, warn, error or silent (default info)
   --help                 this text
 
@@ -46,6 +47,7 @@ const OPTIONS = {
   engine: { type: 'string' },
   label: { type: 'string' },
   'max-concurrent': { type: 'string' },
+  'token-delay-ms': { type: 'string' },
   'log-level': { type: 'string' },
   help: { type: 'boolean' },
 } as const
@@ -75,11 +77,14 @@ function parse() {
   if (engine === 'builtin' && get('upstream')) throw new UsageError('--upstream is for --engine openai; leave one of them out')
   const maxConcurrent = get('max-concurrent') === undefined ? undefined : Number(get('max-concurrent'))
   if (maxConcurrent !== undefined && !(Number.isSafeInteger(maxConcurrent) && maxConcurrent > 0)) throw new UsageError('--max-concurrent must be a positive integer')
+  const tokenDelayMs = get('token-delay-ms') === undefined ? undefined : Number(get('token-delay-ms'))
+  if (tokenDelayMs !== undefined && !(Number.isSafeInteger(tokenDelayMs) && tokenDelayMs >= 0)) throw new UsageError('--token-delay-ms must be a non-negative integer')
+  if (tokenDelayMs !== undefined && engine !== 'builtin') throw new UsageError('--token-delay-ms is for the builtin engine')
   const models = get('models')
     ?.split(',')
     .map((m) => m.trim())
     .filter(Boolean)
-  return { get, engine, maxConcurrent, models }
+  return { get, engine, maxConcurrent, tokenDelayMs, models }
 }
 
 /** The models an upstream serves, from its /v1/models. */
@@ -105,7 +110,7 @@ async function main(): Promise<void> {
     engine = new OpenAIUpstreamEngine(get('upstream')!, get('upstream-key'))
     models ??= await upstreamModels(get('upstream')!, get('upstream-key'))
   } else {
-    engine = new BuiltinEngine()
+    engine = new BuiltinEngine({ delayMs: opts.tokenDelayMs })
     models ??= ['builtin']
   }
   const agent = new ProviderAgent({

@@ -7,7 +7,6 @@
  */
 import { spawn } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import Database from 'better-sqlite3'
@@ -23,6 +22,7 @@ import { startAppView, tempDbPath } from './fixture/appview.ts'
 import { launchBrowser, screenshot } from './fixture/browser.ts'
 import { consoleOpts as testConsoleOpts, sessionCookie, signInWithBrowser, testSecretKey } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
+import { freePort } from './fixture/ports.ts'
 
 let net: LocalNetwork
 let av: AppView
@@ -41,13 +41,6 @@ afterAll(async () => {
   await net?.close()
 })
 
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port
-      s.close(() => resolve(port))
-    })
-  })
 
 const consoleOpts = (dataDir: string, port = 0) => testConsoleOpts(net, av.url, { dataDir, port, secretKey, wipeRetry: retry })
 

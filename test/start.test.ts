@@ -6,7 +6,6 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Browser } from 'playwright-core'
@@ -15,6 +14,7 @@ import type { StackInfo } from '../src/dev/stack.ts'
 import { launchBrowser } from './fixture/browser.ts'
 import { signInWithBrowser } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
+import { freePort } from './fixture/ports.ts'
 
 let child: ChildProcess | undefined
 let browser: Browser | undefined
@@ -24,13 +24,6 @@ afterAll(async () => {
   if (child && child.exitCode === null) child.kill('SIGKILL')
 })
 
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number }
-      s.close(() => resolve(port))
-    })
-  })
 
 it('boots the stack with a demo provider a signed-in user can chat with, and stops cleanly on SIGINT', async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'cocore-start-'))
