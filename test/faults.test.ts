@@ -12,7 +12,7 @@
  * correct reply or a clean error; never silence).
  *
  * Seeded: `COCORE_FUZZ_SEED` picks the faults and their timing,
- * `COCORE_FAULT_ROUNDS` (default 6) how many rounds run.
+ * `COCORE_FAULT_ROUNDS` (default 7, one of each kind of fault) how many rounds run.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
@@ -36,7 +36,7 @@ import { injectPdsFaults, type PdsFaults } from './fixture/pds-faults.ts'
 import { freePort } from './fixture/ports.ts'
 import { waitFor } from './fixture/wait.ts'
 
-const ROUNDS = Number(process.env.COCORE_FAULT_ROUNDS ?? 6)
+const ROUNDS = Number(process.env.COCORE_FAULT_ROUNDS ?? 7)
 const { seed } = fuzzConfig(0)
 
 let net: LocalNetwork
@@ -72,6 +72,8 @@ beforeAll(async () => {
     outboxRetry: { firstMs: 100, maxMs: 1_000 },
     wipeRetry: { firstMs: 100, maxMs: 1_000, giveUpAfterMs: 600_000, attemptMs: 5_000 },
     firstChunkTimeoutMs: 5_000,
+    // A provider silent for three pings (3 s) is dropped, and its jobs answered with an error.
+    pingIntervalMs: 1_000,
   })
   appviewDbPath = join(opts.dataDir, 'appview.sqlite')
   exchange = await startExchange()
@@ -210,7 +212,7 @@ async function listAll(repo: string, collection: string): Promise<{ uri: string;
   return out
 }
 
-const FAULTS = ['pds-down', 'pds-slow', 'pds-error', 'kill-exchange', 'kill-provider', 'kill-both'] as const
+const FAULTS = ['pds-down', 'pds-slow', 'pds-error', 'kill-exchange', 'kill-provider', 'kill-both', 'stall-provider'] as const
 
 /** One fault, at a moment drawn from the seed, held for a while. */
 async function injectOne(r: Rng, round: number, kind: (typeof FAULTS)[number]): Promise<void> {
@@ -231,6 +233,12 @@ async function injectOne(r: Rng, round: number, kind: (typeof FAULTS)[number]): 
       exchange = await startExchange()
       if (kind === 'kill-both') provider = startProvider()
       return
+    case 'stall-provider':
+      // Stopped, not gone: its connection stays open and silent until the exchange stops waiting for it.
+      provider!.kill('SIGSTOP')
+      await new Promise((res) => setTimeout(res, r.range(2_000, 6_000)))
+      provider!.kill('SIGCONT')
+      return
     case 'kill-provider':
       await kill(provider)
       await new Promise((res) => setTimeout(res, r.range(0, 1_000)))
@@ -240,7 +248,7 @@ async function injectOne(r: Rng, round: number, kind: (typeof FAULTS)[number]): 
 
 it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exchange and the provider, to a consistent state', async () => {
   const r = rng(seed)
-  // Every kind of fault in each run of six rounds, in an order drawn from the seed.
+  // Every kind of fault in each run of seven rounds, in an order drawn from the seed.
   const order = [...FAULTS].map((f) => ({ f, k: r.next() })).sort((a, b) => a.k - b.k).map((x) => x.f)
   // Sign-ins (the OAuth sessions publish job records and run the wipe), before any fault.
   const aliceCookie = await sessionCookie(await signInWithBrowser(await browser.newContext(), consoleUrl, alice.handle, alice.password))
