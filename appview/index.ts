@@ -54,6 +54,8 @@ export interface AppViewOpts {
    * there a new AppView starts at the head and `npm run backfill` fills the past.
    */
   replayFromStart?: boolean
+  /** Pause before resubscribing to a source after its stream broke; default 3 s. */
+  reconnectDelayMs?: number
 }
 
 export class AppView implements AsyncDisposable {
@@ -78,7 +80,7 @@ export class AppView implements AsyncDisposable {
       // The operator's own sources: repo fetches may reach them on a private network.
       trusted: opts.sources,
     })
-    this.indexer = new Indexer({ store: this.store, idResolver: this.idResolver, sources: opts.sources, replayFromStart: opts.replayFromStart })
+    this.indexer = new Indexer({ store: this.store, idResolver: this.idResolver, sources: opts.sources, replayFromStart: opts.replayFromStart, reconnectDelayMs: opts.reconnectDelayMs })
   }
 
   async start(): Promise<this> {

@@ -11,7 +11,7 @@
 import { TID } from '@atproto/common-web'
 import type { IdResolver } from '@atproto/identity'
 import { cborToLex, RepoVerificationError } from '@atproto/repo'
-import { Firehose, FirehoseParseError, FirehoseValidationError, type Event } from '@atproto/sync'
+import { Firehose, FirehoseParseError, FirehoseSubscriptionError, FirehoseValidationError, type Event } from '@atproto/sync'
 import { installNativeSignatureVerification } from '../../src/crypto/native-verify.ts'
 import { indexerLogger as log } from '../../src/logger.ts'
 import { MAX_RECORD_BYTES, validateRecord } from '../../src/lexicon/validate.ts'
@@ -88,13 +88,92 @@ export function isForeignCommit(v: unknown): boolean {
  * @atproto/sync; if its shape ever differs, frames are simply all validated.
  */
 export function skipValidationOfForeignCommits(firehose: Firehose): void {
-  const sub = (firehose as unknown as { sub?: { opts?: { validate?: (v: unknown) => unknown } } }).sub
-  const full = sub?.opts?.validate
-  if (!sub?.opts || typeof full !== 'function') {
-    log.warn('firehose internals changed: every frame is validated')
-    return
+  wrapFrameCheck(firehose, (full) => (value) => (isForeignCommit(value) ? value : full(value)))
+}
+
+type FrameCheck = (value: unknown) => unknown
+
+/** Replaces the subscription's frame check (its `validate` option, which sees every decoded frame) with `wrap(current)`. */
+function wrapFrameCheck(firehose: Firehose, wrap: (current: FrameCheck) => FrameCheck): boolean {
+  const sub = (firehose as unknown as { sub?: { opts?: { validate?: FrameCheck } } }).sub
+  const current = sub?.opts?.validate
+  if (!sub?.opts || typeof current !== 'function') {
+    log.warn('firehose internals changed: frames are checked by the library alone')
+    return false
   }
-  sub.opts.validate = (value) => (isForeignCommit(value) ? value : full(value))
+  sub.opts.validate = wrap(current)
+  return true
+}
+
+const MESSAGE_TYPES = new Set(['commit', 'sync', 'identity', 'account', 'info'].map((t) => `com.atproto.sync.subscribeRepos#${t}`))
+
+/**
+ * Around the library's frame check:
+ *  - a frame of a type this lexicon does not know passes the library's check
+ *    (the union is open, for types added later) and is then ignored: it is
+ *    dropped here and reported, so it is counted;
+ *  - a valid frame whose seq is not above the highest valid one already taken
+ *    is dropped. After a reconnect the library resubscribes from the applied
+ *    cursor, so the source sends again the events still in the runner (or
+ *    refused once, and counted then). Only valid frames of known types move
+ *    the mark: a frame with a made-up seq must not blind the stream;
+ *  - a commit frame that passes the check reports the dev.cocore op paths it
+ *    claims: the library drops, without a word, an op whose MST proof does not
+ *    match, and the indexer counts those from the difference.
+ */
+export function watchFrames(
+  firehose: Firehose,
+  on: { claims: (seq: number, repo: string, paths: string[]) => void; unknownType: (type: unknown) => void },
+): void {
+  let highest = -1
+  wrapFrameCheck(firehose, (check) => (value) => {
+    const out = check(value) as { $type?: unknown; seq?: unknown; repo: string; ops: { path: string }[] } | undefined
+    if (out === undefined) return out
+    if (typeof out.$type !== 'string' || !MESSAGE_TYPES.has(out.$type)) {
+      on.unknownType(out.$type)
+      return undefined
+    }
+    if (typeof out.seq !== 'number') return out
+    if (out.seq <= highest) return undefined
+    highest = out.seq
+    if (out.$type === COMMIT_TYPE) {
+      const paths = out.ops.map((op) => op.path).filter((p) => p.startsWith(NSID_PREFIX))
+      if (paths.length) on.claims(out.seq, out.repo, paths)
+    }
+    return out
+  })
+}
+
+/**
+ * Why the subscription broke, when the source sent something that ended it:
+ * an error frame (op -1, which a host sends before closing), or a frame that
+ * could not be decoded (not CBOR, cut short, a bad header or frame op). Null
+ * for transport failures (the connection dropped, a timeout), which are not
+ * the source's data.
+ */
+export function streamBreakReason(cause: unknown): 'error-frame' | 'malformed-frame' | null {
+  if (!(cause instanceof Error)) return 'malformed-frame'
+  // @atproto/ws-client's errors (close, socket, heartbeat, buffer overflow) classify themselves for retry.
+  if (typeof (cause as { shouldRetry?: unknown }).shouldRetry === 'function') return null
+  // An error frame surfaces as an XRPCError (success: false) named by the frame's error; undecodable frames as plain errors.
+  const x = cause as { success?: unknown; error?: unknown }
+  if (x.success === false && typeof x.error === 'string') return 'error-frame'
+  return 'malformed-frame'
+}
+
+/**
+ * Adds a rejection for each op a commit frame claimed that yielded no event
+ * (its proof did not match the signed MST), unless the commit was refused or
+ * left for a resync as a whole.
+ */
+function withUnverifiedOps(claimed: { repo: string; paths: string[] }, changes: Change[] | undefined): Change[] | undefined {
+  if (changes?.some((c) => c.kind === 'reject-commit' || c.kind === 'needs-resync')) return changes
+  const seen = new Set(changes?.flatMap((c) => (c.kind === 'commit' ? c.ops.map((op) => op.uri) : [])))
+  const missing = claimed.paths.map((path) => `at://${claimed.repo}/${path}`).filter((uri) => !seen.has(uri))
+  if (missing.length === 0) return changes
+  log.warn('ops dropped: their MST proof does not match the signed commit', { did: claimed.repo, ops: missing.length })
+  const rejects = missing.map((uri): Change => ({ kind: 'reject-commit', rejection: { reason: 'unverified-op', collection: uri.split('/')[3] ?? '', uri } }))
+  return [...(changes ?? []), ...rejects]
 }
 
 interface Sub {
@@ -103,6 +182,8 @@ interface Sub {
   runner: OrderedRunner
   running: Promise<void> | null
   ended: boolean
+  /** seq -> the repo and dev.cocore op paths its commit frame claims, until the event is committed. */
+  claims: Map<number, { repo: string; paths: string[] }>
 }
 
 export interface IndexerStats {
@@ -125,6 +206,8 @@ export interface IndexerOpts {
   concurrency?: number
   /** Sources without a saved cursor start at seq 0 rather than the live head. */
   replayFromStart?: boolean
+  /** Pause before resubscribing after the stream broke (an undecodable frame, an error frame); default 3 s. */
+  reconnectDelayMs?: number
 }
 
 export class Indexer implements AsyncDisposable {
@@ -154,11 +237,15 @@ export class Indexer implements AsyncDisposable {
   /** A subscription to one source, resuming from that source's persisted cursor. */
   private makeSub(source: string): Sub {
     const { store, replayFromStart, concurrency } = this.opts
+    const claims: Sub['claims'] = new Map()
     const runner = new OrderedRunner({
       startCursor: store.getCursor(source) ?? (replayFromStart ? 0 : undefined),
       concurrency,
-      commit: (seq, cursor) => this.commit(source, seq, cursor),
-      discard: (seq) => this.pending.delete(this.key(source, seq)),
+      commit: (seq, cursor) => this.commit(source, seq, cursor, claims),
+      discard: (seq) => {
+        this.pending.delete(this.key(source, seq))
+        claims.delete(seq)
+      },
       onFatal: (err) => {
         log.error('index write failed; resubscribing from the persisted cursor', { source, err: err as Error })
         this.restart(source)
@@ -170,11 +257,20 @@ export class Indexer implements AsyncDisposable {
       runner,
       filterCollections: [`${NSID_PREFIX}*`],
       unauthenticatedHandles: true,
+      subscriptionReconnectDelay: this.opts.reconnectDelayMs,
       handleEvent: (evt) => this.handleEvent(source, evt),
       onError: (err) => this.onError(source, err),
     })
     skipValidationOfForeignCommits(firehose)
-    return { source, firehose, runner, running: null, ended: false }
+    watchFrames(firehose, {
+      claims: (seq, repo, paths) => claims.set(seq, { repo, paths }),
+      unknownType: (type) => {
+        this.opts.store.reject('unknown-frame-type', '', null)
+        this.stats.rejected++
+        log.warn('firehose frame of an unknown type ignored', { source, type: String(type) })
+      },
+    })
+    return { source, firehose, runner, running: null, ended: false, claims }
   }
 
   private launch(sub: Sub): void {
@@ -273,7 +369,8 @@ export class Indexer implements AsyncDisposable {
           }
           change = { kind: 'commit', did: evt.did, rev: evt.rev, ops: [], rejects: [] }
           this.push(source, evt.seq, change)
-          if (!store.isKnown(evt.did)) this.push(source, evt.seq, { kind: 'handle', did: evt.did, handle: await this.verifiedHandle(evt.did) })
+          // First commit applied for this repo (it may be known already, only as marked for a resync).
+          if (!store.getRev(evt.did)) this.push(source, evt.seq, { kind: 'handle', did: evt.did, handle: await this.verifiedHandle(evt.did) })
         }
         const uri = evt.uri.toString()
         if (evt.event === 'delete') {
@@ -356,11 +453,16 @@ export class Indexer implements AsyncDisposable {
   }
 
   /** Applies what an event collected, and the cursor, in one transaction. */
-  private commit(source: string, seq: number, cursor: number | undefined) {
+  private commit(source: string, seq: number, cursor: number | undefined, claims: Sub['claims']) {
     this.stats.events++
     const k = this.key(source, seq)
-    const changes = this.pending.get(k)
+    let changes = this.pending.get(k)
     this.pending.delete(k)
+    const claimed = claims.get(seq)
+    if (claimed) {
+      claims.delete(seq)
+      changes = withUnverifiedOps(claimed, changes)
+    }
     if (!changes) {
       if (cursor !== undefined) this.unsavedCursors.set(source, cursor)
       return
@@ -380,7 +482,9 @@ export class Indexer implements AsyncDisposable {
     switch (c.kind) {
       case 'commit':
         if (!store.applyCommit(c.did, c.rev, c.ops)) {
+          // Replayed or out of order: not applied, and counted (replays after a restart count too).
           this.stats.staleCommits++
+          this.reject({ reason: 'stale-rev', collection: '', uri: `at://${c.did}` })
           return
         }
         this.stats.commitsApplied++
@@ -457,24 +561,36 @@ export class Indexer implements AsyncDisposable {
 
   private onError(source: string, err: Error) {
     if (err instanceof FirehoseParseError) {
+      // Called within the event's handler: what is pushed here lands in the event's transaction.
       const evt = err.event as { repo?: string; seq?: number }
-      const did = evt.repo ?? null
+      const did = evt.repo
+      if (!did || typeof evt.seq !== 'number') return log.warn('unparsable event', { source, err: err.cause as Error })
+      const uri = `at://${did}`
       if (err.cause instanceof RepoVerificationError) {
-        // Signature or MST proof did not verify (after one key refresh): rejected.
-        this.opts.store.reject('bad-commit', '', did ? `at://${did}` : null)
-        this.stats.rejected++
+        // The signature (after one key refresh) or the commit's DID is wrong: rejected.
+        this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'bad-commit', collection: '', uri } })
         log.warn('commit failed verification; rejected', { source, did, err: err.cause })
-      } else if (did && typeof evt.seq === 'number') {
-        // Not a verdict on the commit (the DID's key could not be resolved...): fetch the
-        // whole repo later rather than lose the commit. Called within the event's handler,
-        // so this lands in the event's transaction.
+      } else {
+        // Blocks missing, tampered or undecodable, or the DID's key could not be resolved:
+        // refused now, and the whole repo is fetched and verified later, so a genuine
+        // commit damaged on the way is not lost.
+        this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'unverifiable-commit', collection: '', uri } })
         this.push(source, evt.seq, { kind: 'needs-resync', did })
-        log.warn('commit could not be checked now; repo marked for resync', { source, did, err: err.cause as Error })
+        log.warn('commit could not be verified; repo marked for resync', { source, did, err: err.cause as Error })
       }
     } else if (err instanceof FirehoseValidationError) {
-      this.opts.store.reject('malformed-frame', '', null)
+      // Decoded, but not a valid event (a known type with missing or malformed fields).
+      this.opts.store.reject('invalid-frame', '', null)
       this.stats.rejected++
-      log.warn('malformed firehose frame', { source })
+      log.warn('invalid firehose frame refused', { source })
+    } else if (err instanceof FirehoseSubscriptionError) {
+      // The stream broke; the library resubscribes from the cursor after a pause.
+      const reason = streamBreakReason(err.cause)
+      if (reason) {
+        this.opts.store.reject(reason, '', null)
+        this.stats.rejected++
+      }
+      log.warn('firehose stream broke; resubscribing', { source, reason, err: err.cause as Error })
     } else {
       log.warn('firehose error', { source, err })
     }
