@@ -26,6 +26,8 @@ const PARAMS_ENV = 'BENCH_ROLE_PARAMS'
 export async function serveRole(roles: RoleTable, name: string): Promise<void> {
   const params = JSON.parse(process.env[PARAMS_ENV] ?? '{}') as never
   const send = (m: Msg) => process.send!(m)
+  // The orchestrator is gone: so is this process (also while the role is still starting).
+  process.on('disconnect', () => process.exit(0))
   let role: Role<unknown, Record<string, (...a: unknown[]) => Promise<unknown>>>
   try {
     role = (await roles[name]!(params)) as typeof role
@@ -43,8 +45,6 @@ export async function serveRole(roles: RoleTable, name: string): Promise<void> {
       (err: Error) => send({ id: m.id, error: err.stack ?? String(err) }),
     )
   })
-  // The orchestrator is gone: so is this process.
-  process.on('disconnect', () => process.exit(0))
   send({ ready: role.info })
 }
 
