@@ -332,12 +332,22 @@ it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exc
   for (const c of bobLeft) expect(await listAll(bob.did, c), c).toEqual([])
 
   // Every receipt the provider published is settled, once, on the exchange's repo and in its books.
-  await waitFor(async () => {
-    const receipts = await listAll(rig.did, ids.ComputeReceipt)
-    const settlements = await listAll(market.did, ids.ComputeSettlement)
-    return receipts.length > 0 && settlements.length === receipts.length
-  }, 'every receipt settled', 120_000)
-  const receiptRecords = await listAll(rig.did, ids.ComputeReceipt)
+  // (Stable for a second: the last chats' receipts may still be on their way.)
+  const settledState = async () => ({
+    receipts: await listAll(rig.did, ids.ComputeReceipt),
+    settled: (await listAll(market.did, ids.ComputeSettlement)).map((x) => (x.value.receipt as { uri: string }).uri).sort(),
+  })
+  const { receipts: receiptRecords, settled } = await waitFor(
+    async () => {
+      const before = await settledState()
+      await new Promise((res) => setTimeout(res, 1_000))
+      const after = await settledState()
+      const uris = after.receipts.map((x) => x.uri).sort()
+      return uris.length > 0 && JSON.stringify(before) === JSON.stringify(after) && JSON.stringify(after.settled) === JSON.stringify(uris) ? after : null
+    },
+    'every receipt settled',
+    120_000,
+  )
   const receipts = receiptRecords.map((x) => x.uri).sort()
   // Alice is charged only for jobs she authorized: each receipt's job record, and the authorization
   // it cites, are on her PDS.
@@ -348,7 +358,6 @@ it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exc
     expect(job, `the job of ${rec.uri}`).toBeDefined()
     expect(auths.has((job!.paymentAuthorization as { uri: string }).uri)).toBe(true)
   }
-  const settled = (await listAll(market.did, ids.ComputeSettlement)).map((x) => (x.value.receipt as { uri: string }).uri).sort()
   expect(settled).toEqual(receipts)
   const books = readDb(opts.dbPath, (db) => ({
     rows: db.prepare("SELECT receipt_uri AS uri, amount, fee FROM settlements WHERE outcome = 'settled' ORDER BY receipt_uri").all() as { uri: string; amount: number; fee: number }[],
