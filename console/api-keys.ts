@@ -41,9 +41,11 @@ const BODY_LEN = 43
 const KEY_RE = new RegExp(`^${KEY_PREFIX}([0-9A-Za-z]{${BODY_LEN}})([0-9A-Za-z]{6})$`)
 
 export function generateKey(): string {
-  const body = base62(randomBytes(32), BODY_LEN)
-  return `${KEY_PREFIX}${body}${checksum(body)}`
+  return withChecksum(base62(randomBytes(32), BODY_LEN))
 }
+
+/** A key of the right shape for a 43-character base62 body (tests forge well-formed keys with it). */
+export const withChecksum = (body: string): string => `${KEY_PREFIX}${body}${checksum(body)}`
 
 /** Format and checksum only: a key that fails this is refused without touching the database. */
 export function wellFormed(key: string): boolean {

@@ -313,6 +313,8 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
         proBono: mode ? { mode } : undefined,
       })
     } catch (err) {
+      // Only the account's own repo is read: another account's rkey names nothing there.
+      if ((err as { error?: string }).error === 'RecordNotFound') return c.html(errorPage('Not found', 'No such machine of yours.'), 404)
       const message = failure(err)
       if (!message) throw err
       return c.html(machinesPage(await who(c), await deps.publisher.listProviders(s.did), { error: message }), 400)
