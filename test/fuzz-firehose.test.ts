@@ -624,4 +624,4 @@ it(`indexes exactly the valid records and counts every rejection by reason (seed
       `  cases by kind: ${JSON.stringify(Object.fromEntries([...kinds].sort()))}\n  rejections: ${JSON.stringify(Object.fromEntries([...exp.rejections].sort()))}`,
   )
   if (cases >= CASES.length) expect(kinds.size).toBe(CASES.length)
-})
+}, Math.max(120_000, cases * 100))
