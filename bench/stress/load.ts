@@ -188,6 +188,8 @@ export async function signIns(ctx: LoadContext, opts: { browser: Browser; consol
     const account = opts.accounts[i % opts.accounts.length]!
     const t0 = performance.now()
     const context = await opts.browser.newContext()
+    // The same bound as every other request (Playwright's own default is 30 s per step).
+    context.setDefaultTimeout(REQUEST_TIMEOUT_MS)
     try {
       const page = await signInWithBrowser(context, opts.consoleUrl, account.handle, account.password)
       opts.onCookie(account.did, await sessionCookie(page))
