@@ -8,6 +8,7 @@ import { bodyLimit } from 'hono/body-limit'
 import { HTTPException } from 'hono/http-exception'
 import { deleteCookie, getCookie, setCookie } from 'hono/cookie'
 import type { NodeOAuthClient } from '@atproto/oauth-client-node'
+import { isValidRecordKey } from '@atproto/syntax'
 import { consoleLogger as log } from '../src/logger.ts'
 import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
 import { authenticate, handlers } from './api/index.ts'
@@ -61,6 +62,15 @@ const formBodyLimit = bodyLimit({ maxSize: 64 * 1024, onError: (c) => c.html(err
 
 const BINDING_COOKIE = 'cocore_oauth_binding'
 
+/** A form body that does not parse (a multipart body without its boundary, say) is the client's error: 400, not 500. */
+async function readForm(c: Context, all = false): Promise<Record<string, string | File | (string | File)[]>> {
+  try {
+    return await c.req.parseBody({ all })
+  } catch {
+    throw new HTTPException(400, { message: 'malformed form body' })
+  }
+}
+
 function clientIpOf(c: Context): string | undefined {
   const incoming = (c.env as { incoming?: { socket?: { remoteAddress?: string } } } | undefined)?.incoming
   return incoming?.socket?.remoteAddress
@@ -81,6 +91,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     if (err instanceof HTTPException && err.status === 403) {
       return c.html(errorPage('Request refused', 'This request did not come from a console page (cross-site requests are refused). Nothing was changed.'), 403)
     }
+    if (err instanceof HTTPException && err.status === 400) return c.html(errorPage('Bad request', 'The console could not read this form. Nothing was changed.'), 400)
     log.error('console error', { path: c.req.path, err })
     return c.html(errorPage('Something went wrong', 'The console could not complete this request. Nothing was changed.'), 500)
   })
@@ -144,7 +155,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
       return c.html(signInPage(`Too many sign-in attempts from here; try again in ${wait} s.`), 429)
     }
     deps.oauthStateGc()
-    const form = await c.req.parseBody()
+    const form = await readForm(c)
     const identifier = String(form.identifier ?? '').trim()
     if (!identifier || identifier.length > 512) return c.html(signInPage('Type your handle (like alice.bsky.social), your DID, or your PDS address.', identifier), 400)
     // Binds the OAuth state to this browser: the callback must present the same cookie.
@@ -244,7 +255,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.post('/profile', requireSession, async (c) => {
     const s = c.get('session')!
-    const form = await c.req.parseBody()
+    const form = await readForm(c)
     const edit = { displayName: String(form.displayName ?? '').trim(), bio: String(form.bio ?? '').trim() }
     try {
       const saved = await deps.publisher.putProfile(s.did, edit)
@@ -265,7 +276,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.post('/friends', requireSession, async (c) => {
     const s = c.get('session')!
-    const form = await c.req.parseBody()
+    const form = await readForm(c)
     const input = String(form.subject ?? '').trim().replace(/^@/, '')
     const note = String(form.note ?? '').trim() || undefined
     let subject = input
@@ -288,7 +299,10 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.post('/friends/:rkey/remove', requireSession, async (c) => {
     const s = c.get('session')!
-    await deps.publisher.removeFriend(s.did, c.req.param('rkey') ?? '')
+    const rkey = c.req.param('rkey') ?? ''
+    // Not a record key: nothing of the account's has it (and the PDS client would throw before asking).
+    if (!isValidRecordKey(rkey)) return c.html(errorPage('Not found', 'No such friend of yours.'), 404)
+    await deps.publisher.removeFriend(s.did, rkey)
     return c.redirect('/friends', 303)
   })
 
@@ -299,14 +313,16 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.post('/machines/:rkey', requireSession, async (c) => {
     const s = c.get('session')!
-    const form = await c.req.parseBody()
+    const rkey = c.req.param('rkey') ?? ''
+    if (!isValidRecordKey(rkey)) return c.html(errorPage('Not found', 'No such machine of yours.'), 404)
+    const form = await readForm(c)
     const desired = String(form.desiredModels ?? '')
       .split(',')
       .map((m) => m.trim())
       .filter(Boolean)
     const mode = String(form.proBono ?? '')
     try {
-      await deps.publisher.setProviderIntent(s.did, c.req.param('rkey') ?? '', {
+      await deps.publisher.setProviderIntent(s.did, rkey, {
         desiredModels: desired.length ? desired : undefined,
         active: form.active === '1',
         shareLocation: form.shareLocation === '1',
@@ -330,7 +346,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.post('/keys', requireSession, async (c) => {
     const s = c.get('session')!
-    const form = await c.req.parseBody({ all: true })
+    const form = await readForm(c, true)
     const name = String(form.name ?? '')
     const scopes = ([] as unknown[]).concat(form.scopes ?? []).map(String)
     const expires = String(form.expires ?? '')
@@ -388,7 +404,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.post('/account/wipe', requireSession, async (c) => {
     const s = c.get('session')!
-    const form = await c.req.parseBody()
+    const form = await readForm(c)
     const me = await who(c)
     const typed = String(form.confirm ?? '').trim()
     if (typed !== `wipe ${me.handle ?? me.did}` && typed !== `wipe ${me.did}`) {
