@@ -17,6 +17,8 @@ import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Secp256k1Keypair } from '@atproto/crypto'
+import { createServiceJwt } from '@atproto/xrpc-server'
+import { WebSocket } from 'ws'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { AppView } from '../appview/index.ts'
 import { backfill } from '../appview/indexer/backfill.ts'
@@ -24,6 +26,7 @@ import { fetchRepo, getRepoStatus, MAX_REPO_BYTES, RepoFetchError } from '../app
 import { startConsole, type ConsoleService } from '../console/index.ts'
 import { toWs } from '../src/config.ts'
 import { LocalNetwork } from '../src/dev/network.ts'
+import { AGENT_PATH, PROTOCOL_VERSION } from '../src/protocol/agent.ts'
 import { createIdResolver } from '../src/identity/index.ts'
 import { tempDbPath } from './fixture/appview.ts'
 import { consoleOpts, testSecretKey } from './fixture/console.ts'
@@ -316,5 +319,42 @@ describe('console sign-in (OAuth client) in production', () => {
     const res = await login(dev, dev.url, controlDid)
     expect(res.status).toBe(400)
     expect(target.requests.some((u) => u.startsWith('/.well-known/oauth-protected-resource'))).toBe(true)
+  })
+})
+
+describe('provider gateway (the exchange) in production', () => {
+  const EXCHANGE = 'did:web:exchange.example.net'
+
+  /** Registers on the gateway as `did` with a service-auth token it issued itself; resolves to the gateway's answer. */
+  async function register(consoleUrl: string, did: string): Promise<{ type: string; code?: string }> {
+    const serviceAuth = await createServiceJwt({ iss: did, aud: EXCHANGE, lxm: null, keypair: await Secp256k1Keypair.create() })
+    const ws = new WebSocket(`${toWs(consoleUrl)}${AGENT_PATH}`)
+    try {
+      await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject))
+      const answer = new Promise<{ type: string; code?: string }>((resolve) => ws.once('message', (data) => resolve(JSON.parse(String(data)))))
+      ws.send(JSON.stringify({ type: 'register', v: PROTOCOL_VERSION, did, serviceAuth, encryptionPubKey: Buffer.alloc(32).toString('base64'), models: ['m'] }))
+      return await answer
+    } finally {
+      ws.close()
+    }
+  }
+
+  it("does not fetch a registering provider's DID document from a private address", async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'cocore-ssrf-gateway-'))
+    const prod = await startConsole({ port: 0, host: '127.0.0.1', dbPath: join(dataDir, 'console.sqlite'), dataDir, mode: 'production', publicUrl: 'https://console.example.net', plcUrl: `http://127.0.0.1:${plc.port}`, secretKey: testSecretKey(), appviewUrl: 'https://appview.example.net', index: prodAv.consoleIndex(), exchangeDid: EXCHANGE })
+    const dev = await startConsole(consoleOpts(net, 'http://127.0.0.1:1', { index: devAv.consoleIndex(), exchangeDid: EXCHANGE }))
+    try {
+      target.reset()
+      for (const did of [`did:web:localhost%3A${target.port}`, `did:web:127.0.0.1%3A${target.port}`, 'did:web:10.0.0.1', 'did:web:169.254.169.254']) {
+        expect(await register(prod.localUrl, did), did).toMatchObject({ type: 'error', code: 'auth_failed' })
+      }
+      expect(target.connections).toBe(0)
+      // Control: the local network's gateway does fetch it.
+      expect(await register(dev.localUrl, `did:web:localhost%3A${target.port}`)).toMatchObject({ type: 'error', code: 'auth_failed' })
+      expect(target.requests).toContain('/.well-known/did.json')
+    } finally {
+      await prod.close()
+      await dev.close()
+    }
   })
 })
