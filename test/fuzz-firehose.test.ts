@@ -75,7 +75,12 @@ class FakeRelay {
         const doc = this.didDocs.get(did)
         return doc ? json(200, doc) : json(404, { message: `DID not registered: ${did}` })
       }
-      // A relay serves no repos: a resync (getRepo) finds nothing here and is retried later.
+      // As the accounts' PDS: each account exists and is active (so an unsigned #account frame saying otherwise is not believed).
+      if (url.pathname === '/xrpc/com.atproto.sync.getRepoStatus') {
+        const did = url.searchParams.get('did') ?? ''
+        return this.didDocs.has(did) ? json(200, { did, active: true }) : json(400, { error: 'RepoNotFound', message: 'unknown repo' })
+      }
+      // It serves no repo contents: a resync (getRepo) finds nothing here and is retried later.
       json(501, { error: 'MethodNotImplemented', message: 'fake relay' })
     })
     this.http.on('upgrade', (req, socket, head) => {
@@ -406,6 +411,12 @@ it(`indexes exactly the valid records and counts every rejection by reason (seed
     return writes
   }
 
+  /** Makes the repo known to the indexer (an #account or #sync frame of an unknown repo is ignored). */
+  const ensureKnown = async (acct: Account) => {
+    if (acct.appliedRev || exp.resync.has(acct.did)) return
+    await sendApplied(acct, [write(WriteOpAction.Create, ids.AccountFriend, TID.nextStr(), { $type: ids.AccountFriend, subject: acct.did, createdAt: now() })])
+  }
+
   /** A commit the indexer must refuse as a whole: built on the repo, never applied to it. */
   const ghost = async (acct: Account, opts: { key?: Secp256k1Keypair; rev?: string } = {}) => (await formatCommit(acct, validWrites(acct, r.range(1, 3)), opts)).commit
 
@@ -527,6 +538,27 @@ it(`indexes exactly the valid records and counts every rejection by reason (seed
       const body = { seq: relay.nextSeq(), did: r.pick(accounts).did, time: now(), data: r.string(20) }
       await sendTransient(Buffer.from(new MessageFrame(body, { type: t }).toBytes()), 'unknown-frame-type')
     }],
+    ['forged account deletion', 2, async (acct) => {
+      // #account frames are unsigned: the PDS, asked, says the account is active, so nothing is purged.
+      await ensureKnown(acct)
+      const seq = relay.nextSeq()
+      relay.stored(Buffer.from(new MessageFrame({ seq, did: acct.did, active: false, status: r.pick(['deleted', 'takendown']), time: now() }, { type: '#account' }).toBytes()), seq)
+    }],
+    ['#identity claiming a handle', 1, async (acct) => {
+      // The handle in the frame is not taken on trust: the indexer resolves it both ways itself.
+      const seq = relay.nextSeq()
+      relay.stored(Buffer.from(new MessageFrame({ seq, did: acct.did, handle: r.pick(accounts).handle, time: now() }, { type: '#identity' }).toBytes()), seq)
+    }],
+    ['#sync', 2, async (acct) => {
+      // Unsigned: only a trigger to fetch the repo from its PDS (which serves nothing here, so it stays marked).
+      const known = !!acct.appliedRev || exp.resync.has(acct.did)
+      const garbage = r.chance(0.5)
+      const blocks = garbage ? r.bytes(r.range(0, 200)) : await blocksToCarFile(acct.repo.cid, new BlockMap().set(acct.repo.cid, (await (acct.repo.storage as MemoryBlockstore).getBytes(acct.repo.cid))!))
+      if (garbage) count(exp, 'unverifiable-sync')
+      if (known) exp.resync.add(acct.did)
+      const seq = relay.nextSeq()
+      relay.stored(Buffer.from(new MessageFrame({ seq, did: acct.did, blocks, rev: acct.repo.commit.rev, time: now() }, { type: '#sync' }).toBytes()), seq)
+    }],
     ['stored events sent again', 2, async () => {
       relay.resendRecent(r.range(1, 6))
     }],
@@ -592,6 +624,13 @@ it(`indexes exactly the valid records and counts every rejection by reason (seed
     expect(Object.fromEntries(actualRejections(av)), `rejections (round ${round}, seed ${seed})`).toEqual(Object.fromEntries(exp.rejections))
     const marked = av.db.$client.prepare('SELECT did FROM repos WHERE needs_resync = 1').pluck().all() as string[]
     expect(new Set(marked)).toEqual(exp.resync)
+    expect(av.db.$client.prepare('SELECT did FROM accounts WHERE active = 0').pluck().all(), 'no account hidden or purged by a forged #account').toEqual([])
+    // An account row for each repo with an applied commit, and none for a repo the indexer does not know.
+    const rowsOf = new Set(av.db.$client.prepare('SELECT did FROM accounts').pluck().all() as string[])
+    for (const a of accounts) {
+      if (a.appliedRev) expect(rowsOf.has(a.did)).toBe(true)
+      else if (!exp.resync.has(a.did)) expect(rowsOf.has(a.did)).toBe(false)
+    }
     // The service's own counters agree with the table.
     expect(av.indexer.stats.rejected).toBe([...exp.rejections.values()].reduce((a, n) => a + n, 0))
     expect(av.indexer.stats.staleCommits).toBe(total(exp.rejections, 'stale-rev'))

@@ -65,6 +65,7 @@ export function checkRecord(collection: string, uri: string, record: unknown, si
 }
 
 const COMMIT_TYPE = 'com.atproto.sync.subscribeRepos#commit'
+const SYNC_TYPE = 'com.atproto.sync.subscribeRepos#sync'
 
 /** A commit frame none of whose ops touches a dev.cocore collection (checked on the raw, unvalidated value). */
 export function isForeignCommit(v: unknown): boolean {
@@ -562,9 +563,18 @@ export class Indexer implements AsyncDisposable {
   private onError(source: string, err: Error) {
     if (err instanceof FirehoseParseError) {
       // Called within the event's handler: what is pushed here lands in the event's transaction.
-      const evt = err.event as { repo?: string; seq?: number }
+      const evt = err.event as { $type?: unknown; repo?: string; did?: string; seq?: number }
+      if (typeof evt.seq !== 'number') return log.warn('unparsable event', { source, err: err.cause as Error })
+      if (evt.$type === SYNC_TYPE && evt.did) {
+        // A #sync whose blocks do not parse: refused, yet it still announces a new state of the
+        // repo, so a repo we index is fetched and verified from its PDS, as for any #sync.
+        this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'unverifiable-sync', collection: '', uri: `at://${evt.did}` } })
+        if (this.opts.store.isKnown(evt.did)) this.push(source, evt.seq, { kind: 'needs-resync', did: evt.did })
+        return log.warn('#sync could not be parsed', { source, did: evt.did, err: err.cause as Error })
+      }
       const did = evt.repo
-      if (!did || typeof evt.seq !== 'number') return log.warn('unparsable event', { source, err: err.cause as Error })
+      // Identity events fail to parse when the DID does not resolve now: not the event's fault.
+      if (!did) return log.warn('event could not be parsed', { source, err: err.cause as Error })
       const uri = `at://${did}`
       if (err.cause instanceof RepoVerificationError) {
         // The signature (after one key refresh) or the commit's DID is wrong: rejected.
