@@ -178,17 +178,19 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   app.get(CALLBACK_PATH, async (c) => {
     const params = new URL(c.req.url).searchParams
     const stateKey = params.get('state')
+    // Before anything else: this browser must be the one that started this sign-in.
+    const stored = stateKey ? await deps.states.get(stateKey) : undefined
+    const binding = readCookie(c, BINDING_COOKIE)
+    const expected = stored?.appState
+    const ours = !!binding && !!expected && binding.length === expected.length && timingSafeEqual(Buffer.from(binding), Buffer.from(expected))
     if (params.get('error')) {
-      if (stateKey) await deps.states.del(stateKey)
+      // Only that browser may cancel the sign-in in flight: anyone else's error link leaves it alone.
+      if (stateKey && ours) await deps.states.del(stateKey)
       // Fixed wording: the PDS's own text is not echoed on this origin.
       const denied = params.get('error') === 'access_denied'
       return c.html(errorPage(denied ? 'Sign-in cancelled' : 'Sign-in failed', denied ? 'You did not grant access, so you are not signed in.' : 'Your PDS did not complete the sign-in. Start again from the sign-in page.', 'sign-in'), 400)
     }
-    // Before any code is exchanged: this browser must be the one that started this sign-in.
-    const stored = stateKey ? await deps.states.get(stateKey) : undefined
-    const binding = readCookie(c, BINDING_COOKIE)
-    const expected = stored?.appState
-    if (!stored || !binding || !expected || binding.length !== expected.length || !timingSafeEqual(Buffer.from(binding), Buffer.from(expected))) {
+    if (!ours) {
       return c.html(errorPage('Sign-in refused', 'This sign-in was not started in this browser, or it expired. Start again from the sign-in page.', 'sign-in'), 400)
     }
     deleteCookie(c, BINDING_COOKIE, cookieOpts)

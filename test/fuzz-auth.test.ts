@@ -13,18 +13,22 @@
  * The seeded cases run in `npm test`; more of them with
  *   COCORE_FUZZ_CASES=2000 COCORE_FUZZ_SEED=7 npx vitest run test/fuzz-auth.test.ts
  */
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import type { Browser, BrowserContext, Page } from 'playwright-core'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { AppView } from '../appview/index.ts'
 import { generateKey, KEY_PREFIX, withChecksum } from '../console/api-keys.ts'
-import type { ConsoleService } from '../console/index.ts'
+import { startConsole, type ConsoleService } from '../console/index.ts'
+import { ConsoleSessions } from '../console/sessions.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { friend, providerRecord, putRecord } from '../src/dev/records.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
 import { approveOnPds, launchBrowser } from './fixture/browser.ts'
-import { sessionCookie, signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { sessionCookie, signInWithBrowser, startTestConsole, testSecretKey } from './fixture/console.ts'
 import { fuzzConfig, rng, type Rng } from './fixture/fuzz.ts'
 
 const { seed, cases } = fuzzConfig(40)
@@ -253,6 +257,25 @@ describe('session cookies: anything but a live session is no session', () => {
   })
 })
 
+describe('session cookies in production', () => {
+  it('only the __Host- cookie counts: the same token under the plain name (which a sibling host could set) is no session', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'cocore-fuzz-auth-prod-'))
+    const prod = await startConsole({ port: 0, host: '127.0.0.1', dbPath: join(dataDir, 'console.sqlite'), dataDir, mode: 'production', publicUrl: 'https://console.example.net', secretKey: testSecretKey(), appviewUrl: 'https://appview.example.net' })
+    try {
+      const { token } = new ConsoleSessions(prod.db, Buffer.alloc(32)).create(alice.did, 'test', undefined)
+      const list = (cookie: string | null) => fetch(`${prod.localUrl}/xrpc/${ids.AccountListApiKeys}`, { headers: cookie === null ? {} : { cookie } })
+      expect((await list(`__Host-cocore_session=${token}`)).status).toBe(200)
+      const none = await seen(await list(null))
+      expect(none.status).toBe(401)
+      for (const cookie of [`cocore_session=${token}`, `__host-cocore_session=${token}`, `__Secure-cocore_session=${token}`, `__Host-cocore_session=${token.slice(1)}`]) {
+        expect(await seen(await list(cookie)), cookie).toEqual(none)
+      }
+    } finally {
+      await prod.close()
+    }
+  })
+})
+
 describe('OAuth callbacks', () => {
   const callbackPath = `/oauth/callback`
   const sessionsOf = (did: string) => svc.db.$client.prepare('SELECT count(*) FROM console_sessions WHERE did = ?').pluck().get(did) as number
@@ -319,6 +342,21 @@ describe('OAuth callbacks', () => {
     expect((await victim.cookies()).some((c) => c.name === 'cocore_session')).toBe(false)
     expect(sessionsOf(bob.did)).toBe(before)
     await victim.close()
+  })
+
+  it("another party's error link does not cancel a sign-in in flight; only the browser that started it can", async () => {
+    const ctx = await browser.newContext()
+    const p = await start(ctx, alice.handle)
+    const state = svc.db.$client.prepare('SELECT key FROM oauth_states ORDER BY created_at DESC, rowid DESC LIMIT 1').pluck().get() as string
+    // Someone without this browser's binding cookie sends the callback a cancellation for its state.
+    const forged = await fetch(`${svc.url}${callbackPath}?${new URLSearchParams({ error: 'access_denied', state })}`, { redirect: 'manual' })
+    expect(forged.status).toBe(400)
+    expect(svc.db.$client.prepare('SELECT count(*) FROM oauth_states WHERE key = ?').pluck().get(state)).toBe(1)
+    // The real sign-in still completes.
+    await approveOnPds(p, alice.password)
+    await p.waitForURL((u) => u.toString() === `${svc.url}/`)
+    expect(await p.textContent('main')).toContain('Signed in as alice.test')
+    await ctx.close()
   })
 
   it(`garbage state, code and iss are refused with a fixed page, nothing echoed, no session (seed ${seed}, ${cases} cases)`, async () => {
