@@ -97,6 +97,8 @@ class FakeRelay {
         this.open.add(conn)
         ws.on('close', () => this.open.delete(conn))
         ws.on('error', () => {})
+        // Damaged frames that found no subscriber yet go first, whatever the cursor.
+        for (const e of this.log.slice(0, conn.next)) if (e.transient && !e.spent) this.send(ws, e)
         this.pump(conn)
       })
     })
@@ -147,13 +149,14 @@ class FakeRelay {
   private pump(c: { ws: WebSocket; next: number }) {
     while (c.next < this.log.length && c.ws.readyState === WebSocket.OPEN) {
       const e = this.log[c.next++]!
-      if (e.transient) {
-        if (e.spent) continue
-        e.spent = true
-      }
-      c.ws.send(e.frame, { binary: true })
-      this.sent++
+      if (!e.transient || !e.spent) this.send(c.ws, e)
     }
+  }
+
+  private send(ws: WebSocket, e: LogEntry) {
+    if (e.transient) e.spent = true
+    ws.send(e.frame, { binary: true })
+    this.sent++
   }
 
   async close(): Promise<void> {
@@ -350,6 +353,7 @@ beforeAll(async () => {
     // Each undecodable frame breaks the stream: resubscribe at once rather than after 3 s.
     reconnectDelayMs: 10,
   }).start()
+  await waitFor(() => relay.connections > 0, 'the indexer subscribed')
 })
 afterAll(async () => {
   await av?.stop()
