@@ -437,6 +437,9 @@ function bodyFor(r: Rng, value: () => unknown): { body?: Buffer | string; header
       const chunked = r.chance(0.5)
       return { body: `{"x":"${'a'.repeat(size)}"}`, headers: json, chunked }
     }
+    case 10:
+      // A body that says it is compressed, and is not.
+      return { body: JSON.stringify(value()), headers: { ...json, 'content-encoding': r.pick(['gzip', 'br', 'deflate', 'x-garbage']) } }
     case 9:
       return { body: r.chance(0.5) ? deep(r.pick([1000, 50_000, 120_000])) : deep(r.pick([1000, 20_000, 60_000]), '{"a":', '}').replace(/\}$/, '1}'), headers: json }
     default:
@@ -549,6 +552,9 @@ function expectNoFailures(): void {
 
 // ---------------------------------------------------------------------------
 
+/** A method another server implements is one MethodNotImplemented answer, whatever the input: fewer cases for it. */
+const casesOf = (implemented: boolean) => (implemented ? cases : Math.ceil(cases / 4))
+
 const METHODS = ['GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD', 'OPTIONS']
 
 /** One XRPC case for `nsid`: its right verb mostly, params and body fuzzed. */
@@ -573,7 +579,8 @@ describe('AppView XRPC', () => {
     const { handlers } = await import('../appview/api/index.ts')
     for (const { nsid, type } of methods) {
       const r = rngFor('appview', nsid)
-      for (let i = 0; i < cases; i++) await run(xrpcCase(r, 'appview-xrpc', nsid, type, i, Object.hasOwn(handlers, nsid)), av.url)
+      const implemented = Object.hasOwn(handlers, nsid)
+      for (let i = 0; i < casesOf(implemented); i++) await run(xrpcCase(r, 'appview-xrpc', nsid, type, i, implemented), av.url)
     }
     expectNoFailures()
   })
@@ -611,8 +618,9 @@ describe('console XRPC', () => {
     const { handlers } = await import('../console/api/index.ts')
     for (const { nsid, type } of methods) {
       const r = rngFor('console', nsid)
-      for (let i = 0; i < cases; i++) {
-        const c = xrpcCase(r, 'console-xrpc', nsid, type, i, Object.hasOwn(handlers, nsid), r.chance(0.2) ? '/api/xrpc/' : '/xrpc/')
+      const implemented = Object.hasOwn(handlers, nsid)
+      for (let i = 0; i < casesOf(implemented); i++) {
+        const c = xrpcCase(r, 'console-xrpc', nsid, type, i, implemented, r.chance(0.2) ? '/api/xrpc/' : '/xrpc/')
         Object.assign(c.req.headers!, consoleAuth(r))
         await run(c, svc.url)
       }
@@ -735,7 +743,11 @@ function chatBody(r: Rng): unknown {
     r.chance(0.85)
       ? {
           role: maybe(0.9, () => r.pick(['system', 'developer', 'user', 'assistant', 'tool'])),
-          content: maybe(0.85, () => (r.chance(0.8) ? (r.chance(0.7) ? r.pick(['hello', 'a b c', SCRIPT]) : r.string(r.range(0, 200))) : [{ type: r.pick(['text', 'image_url']), text: 'hi' }])),
+          content: maybe(0.85, () => {
+            if (r.chance(0.02)) return 'word '.repeat(r.pick([100_000, 700_000])) // up to 3.5 MB: under the body limit, over most others
+            if (r.chance(0.2)) return Array.from({ length: r.range(0, 50) }, () => ({ type: r.pick(['text', 'text', 'image_url']), text: r.chance(0.9) ? 'hi ' : nasty() }))
+            return r.chance(0.7) ? r.pick(['hello', 'a b c', SCRIPT]) : r.string(r.range(0, 200))
+          }),
         }
       : nasty()
   const body: Record<string, unknown> = {
@@ -814,5 +826,31 @@ describe('regressions found by fuzzing', () => {
       expect(friendRemoved.status, rkey).toBe(404)
       expect(friendRemoved.body).toContain('No such friend of yours')
     }
+  })
+})
+
+describe('bodies that never end', () => {
+  /** Sends `size` bytes of a chunked body and never ends it: the answer must not wait for the end. */
+  const endless = (base: string, path: string, headers: Record<string, string>, size: number) =>
+    new Promise<number>((resolve, reject) => {
+      const url = new URL(base)
+      const r = httpRequest({ host: url.hostname, port: url.port, method: 'POST', path, headers: { 'content-type': 'application/json', ...headers }, agent: false }, (res) => {
+        res.resume()
+        resolve(res.statusCode!)
+        r.destroy()
+      })
+      r.on('error', (err) => reject(err))
+      r.write(`{"name":"${'a'.repeat(size)}`)
+    })
+
+  it('an XRPC procedure refuses an endless body once it passes the limit, without waiting for its end', async () => {
+    const { MAX_INPUT_BYTES } = await import('../src/xrpc/server.ts')
+    const { ids } = await import('../src/lexicon/generated/ids.ts')
+    expect(await endless(svc.url, `/xrpc/${ids.AccountCreateApiKey}`, { authorization: `Bearer ${apiKey}` }, MAX_INPUT_BYTES + 1024)).toBe(413)
+  })
+
+  it('the OpenAI API and the pages do too', async () => {
+    expect(await endless(svc.url, '/v1/chat/completions', { authorization: `Bearer ${apiKey}` }, (4 << 20) + 1024)).toBe(413)
+    expect(await endless(svc.url, '/profile', { cookie, origin: svc.url, 'content-type': 'application/x-www-form-urlencoded' }, 65 * 1024)).toBe(413)
   })
 })

@@ -94,8 +94,7 @@ async function readInput(nsid: string, c: Context): Promise<unknown> {
   if (type !== 'application/json') throw new InvalidRequestError(`${nsid} takes application/json input`, 'InvalidRequest')
   const declared = Number(c.req.header('content-length') ?? '0')
   if (declared > MAX_INPUT_BYTES) throw new PayloadTooLargeError()
-  const buf = await c.req.arrayBuffer()
-  if (buf.byteLength > MAX_INPUT_BYTES) throw new PayloadTooLargeError()
+  const buf = await readCapped(c.req.raw, MAX_INPUT_BYTES)
   let body: unknown
   try {
     body = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(buf))
@@ -108,6 +107,29 @@ async function readInput(nsid: string, c: Context): Promise<unknown> {
     if (err instanceof ValidationError) throw new InvalidRequestError(err.message)
     throw err
   }
+}
+
+/**
+ * The body, refused as soon as it passes `max` bytes: a chunked body declares
+ * no length, and one that never ends must not be buffered until it does.
+ */
+async function readCapped(req: Request, max: number): Promise<Uint8Array> {
+  if (!req.body) return new Uint8Array(0)
+  const reader = req.body.getReader()
+  const parts: Uint8Array[] = []
+  let size = 0
+  for (;;) {
+    const { done, value } = await reader.read()
+    if (done) break
+    size += value.byteLength
+    if (size > max) {
+      // Nothing more is read; the HTTP server drains or closes the rest after the answer.
+      void reader.cancel().catch(() => {})
+      throw new PayloadTooLargeError()
+    }
+    parts.push(value)
+  }
+  return Buffer.concat(parts, size)
 }
 
 /** Hono error handler: XRPC errors as they are, anything else as a bare 500. */
