@@ -500,6 +500,19 @@ it(`indexes exactly the valid records and counts every rejection by reason (seed
       exp.resync.add(acct.did)
       relay.stored(await commitFrame(relay.nextSeq(), c), relay.nextSeq())
     }],
+    ['malformed op path', 2, async (acct) => {
+      // A path that is no collection/rkey pair fails before any proof: the commit is refused (and its repo resynced)
+      // when it touches dev.cocore, and left alone when it is someone else's.
+      const c = await ghost(acct)
+      const bad = r.pick([ids.AccountFriend, `${ids.AccountFriend}/a/b`, `${ids.AccountFriend}/${TID.nextStr()}/`, ''])
+      const foreign = r.chance(0.3)
+      c.ops = foreign ? [{ action: 'create', path: r.pick(['app.bsky.feed.post', 'app.bsky.feed.like/a/b']), cid: c.ops[0]!.cid ?? c.cid }] : [...c.ops, { action: 'delete', path: bad, cid: null }]
+      if (!foreign) {
+        count(exp, 'unverifiable-commit')
+        exp.resync.add(acct.did)
+      }
+      relay.stored(await commitFrame(relay.nextSeq(), c), relay.nextSeq())
+    }],
     ['tampered block', 3, async (acct) => {
       // A block whose bytes no longer hash to its CID.
       const c = await ghost(acct)
@@ -574,6 +587,14 @@ it(`indexes exactly the valid records and counts every rejection by reason (seed
     }],
     ['header and garbage body', 4, async () => {
       const frame = Buffer.concat([messageHeader(), r.bytes(r.range(0, 200))])
+      await sendTransient(frame, undecodable(frame) ? 'malformed-frame' : 'invalid-frame')
+    }],
+    ['deeply nested body', 1, async () => {
+      // Arrays nested thousands deep overflow a recursive decoder's stack: refused, never a crash.
+      const depth = r.pick([300, 5_000, 100_000])
+      const nest = Buffer.alloc(depth + 1, 0x81)
+      nest[depth] = 0x01
+      const frame = Buffer.concat([messageHeader(), Buffer.from([0xa2, 0x63, ...Buffer.from('seq'), 0x01, 0x61, 0x78]), nest])
       await sendTransient(frame, undecodable(frame) ? 'malformed-frame' : 'invalid-frame')
     }],
     ['truncated commit', 5, async (acct) => {

@@ -563,7 +563,7 @@ export class Indexer implements AsyncDisposable {
   private onError(source: string, err: Error) {
     if (err instanceof FirehoseParseError) {
       // Called within the event's handler: what is pushed here lands in the event's transaction.
-      const evt = err.event as { $type?: unknown; repo?: string; did?: string; seq?: number }
+      const evt = err.event as { $type?: unknown; repo?: string; did?: string; seq?: number; ops?: { path?: unknown }[] }
       if (typeof evt.seq !== 'number') return log.warn('unparsable event', { source, err: err.cause as Error })
       if (evt.$type === SYNC_TYPE && evt.did) {
         // A #sync whose blocks do not parse: refused, yet it still announces a new state of the
@@ -575,6 +575,10 @@ export class Indexer implements AsyncDisposable {
       const did = evt.repo
       // Identity events fail to parse when the DID does not resolve now: not the event's fault.
       if (!did) return log.warn('event could not be parsed', { source, err: err.cause as Error })
+      // Someone else's commit (a malformed op path fails before the library filters ops): not ours to count or resync.
+      if (!evt.ops?.some((op) => typeof op?.path === 'string' && op.path.startsWith(NSID_PREFIX))) {
+        return log.debug('foreign commit could not be parsed', { source, did, err: err.cause as Error })
+      }
       const uri = `at://${did}`
       if (err.cause instanceof RepoVerificationError) {
         // The signature (after one key refresh) or the commit's DID is wrong: rejected.
