@@ -513,6 +513,20 @@ it(`indexes exactly the valid records and counts every rejection by reason (seed
       }
       relay.stored(await commitFrame(relay.nextSeq(), c), relay.nextSeq())
     }],
+    ['commit of a DID that does not exist', 2, async () => {
+      // Well formed and signed, by a key no DID document names: the directory answers 404.
+      const key = await Secp256k1Keypair.import(r.bytes(32))
+      const did = `did:plc:${Array.from({ length: 24 }, () => B32[r.int(32)]).join('')}`
+      const stranger: Account = { did, handle: '', key, repo: await Repo.create(new MemoryBlockstore(), did, key), paths: new Set() }
+      count(exp, 'unresolvable-did')
+      relay.stored(await commitFrame(relay.nextSeq(), await ghost(stranger)), relay.nextSeq())
+    }],
+    ['foreign commit with garbage', 2, async (acct) => {
+      // Only other collections: indexed by no one here, so it is not even validated, and must not trouble anything.
+      const seq = relay.nextSeq()
+      const body = { seq, repo: r.pick([acct.did, r.string(8)]), commit: r.string(5), rev: r.string(6), blocks: r.bytes(r.range(0, 64)), ops: [{ action: 'create', path: `app.bsky.feed.post/${TID.nextStr()}`, cid: null }], time: r.string(4) }
+      relay.stored(Buffer.from(new MessageFrame(body as never, { type: '#commit' }).toBytes()), seq)
+    }],
     ['tampered block', 3, async (acct) => {
       // A block whose bytes no longer hash to its CID.
       const c = await ghost(acct)

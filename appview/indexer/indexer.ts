@@ -9,7 +9,7 @@
  * there), then applied in one transaction together with the cursor.
  */
 import { TID } from '@atproto/common-web'
-import type { IdResolver } from '@atproto/identity'
+import { DidNotFoundError, type IdResolver } from '@atproto/identity'
 import { cborToLex, RepoVerificationError } from '@atproto/repo'
 import { Firehose, FirehoseParseError, FirehoseSubscriptionError, FirehoseValidationError, type Event } from '@atproto/sync'
 import { installNativeSignatureVerification } from '../../src/crypto/native-verify.ts'
@@ -584,6 +584,10 @@ export class Indexer implements AsyncDisposable {
         // The signature (after one key refresh) or the commit's DID is wrong: rejected.
         this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'bad-commit', collection: '', uri } })
         log.warn('commit failed verification; rejected', { source, did, err: err.cause })
+      } else if (err.cause instanceof DidNotFoundError) {
+        // The DID directory says positively that this DID does not exist: nothing to fetch later either.
+        this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: 'unresolvable-did', collection: '', uri } })
+        log.warn('commit of a DID that does not exist; rejected', { source, did })
       } else {
         // Blocks missing, tampered or undecodable, or the DID's key could not be resolved:
         // refused now, and the whole repo is fetched and verified later, so a genuine
