@@ -16,6 +16,7 @@
  *   COCORE_FUZZ_CASES=400 COCORE_FUZZ_SEED=7 npx vitest run test/fuzz-http.test.ts
  */
 import { Agent, request as httpRequest } from 'node:http'
+import { connect as netConnect } from 'node:net'
 import type { Browser } from 'playwright-core'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { encodeCursor } from '../appview/api/util.ts'
@@ -86,6 +87,8 @@ const SCRIPT = '<script>alert(1)</script>'
 let counted = 0
 const tally: Record<string, number> = {}
 const statuses: Record<string, Record<number, number>> = {}
+/** Server-sent events seen, by protocol and event name: shows the streams ran, not just their refusals. */
+const events: Record<string, number> = {}
 
 type Kind = 'xrpc' | 'openai' | 'page'
 
@@ -126,9 +129,9 @@ function judge(c: Case, res: Reply): void {
     if (leak.test(res.body) || leak.test(headerText)) throw new Error(`leaks ${leak}\n${where()}`)
   }
   if (c.req.method === 'HEAD' || res.status === 204) return
-  // Node's HTTP parser refuses some requests itself (a URL or headers over 16 kB: 431), before any
-  // route runs, with an empty body: a clean 4xx, though not one of ours.
-  if (res.body === '' && res.headers['content-type'] === undefined && (res.status === 431 || res.status === 400)) {
+  // Node's HTTP parser (a URL or headers over 16 kB: 431) and the Hono adapter (a Host that makes
+  // no URL: 400) refuse some requests before any route runs, with an empty body: a clean 4xx, not ours.
+  if (res.body === '' && (res.status === 431 || res.status === 400)) {
     tally.refusedByNode = (tally.refusedByNode ?? 0) + 1
     return
   }
@@ -184,6 +187,7 @@ function checkEvents(c: Case, text: string, where: () => string): void {
   for (const line of text.split('\n')) {
     if (line.startsWith('event:')) event = line.slice(6).trim()
     if (!line.startsWith('data:')) continue
+    events[`${c.kind}:${event}`] = (events[`${c.kind}:${event}`] ?? 0) + 1
     const data = line.slice(5).trim()
     if (data === '[DONE]') {
       sawEnd = true
@@ -262,6 +266,8 @@ interface Known {
   uris: string[]
   cursors: string[]
   models: string[]
+  /** The connected provider's DID and published key, so sealed dispatches reach it. */
+  provider: { did: string; encryptionPubKey: string }
 }
 let known: Known
 
@@ -277,8 +283,14 @@ function validScalar(r: Rng, def: Record<string, any>, name: string): unknown {
       return r.chance(0.5)
     case 'string': {
       if (def.enum) return r.pick(def.enum)
-      if (def.knownValues && r.chance(0.8)) return r.pick(def.knownValues)
+      if (def.knownValues && r.chance(0.95)) return r.pick(def.knownValues)
       if (name === 'cursor') return r.pick(known.cursors)
+      if (name === 'prompt') return r.pick(['sealed', 'hello there'])
+      if (name === 'encryptionPubKey') return known.provider.encryptionPubKey
+      if (name === 'providerDid' && r.chance(0.8)) return known.provider.did
+      if (name === 'ephemeralPubKey') return Buffer.from(r.bytes(32)).toString('base64')
+      if (name === 'ciphertext') return Buffer.from(r.bytes(r.range(40, 400))).toString('base64')
+      if (name === 'inputCommitment') return Buffer.from(r.bytes(32)).toString('hex')
       switch (def.format) {
         case 'did':
           return r.pick(known.dids)
@@ -297,7 +309,7 @@ function validScalar(r: Rng, def: Record<string, any>, name: string): unknown {
         case 'language':
           return 'en'
       }
-      if (/model/i.test(name)) return r.pick(known.models)
+      if (/model/i.test(name)) return r.chance(0.8) ? 'builtin' : r.pick(known.models)
       const min = def.minLength ?? 1
       const max = Math.min(def.maxLength ?? 40, 200)
       return 'a'.repeat(r.range(min, Math.max(min, max)))
@@ -371,38 +383,43 @@ function queryString(r: Rng, nsid: string): string {
   return pairs.join('&')
 }
 
-/** A JSON value for a lexicon definition: mostly well-typed, sometimes not, sometimes hostile. */
-function jsonFor(r: Rng, def: Record<string, any>, nsid: string, name: string, depth = 0): unknown {
-  if (r.chance(depth === 0 ? 0.05 : 0.1)) return r.chance(0.5) ? r.pick(NASTY_JSON) : nastyText(r)
+/**
+ * A JSON value for a lexicon definition. `p` is the chance that any one node
+ * is garbage (or a required field missing): at 0 the value is valid, so the
+ * handler behind the validator runs; small values break one or two things.
+ */
+function jsonFor(r: Rng, def: Record<string, any>, nsid: string, name: string, p: number, depth = 0): unknown {
+  if (r.chance(p)) return r.chance(0.5) ? r.pick(NASTY_JSON) : nastyText(r)
   switch (def.type) {
     case 'ref': {
       const ref = String(def.ref)
       const resolved = lexicons.getDef(ref.startsWith('#') ? `${nsid}${ref}` : ref) as Record<string, any> | undefined
-      return resolved && depth < 6 ? jsonFor(r, resolved, ref.startsWith('#') ? nsid : ref.split('#')[0]!, name, depth + 1) : {}
+      return resolved && depth < 6 ? jsonFor(r, resolved, ref.startsWith('#') ? nsid : ref.split('#')[0]!, name, p, depth + 1) : {}
     }
     case 'union':
-      return def.refs?.length ? jsonFor(r, { type: 'ref', ref: r.pick(def.refs) }, nsid, name, depth + 1) : {}
+      return def.refs?.length ? jsonFor(r, { type: 'ref', ref: r.pick(def.refs) }, nsid, name, p, depth + 1) : {}
     case 'object': {
       const out: Record<string, unknown> = {}
       const required = new Set<string>(def.required ?? [])
       for (const [k, v] of Object.entries<Record<string, any>>(def.properties ?? {})) {
-        if (r.chance(required.has(k) ? 0.92 : 0.4)) out[k] = jsonFor(r, v, nsid, k, depth + 1)
+        if (required.has(k) ? !r.chance(p) : r.chance(p === 0 ? 0.2 : 0.4)) out[k] = jsonFor(r, v, nsid, k, p, depth + 1)
       }
-      if (r.chance(0.1)) out[r.pick(['extra', '$type', '__proto__', r.string(4)])] = r.pick(NASTY_JSON)
+      if (r.chance(p)) out[r.pick(['extra', '$type', '__proto__', r.string(4)])] = r.pick(NASTY_JSON)
       return out
     }
     case 'array': {
-      const n = r.chance(0.1) ? r.range(0, 300) : r.range(0, 3)
-      return Array.from({ length: n }, () => jsonFor(r, def.items ?? { type: 'unknown' }, nsid, name, depth + 1))
+      const min = def.minLength ?? 0
+      const n = r.chance(p) ? r.range(0, 300) : r.range(min, Math.max(min, Math.min(def.maxLength ?? 3, 3)))
+      return Array.from({ length: n }, () => jsonFor(r, def.items ?? { type: 'unknown' }, nsid, name, p, depth + 1))
     }
     case 'integer':
-      return r.chance(0.7) ? validScalar(r, def, name) : r.pick([-1, 0, 1.5, 2 ** 53, -(2 ** 53), 1e300, (def.maximum ?? 0) + 1, (def.minimum ?? 0) - 1])
+      return !r.chance(p * 3) ? validScalar(r, def, name) : r.pick([-1, 0, 1.5, 2 ** 53, -(2 ** 53), 1e300, (def.maximum ?? 0) + 1, (def.minimum ?? 0) - 1])
     case 'string':
-      return r.chance(0.6) ? validScalar(r, def, name) : nastyText(r)
+      return !r.chance(p * 3) ? validScalar(r, def, name) : nastyText(r)
     case 'boolean':
-      return r.chance(0.8) ? r.chance(0.5) : r.pick(['true', 1, null])
+      return !r.chance(p) ? r.chance(0.5) : r.pick(['true', 1, null])
     default:
-      return r.pick(NASTY_JSON)
+      return r.chance(0.5) ? {} : r.pick(NASTY_JSON)
   }
 }
 
@@ -414,6 +431,8 @@ const BAD_TYPES = ['text/plain', 'application/x-www-form-urlencoded', 'multipart
 /** A request body and its headers: JSON of the method's shape, or broken in one of many ways. */
 function bodyFor(r: Rng, value: () => unknown): { body?: Buffer | string; headers: Record<string, string>; chunked?: boolean } {
   const json = { 'content-type': 'application/json' }
+  // Half the bodies are well-formed JSON, so what the method does with them is fuzzed too.
+  if (r.chance(0.5)) return { body: JSON.stringify(value()), headers: json }
   switch (r.int(14)) {
     case 0:
       return { headers: json }
@@ -514,11 +533,12 @@ beforeAll(async () => {
     uris: rows.map((r) => r.uri),
     cursors: [...rows.map((r) => encodeCursor([r.sortAt, r.uri])), '1', '100'],
     models: ['builtin', 'no-such-model'],
+    provider: svc.gateway!.connected('builtin').map((p) => ({ did: p.did, encryptionPubKey: p.encryptionPubKey }))[0]!,
   }
 }, 180_000)
 
 afterAll(async () => {
-  console.log(`fuzz-http: ${counted} requests (seed ${seed}, ${cases} cases per target): ${JSON.stringify(tally)}; statuses ${JSON.stringify(statuses)}`)
+  console.log(`fuzz-http: ${counted} requests (seed ${seed}, ${cases} cases per target): ${JSON.stringify(tally)}; statuses ${JSON.stringify(statuses)}; events ${JSON.stringify(events)}`)
   agent.destroy()
   await provider?.stop()
   await browser?.close()
@@ -566,7 +586,8 @@ function xrpcCase(r: Rng, surface: string, nsid: string, type: string, index: nu
   const req: Req = { method, path: `${prefix}${mangled ? enc(nsid + r.pick(['.', '/', '%00', '..'])) : nsid}${qs ? `?${qs}` : ''}`, headers: {} }
   if (method === 'POST' || method === 'PUT' || method === 'PATCH' || r.chance(0.05)) {
     const schema = def.input?.schema ?? { type: 'object', properties: {} }
-    const b = bodyFor(r, () => jsonFor(r, schema, nsid, 'input'))
+    const garbage = r.pick([0, 0, 0.02, 0.05, 0.2])
+    const b = bodyFor(r, () => jsonFor(r, schema, nsid, 'input', garbage))
     req.body = b.body
     req.chunked = b.chunked
     Object.assign(req.headers!, b.headers)
@@ -585,11 +606,22 @@ describe('AppView XRPC', () => {
     expectNoFailures()
   })
 
-  it('refuses unknown methods and odd paths with JSON errors', async () => {
+  it('refuses unknown methods and odd paths with JSON errors, and serves its other routes whatever the query', async () => {
     const r = rngFor('appview', 'paths')
     for (let i = 0; i < cases * 4; i++) {
       const path = r.pick(['/xrpc/', '/xrpc/dev.cocore.nope', `/xrpc/${enc(r.string(r.range(1, 30)))}`, `/xrpc/${enc(nastyText(r))}`, `/${enc(nastyText(r))}`, '/xrpc/..%2f..%2fhealth', '/xrpc/%ED%A0%80', `/xrpc/${'a.'.repeat(500)}b`])
       await run({ surface: 'appview-paths', target: 'paths', index: i, req: { method: r.pick(METHODS), path }, kind: 'xrpc', implemented: false }, av.url)
+    }
+    // Built only to read its route table.
+    const { createApp } = await import('../appview/server.ts')
+    const routes = routesOf(createApp({} as never)).filter((route) => !route.path.includes(':nsid'))
+    expect(routes.length).toBeGreaterThan(2)
+    for (const route of routes) {
+      const rr = rngFor('appview', route.method, route.path)
+      for (let i = 0; i < cases; i++) {
+        const path = `${route.path}?${queryString(rr, 'none')}${rr.chance(0.5) ? `&${enc(nastyText(rr))}=${enc(nastyText(rr))}` : ''}${rr.chance(0.2) ? rr.pick(RAW_QUERY) : ''}`
+        await run({ surface: 'appview-routes', target: `${route.method} ${route.path}`, index: i, req: { method: rr.chance(0.8) ? route.method : rr.pick(METHODS), path, headers: rr.chance(0.3) ? { host: rr.pick(['evil.example', 'a'.repeat(300), '[::1]:1', 'example.com:99999']) } : {} }, kind: route.path.startsWith('/xrpc/') ? 'xrpc' : 'page', implemented: false }, av.url)
+      }
     }
     expectNoFailures()
   })
@@ -597,7 +629,7 @@ describe('AppView XRPC', () => {
 
 /** Credentials a console call may carry: none, garbage, a key, a read-only key, the session (with or without the right Origin). */
 function consoleAuth(r: Rng): Record<string, string> {
-  switch (r.int(8)) {
+  switch (r.int(10)) {
     case 0:
       return {}
     case 1:
@@ -735,15 +767,15 @@ describe('console pages', () => {
   })
 })
 
-/** An OpenAI chat request: mostly well-formed, each field sometimes of the wrong type or out of range. */
-function chatBody(r: Rng): unknown {
+/** An OpenAI chat request; `p` is the chance that any one field is of the wrong type or out of range (0: a valid request). */
+function chatBody(r: Rng, p: number): unknown {
   const nasty = () => (r.chance(0.5) ? r.pick(NASTY_JSON) : nastyText(r))
-  const maybe = (p: number, good: () => unknown) => (r.chance(p) ? good() : nasty())
+  const maybe = (good: () => unknown) => (r.chance(p) ? nasty() : good())
   const message = () =>
-    r.chance(0.85)
+    !r.chance(p)
       ? {
-          role: maybe(0.9, () => r.pick(['system', 'developer', 'user', 'assistant', 'tool'])),
-          content: maybe(0.85, () => {
+          role: maybe(() => r.pick(['system', 'developer', 'user', 'assistant', 'user'])),
+          content: maybe(() => {
             if (r.chance(0.02)) return 'word '.repeat(r.pick([100_000, 700_000])) // up to 3.5 MB: under the body limit, over most others
             if (r.chance(0.2)) return Array.from({ length: r.range(0, 50) }, () => ({ type: r.pick(['text', 'text', 'image_url']), text: r.chance(0.9) ? 'hi ' : nasty() }))
             return r.chance(0.7) ? r.pick(['hello', 'a b c', SCRIPT]) : r.string(r.range(0, 200))
@@ -751,8 +783,8 @@ function chatBody(r: Rng): unknown {
         }
       : nasty()
   const body: Record<string, unknown> = {
-    model: maybe(0.85, () => r.pick([...known.models, 'builtin'])),
-    messages: maybe(0.85, () => Array.from({ length: r.chance(0.05) ? r.range(200, 2000) : r.range(1, 3) }, message)),
+    model: maybe(() => (r.chance(0.8) ? 'builtin' : r.pick(known.models))),
+    messages: maybe(() => Array.from({ length: r.chance(0.05) ? r.range(200, 2000) : r.range(1, 3) }, message)),
   }
   const optional: Record<string, () => unknown> = {
     max_tokens: () => r.pick([1, 16, 2_000_000]),
@@ -769,7 +801,7 @@ function chatBody(r: Rng): unknown {
     tools: () => null,
     user: () => 'u',
   }
-  for (const [k, good] of Object.entries(optional)) if (r.chance(0.2)) body[k] = maybe(0.6, good)
+  for (const [k, good] of Object.entries(optional)) if (r.chance(0.15)) body[k] = maybe(good)
   return body
 }
 
@@ -790,7 +822,8 @@ describe('OpenAI-compatible API', () => {
         const path = route.path.replace(':tier', () => (r.chance(0.7) ? r.pick(TIERS) : enc(nastyText(r)))).replace(/\*$/, () => enc(nastyText(r)))
         const req: Req = { method, path: path + (r.chance(0.1) ? `?${queryString(r, 'none')}${r.pick(RAW_QUERY)}` : ''), headers }
         if (method !== 'GET' && method !== 'HEAD') {
-          const b = bodyFor(r, () => chatBody(r))
+          const garbage = r.pick([0, 0, 0.05, 0.15, 0.4])
+          const b = bodyFor(r, () => chatBody(r, garbage))
           req.body = b.body
           req.chunked = b.chunked
           Object.assign(headers, b.headers)
@@ -815,6 +848,26 @@ describe('regressions found by fuzzing', () => {
         expect(res.body).toContain('could not read this form')
       }
     }
+  })
+
+  it('a dispatch whose values would make an invalid job record is a 400 InvalidRequest, not a 500', async () => {
+    const { ids } = await import('../src/lexicon/generated/ids.ts')
+    const dispatch = (extra: Record<string, unknown>) =>
+      send(svc.url, {
+        method: 'POST',
+        path: `/xrpc/${ids.InferenceDispatch}`,
+        headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'builtin', prompt: 'hi', maxTokensOut: 16, priceCeiling: { amount: 1000, currency: 'CC' }, ...extra }),
+      })
+    for (const extra of [{ priceCeiling: { amount: 29, currency: 'aaaaaaaaa' } }, { maxTokensOut: 3_000_000 }]) {
+      const res = await dispatch(extra)
+      expect(res.status, JSON.stringify(extra)).toBe(400)
+      expect(JSON.parse(res.body)).toMatchObject({ error: 'InvalidRequest', message: expect.stringMatching(/^the job record would be invalid: /) })
+    }
+    // The same request with valid values streams a reply.
+    const ok = await dispatch({})
+    expect(ok.status).toBe(200)
+    expect(ok.body).toMatch(/event: complete/)
   })
 
   it('a path segment that is not a record key is a 404 page, not a 500 from the PDS client', async () => {
@@ -852,5 +905,85 @@ describe('bodies that never end', () => {
   it('the OpenAI API and the pages do too', async () => {
     expect(await endless(svc.url, '/v1/chat/completions', { authorization: `Bearer ${apiKey}` }, (4 << 20) + 1024)).toBe(413)
     expect(await endless(svc.url, '/profile', { cookie, origin: svc.url, 'content-type': 'application/x-www-form-urlencoded' }, 65 * 1024)).toBe(413)
+  })
+})
+
+// ---------------------------------------------------------------------------
+// Requests that are barely HTTP, written to the socket as they are.
+
+/** The raw answer to raw bytes: its status, or 0 when the server closed the connection without one. */
+function sendRaw(base: string, bytes: Buffer): Promise<{ status: number; text: string }> {
+  const url = new URL(base)
+  return new Promise((resolve) => {
+    const parts: Buffer[] = []
+    const socket = netConnect(Number(url.port), url.hostname, () => socket.end(bytes))
+    const done = () => {
+      const text = Buffer.concat(parts).toString('latin1')
+      resolve({ status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(text)?.[1] ?? 0), text })
+    }
+    socket.on('data', (d: Buffer) => parts.push(d))
+    socket.on('close', done)
+    socket.on('error', () => {})
+    socket.setTimeout(10_000, () => socket.destroy())
+  })
+}
+
+function rawRequest(r: Rng, paths: string[]): Buffer {
+  const method = r.pick(['GET', 'POST', 'get', 'FOO', 'CONNECT', 'TRACE', 'PRI', 'G\u00e9T'])
+  const target = r.pick([...paths, 'http://evil.example/xrpc/x', `http://${r.pick(['127.0.0.1', 'evil.example', 'a b', ''])}${r.pick(paths)}`, '*', '/a\\b', '\\\\evil', '//evil.example/x', `/${'a'.repeat(20_000)}`, '/%', '/?%ZZ', 'xrpc/x', ''])
+  const version = r.pick(['HTTP/1.1', 'HTTP/1.1', 'HTTP/1.0', 'HTTP/2.0', 'HTTP/9.9', 'HTTP/1.1 extra', ''])
+  const headers: string[] = []
+  if (r.chance(0.8)) headers.push(`Host: ${r.pick(['127.0.0.1', 'evil.example', 'a b', '[::1', 'x'.repeat(300), '', 'h:99999', 'h@evil'])}`)
+  if (r.chance(0.2)) headers.push(`Host: second.example`)
+  const body = r.chance(0.4) ? r.pick(['{}', '{"name":"x"}', 'a=1', 'x'.repeat(1000)]) : ''
+  switch (r.int(6)) {
+    case 0:
+      headers.push(`Content-Length: ${r.pick([String(body.length), '-1', '1e3', '99999999999999999999', 'abc', `${body.length}, ${body.length + 1}`, ''])}`)
+      break
+    case 1:
+      headers.push('Transfer-Encoding: chunked', `Content-Length: ${body.length}`)
+      break
+    case 2:
+      headers.push(`Transfer-Encoding: ${r.pick(['chunked', 'gzip, chunked', 'identity', 'xchunked'])}`)
+      break
+    case 3:
+      for (let i = 0; i < r.pick([10, 200, 3000]); i++) headers.push(`X-H${i}: ${'v'.repeat(r.range(0, 40))}`)
+      break
+    case 4:
+      headers.push(r.pick(['Bad Header: x', ': empty-name', 'X-Nul: a\u0000b', 'X-Fold: a\r\n folded', 'X-Long: ' + 'z'.repeat(20_000), 'Cookie: ' + 'c=1; '.repeat(2000)]))
+      break
+    default:
+      break
+  }
+  headers.push('Connection: close')
+  if (r.chance(0.05)) return Buffer.from(r.bytes(r.range(1, 2000)))
+  if (r.chance(0.05)) return Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n')
+  const chunkedBody = headers.some((h) => /chunked/.test(h)) && r.chance(0.5) ? `${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n` : body
+  return Buffer.from(`${method} ${target} ${version}\r\n${headers.join('\r\n')}\r\n\r\n${chunkedBody}`, 'latin1')
+}
+
+describe('requests that are barely HTTP', () => {
+  it('are refused with a 4xx (a CONNECT: the connection closed), never a 5xx or a stack trace, by the AppView and the console', async () => {
+    const { ids } = await import('../src/lexicon/generated/ids.ts')
+    const paths = [`/xrpc/${ids.ComputeListProviders}`, `/xrpc/${ids.AccountCreateApiKey}`, '/v1/chat/completions', '/profile', '/login', '/health']
+    for (const [name, base] of [['appview', av.url], ['console', svc.url]] as const) {
+      const r = rngFor('raw', name)
+      for (let i = 0; i < cases * 4; i++) {
+        const bytes = rawRequest(r, paths)
+        const { status, text } = await sendRaw(base, bytes)
+        counted++
+        tally[`raw-${name}`] = (tally[`raw-${name}`] ?? 0) + 1
+        const st = (statuses[`raw-${name}`] ??= {})
+        st[status] = (st[status] ?? 0) + 1
+        const where = `seed=${seed} raw-${name} case ${i}: ${JSON.stringify(bytes.toString('latin1').slice(0, 400))}\n=> ${JSON.stringify(text.slice(0, 600))}`
+        // Node's server closes a CONNECT it has no tunnel for without an answer; anything else gets one.
+        if (status === 0 && !bytes.toString('latin1').startsWith('CONNECT ')) failures.set(`${name} no answer ${i}`, `raw request got no answer\n${where}`)
+        // An unknown XRPC method is the one 5xx XRPC prescribes: 501 MethodNotImplemented.
+        const unknownMethod = status === 501 && text.includes('"error":"MethodNotImplemented"')
+        if ((status >= 500 && !unknownMethod) || (status !== 0 && status < 200)) failures.set(`${name} ${status} ${i}`, `raw request answered ${status}\n${where}`)
+        for (const leak of LEAKS) if (!leak.test(bytes.toString('latin1')) && leak.test(text)) failures.set(`${name} leak ${leak}`, `raw request answer leaks ${leak}\n${where}`)
+      }
+    }
+    expectNoFailures()
   })
 })

@@ -19,6 +19,7 @@ import { admit, AdmissionError } from '../../../../exchange/admission.ts'
 import { ExchangeError, type ExchangeEvent, type JobInput, type Route } from '../../../../exchange/exchange.ts'
 import { ReceiptSealer } from '../../../../exchange/receipt-sealer.ts'
 import { machineId } from '../../../../exchange/gateway.ts'
+import { InvalidRecordError } from '../../../../publisher.ts'
 import { callerOf, requireScope, type ApiDeps } from '../../../context.ts'
 
 /** Placeholder `prompt` of a sealed request: the lexicon requires the field, and plaintext must not ride along. */
@@ -27,6 +28,8 @@ export const SEALED_PROMPT = 'sealed'
 const pascal = (code: string) => code.replace(/(^|_)([a-z])/g, (_, __, ch: string) => ch.toUpperCase())
 
 function toXrpc(err: unknown, confidential: boolean): unknown {
+  // The request's own values (a ceiling's currency over 8 characters, more tokens than a job may ask for) would make its job record invalid.
+  if (err instanceof InvalidRecordError) return new InvalidRequestError(`the job record would be invalid: ${err.message}`)
   if (err instanceof AdmissionError) return new XrpcError(err.code === 'insufficient_quota' ? 429 : 403, pascal(err.code), err.message)
   if (err instanceof ExchangeError) {
     if (confidential && err.code === 'no_verified_providers') return new XrpcError(400, 'ConfidentialUnavailable', err.message)
