@@ -8,7 +8,7 @@ import { Agent } from '@atproto/api'
 import { TID } from '@atproto/common-web'
 import { cidForLex, type LexValue } from '@atproto/lex-cbor'
 import { randomBytes } from 'node:crypto'
-import type { NodeOAuthClient } from '@atproto/oauth-client-node'
+import { OAuthSession, type NodeOAuthClient, type SessionGetter } from '@atproto/oauth-client-node'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { AccountFriend, AccountProfile, ComputeProvider } from '../src/lexicon/generated/types.ts'
 import { validateRecord } from '../src/lexicon/validate.ts'
@@ -22,6 +22,72 @@ export class PublishError extends Error {
 
 export class InvalidRecordError extends PublishError {
   override name = 'InvalidRecordError'
+}
+
+/** The account signed in again (a new OAuth session and DPoP key) after this session was restored. */
+export class StaleSessionError extends PublishError {
+  override name = 'StaleSessionError'
+}
+
+/** Whether two DPoP keys are the same key: the same public parameters (EC x, y; RSA n, e). */
+const sameKey = (a: { jwk?: unknown }, b: { jwk?: unknown }) => {
+  const pub = (k: { jwk?: unknown }) => {
+    const j = (k.jwk ?? {}) as Record<string, unknown>
+    return JSON.stringify([j.kty, j.crv, j.x, j.y, j.n, j.e])
+  }
+  return pub(a) === pub(b)
+}
+
+/**
+ * An account's OAuth session that stays valid across the account's sign-ins.
+ * The OAuth client's session reads the account's tokens from the store on
+ * each request but signs with the DPoP key of the sign-in it was restored
+ * from. After a new sign-in (a new key and tokens in the store) an older
+ * session still held (a job in flight, a cached agent) would present the new
+ * token with the old key: refused by the PDS (invalid DPoP key binding), then
+ * refused again after a refresh, upon which the client deletes the stored
+ * session, the new one, and the account can publish nothing until it signs in
+ * again. Here each token read checks, in the same read, that the stored key
+ * is this session's: if not, nothing is sent, and the request is made with
+ * the account's current session instead.
+ */
+function keyCheckedSession(oauth: NodeOAuthClient, did: string, first: OAuthSession): { did: string; fetchHandler(url: string, init: RequestInit): Promise<Response> } {
+  // The client's own session getter (a protected member: its store reads, refreshes and lock).
+  const getter = (oauth as unknown as { sessionGetter: SessionGetter }).sessionGetter
+  const checked = (session: OAuthSession): OAuthSession => {
+    const key = session.server.dpopKey
+    const check = {
+      getSession: async (sub: Parameters<SessionGetter['getSession']>[0], refresh?: boolean | 'auto') => {
+        const stored = await getter.getSession(sub, refresh)
+        if (!sameKey(stored.dpopKey, key)) throw new StaleSessionError(`the OAuth session of ${did} was replaced by a new sign-in`)
+        return stored
+      },
+      delStored: (sub: Parameters<SessionGetter['delStored']>[0], cause?: unknown) => getter.delStored(sub, cause),
+    }
+    return new OAuthSession(session.server, session.sub, check as unknown as SessionGetter)
+  }
+  let current = Promise.resolve(checked(first))
+  return {
+    did,
+    fetchHandler: async (url, init) => {
+      const session = await current
+      try {
+        return await session.fetchHandler(url, init)
+      } catch (err) {
+        if (!(err instanceof StaleSessionError)) throw err
+        // Nothing was sent: the same request, once, with the current session.
+        if ((await current) === session) {
+          const next = oauth.restore(did).then(checked)
+          current = next
+          // No session to restore (yet): the next request tries again.
+          next.catch(() => {
+            if (current === next) current = Promise.resolve(session)
+          })
+        }
+        return (await current).fetchHandler(url, init)
+      }
+    },
+  }
 }
 
 /** The fields of a provider record its owner decides; the provider agent owns all the others. */
@@ -81,7 +147,7 @@ export class Publisher {
   async agent(did: string): Promise<Agent> {
     const hit = this.agents.get(did)
     if (hit && Date.now() - hit.at < AGENT_TTL_MS) return hit.agent
-    const agent = this.oauth.restore(did).then((session) => new Agent(session))
+    const agent = this.oauth.restore(did).then((session) => new Agent(keyCheckedSession(this.oauth, did, session)))
     this.agents.delete(did)
     this.agents.set(did, { agent, at: Date.now() })
     if (this.agents.size > AGENT_CACHE_SIZE) this.agents.delete(this.agents.keys().next().value!)
