@@ -11,6 +11,7 @@
  */
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { join } from 'node:path'
 import { AppView } from '../../appview/index.ts'
 import { startConsole } from '../../console/index.ts'
@@ -180,7 +181,38 @@ async function providerRole(p: ProviderParams): Promise<Role<{ agents: number },
   }
 }
 
-export const ROLES = { network: networkRole, exchange: exchangeRole, relay: relayRole, indexer: indexerRole, provider: providerRole } as const
+/** What a process says of itself: its V8 heap and how late its event loop ran timers (since the last reset). */
+export type Vitals = { heapUsedMB: number; loopDelayP50Ms: number; loopDelayP99Ms: number; loopDelayMaxMs: number }
+const loopDelay = monitorEventLoopDelay({ resolution: 10 })
+loopDelay.enable()
+
+export function vitals(reset = false): Vitals {
+  const ms = (ns: number) => Math.round(ns / 1e4) / 100
+  const v = {
+    heapUsedMB: Math.round(process.memoryUsage().heapUsed / 1e5) / 10,
+    loopDelayP50Ms: ms(loopDelay.percentile(50)),
+    loopDelayP99Ms: ms(loopDelay.percentile(99)),
+    loopDelayMaxMs: ms(loopDelay.max),
+  }
+  if (reset) loopDelay.reset()
+  return v
+}
+
+/** Every role also answers `vitals`. */
+const withVitals =
+  <P, I, M extends Record<string, (...a: never[]) => Promise<unknown>>>(start: (p: P) => Promise<Role<I, M>>) =>
+  async (p: P): Promise<Role<I, M & { vitals(reset?: boolean): Promise<Vitals> }>> => {
+    const role = await start(p)
+    return { ...role, methods: { ...role.methods, vitals: async (reset?: boolean) => vitals(reset) } }
+  }
+
+export const ROLES = {
+  network: withVitals(networkRole),
+  exchange: withVitals(exchangeRole),
+  relay: withVitals(relayRole),
+  indexer: withVitals(indexerRole),
+  provider: withVitals(providerRole),
+} as const
 export type RoleName = keyof typeof ROLES
 
 /** Starts a role in its own process (this file, forked). */
@@ -193,5 +225,7 @@ if (process.argv[1] === import.meta.filename) {
   const at = process.argv.indexOf('--role')
   const name = process.argv[at + 1]
   if (at < 0 || !name || !(name in ROLES)) throw new Error(`--role: one of ${Object.keys(ROLES).join(', ')}`)
+  // Ctrl-C reaches the whole process group: the orchestrator ends the load and closes each role in order.
+  process.on('SIGINT', () => undefined)
   await serveRole(ROLES, name)
 }

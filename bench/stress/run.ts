@@ -12,7 +12,7 @@ import { launchBrowser } from '../../test/fixture/browser.ts'
 import { signInWithBrowser, sessionCookie } from '../../test/fixture/console.ts'
 import { DEFAULT_EVENTS } from '../record-firehose.ts'
 import { chatter, createKey, keyCalls, reader, readTargets, signIns, type LoadContext } from './load.ts'
-import { DEFAULT_DIR, startRole, type RelayProgress } from './roles.ts'
+import { DEFAULT_DIR, startRole, vitals, type RelayProgress, type Vitals } from './roles.ts'
 import { RssSeries, Tally, procRss, type MemoryReport } from './stats.ts'
 
 export interface StressOpts {
@@ -70,6 +70,8 @@ export interface StressReport {
   environment: { node: string; cores: number; loadAvgStart: number; loadAvgEnd: number }
   /** Seconds the load actually ran. */
   ranSec: number
+  /** Ended early by the signal (Ctrl-C). */
+  interrupted: boolean
   /** Requests answered correctly, per kind: xrpc read, chat, sign-in, api-key. */
   served: Record<string, number>
   /** Valid requests that failed, by kind (`<endpoint> <status>/<code>`); must be empty. */
@@ -140,6 +142,8 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
   const series = new Map<string, RssSeries>()
   let sampler: NodeJS.Timeout | null = null
   let browser: Awaited<ReturnType<typeof launchBrowser>> | null = null
+  // Set once the load starts: ends it (also when the run fails half-way, so no loop outlives it).
+  let endLoad = () => {}
   try {
     log('starting the network (PLC + PDS) and the exchange (AppView + console, ledger on)')
     const network = await startRole('network', { exchange: HANDLES.exchange, requesters: HANDLES.requesters.slice(0, opts.requesters), providers: HANDLES.providers.slice(0, opts.providers) })
@@ -175,8 +179,12 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
     }
     const tally = new Tally()
     let stopped = false
-    let endLoad!: () => void
-    const over = new Promise<void>((r) => (endLoad = r))
+    let overNow!: () => void
+    const over = new Promise<void>((r) => (overNow = r))
+    endLoad = () => {
+      stopped = true
+      overNow()
+    }
     const ctx: LoadContext = { tally, stopped: () => stopped, over }
     const chatKeys: string[] = []
     for (let i = 0; i < opts.chats; i++) {
@@ -192,13 +200,33 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
     const indexer = await startRole('indexer', { relayUrl: relay.info.url, relayHttpUrl: relay.info.httpUrl })
     started.push(indexer)
 
-    const processes: Record<string, number> = { driver: process.pid, network: network.pid, exchange: exchange.pid, provider: provider.pid, relay: relay.pid, indexer: indexer.pid }
+    const processes: Record<string, { pid: number; vitals(reset?: boolean): Promise<Vitals> }> = {
+      driver: { pid: process.pid, vitals: async (reset) => vitals(reset) },
+      network: { pid: network.pid, vitals: network.methods.vitals },
+      exchange: { pid: exchange.pid, vitals: exchange.methods.vitals },
+      provider: { pid: provider.pid, vitals: provider.methods.vitals },
+      relay: { pid: relay.pid, vitals: relay.methods.vitals },
+      indexer: { pid: indexer.pid, vitals: indexer.methods.vitals },
+    }
     const t0 = performance.now()
-    for (const [name, pid] of Object.entries(processes)) series.set(name, new RssSeries(pid, t0))
+    for (const [name, p] of Object.entries(processes)) series.set(name, new RssSeries(p.pid, t0))
+    // RSS from /proc every second; the heap (over IPC) every 10 s, kept once a minute.
+    const sampleHeaps = (reset = false) =>
+      Promise.all(
+        Object.entries(processes).map(async ([name, p]) => {
+          const v = await p.vitals(reset).catch(() => null)
+          if (v) series.get(name)!.sampleHeap(performance.now(), v.heapUsedMB)
+          return [name, v] as const
+        }),
+      )
+    let tick = 0
     const sampleAll = () => {
       const now = performance.now()
       for (const s of series.values()) s.sample(now)
+      if (tick++ % 10 === 0) void sampleHeaps()
     }
+    // The event-loop delay is measured from here.
+    await sampleHeaps(true)
     sampleAll()
     sampler = setInterval(sampleAll, 1000)
 
@@ -216,18 +244,16 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
       signIns(ctx, { browser, consoleUrl, accounts: requesters, everyMs: opts.signInEverySec * 1000, onCookie: (did, c) => cookies.set(did, c) }),
       ...Array.from({ length: opts.keyLoops }, (_, loop) => keyCalls(ctx, { consoleUrl, loop, session: (i) => cookies.get(requesters[(i + loop) % requesters.length]!.did)! })),
     ]
-    const end = () => {
-      stopped = true
-      endLoad()
-    }
-    const timer = setTimeout(end, opts.durationSec * 1000)
-    opts.signal?.addEventListener('abort', end, { once: true })
+    const timer = setTimeout(endLoad, opts.durationSec * 1000)
+    if (opts.signal?.aborted) endLoad()
+    opts.signal?.addEventListener('abort', endLoad, { once: true })
     let lastReport = performance.now()
     const progress = setInterval(() => {
       if (performance.now() - lastReport < 30_000) return
       lastReport = performance.now()
       const mem = [...series.entries()].map(([n, s]) => `${n} ${s.report().endMB}`).join(', ')
-      log(`${Math.round((lastReport - loadStart) / 1000)} s: ${[...tally.served.entries()].map(([k, v]) => `${k} ${v}`).join(', ')}; errors ${tally.errorCount}; RSS MB ${mem}`)
+      const errors = [...tally.errors.entries()].sort((a, b) => b[1] - a[1]).slice(0, 5).map(([k, v]) => `${k} ${v}`)
+      log(`${Math.round((lastReport - loadStart) / 1000)} s: ${[...tally.served.entries()].map(([k, v]) => `${k} ${v}`).join(', ')}; errors ${tally.errorCount}${errors.length ? ` (${errors.join(', ')})` : ''}; RSS MB ${mem}`)
     }, 1000)
     await over
     clearTimeout(timer)
@@ -244,6 +270,7 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
     clearInterval(sampler)
     sampler = null
     sampleAll()
+    for (const [name, v] of await sampleHeaps()) if (v) series.get(name)!.loopDelay(v.loopDelayP99Ms, v.loopDelayMaxMs)
 
     // The relay stops: how long until the indexer has everything it was sent.
     await relay.close()
@@ -281,6 +308,7 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
       settings,
       environment: { node: process.version, cores: availableParallelism(), loadAvgStart, loadAvgEnd: loadavg()[0]! },
       ranSec: round(ranSec),
+      interrupted: opts.signal?.aborted ?? false,
       served: Object.fromEntries(tally.served),
       errors: Object.fromEntries(tally.errors),
       errorCount,
@@ -304,6 +332,7 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
       ok: errorCount === 0 && (!soak || Object.values(memory).every((m) => m.verdict === 'bounded')),
     }
   } finally {
+    endLoad()
     if (sampler) clearInterval(sampler)
     await browser?.close().catch(() => undefined)
     // Providers first (they finish their receipt writes), then the exchange, then the network.
@@ -331,7 +360,7 @@ export function formatReport(r: StressReport): string {
   const out: string[] = [
     `environment: node ${r.environment.node}, ${r.environment.cores} cores, load average ${r.environment.loadAvgStart.toFixed(2)} at start, ${r.environment.loadAvgEnd.toFixed(2)} at the end`,
     `settings: ${s.durationSec} s; firehose ${s.firehoseRate} events/s; ${s.readers} readers; ${s.chats} chats (${s.requesters} requesters, ${s.providers} providers, ${s.tokenDelayMs} ms per piece, max_tokens ${s.maxTokens}); a sign-in every ${s.signInEverySec} s; ${s.keyLoops} API-key loops`,
-    `ran ${r.ranSec.toFixed(1)} s`,
+    `ran ${r.ranSec.toFixed(1)} s${r.interrupted ? ' (interrupted)' : ''}`,
     '',
     'requests served',
     table([['kind', 'served', 'per s'], ...Object.entries(r.served).map(([k, v]) => [k, String(v), (v / r.ranSec).toFixed(1)])]),
@@ -350,8 +379,8 @@ export function formatReport(r: StressReport): string {
     '',
     'memory (RSS, MB) and CPU (% of one core) of each process while the load ran',
     table([
-      ['process', 'pid', 'peak', 'start', 'end', 'mid 1/3', 'last 1/3', 'MB/min', 'verdict', 'cpu s', 'cpu %'],
-      ...Object.entries(r.memory).map(([k, m]) => [k, String(m.pid), m.peakMB.toFixed(1), m.startMB.toFixed(1), m.endMB.toFixed(1), m.middleThirdMB.toFixed(1), m.lastThirdMB.toFixed(1), m.slopeMBPerMin.toFixed(2), m.verdict, m.cpuSec.toFixed(1), `${m.cpuPercent}`]),
+      ['process', 'pid', 'peak', 'start', 'end', 'mid 1/3', 'last 1/3', 'MB/min', 'verdict', 'cpu s', 'cpu %', 'loop delay p99', 'max'],
+      ...Object.entries(r.memory).map(([k, m]) => [k, String(m.pid), m.peakMB.toFixed(1), m.startMB.toFixed(1), m.endMB.toFixed(1), m.middleThirdMB.toFixed(1), m.lastThirdMB.toFixed(1), m.slopeMBPerMin.toFixed(2), m.verdict, m.cpuSec.toFixed(1), `${m.cpuPercent}`, ms(m.loopDelayP99Ms), ms(m.loopDelayMaxMs)]),
     ]),
   ]
   if (r.ranSec >= 120) {
@@ -359,6 +388,9 @@ export function formatReport(r: StressReport): string {
     const names = Object.keys(r.memory)
     const minutes = Math.max(...names.map((n) => r.memory[n]!.perMinuteMB.length))
     out.push(table([['t', ...names], ...Array.from({ length: minutes }, (_, i) => [`${r.memory[names[0]!]!.perMinuteMB[i]?.atSec ?? '?'} s`, ...names.map((n) => r.memory[n]!.perMinuteMB[i]?.rssMB.toFixed(1) ?? '')])]))
+    out.push('', 'V8 heap used per minute (MB)')
+    const heapRows = Math.max(...names.map((n) => r.memory[n]!.heapPerMinuteMB.length))
+    out.push(table([['t', ...names], ...Array.from({ length: heapRows }, (_, i) => [`${r.memory[names[0]!]!.heapPerMinuteMB[i]?.atSec ?? '?'} s`, ...names.map((n) => r.memory[n]!.heapPerMinuteMB[i]?.heapMB.toFixed(1) ?? '')])]))
   }
   out.push('', r.ok ? 'OK: no errors' + (r.ranSec >= SOAK_SEC ? ', memory bounded' : '') : `FAILED: ${r.errorCount} errors${r.ranSec >= SOAK_SEC && Object.values(r.memory).some((m) => m.verdict === 'growing') ? '; memory growing' : ''}`)
   return out.join('\n')

@@ -113,6 +113,11 @@ export interface MemoryReport {
   /** CPU time used between the first and the last sample, and as a share of one core. */
   cpuSec: number
   cpuPercent: number
+  /** V8 heap in use at each whole minute: what a leak in JavaScript shows as, whatever the allocator keeps. */
+  heapPerMinuteMB: { atSec: number; heapMB: number }[]
+  /** How late the event loop ran a 10 ms timer while the load ran (a long synchronous task shows here). */
+  loopDelayP99Ms: number
+  loopDelayMaxMs: number
 }
 
 const mb = (bytes: number) => Math.round(bytes / 1e5) / 10
@@ -125,6 +130,8 @@ export class RssSeries {
   private readonly rss: number[] = []
   private peak = 0
   private cpu: number[] = []
+  private readonly heap: { atSec: number; heapMB: number }[] = []
+  private loop = { p99: NaN, max: NaN }
 
   constructor(pid: number, t0: number) {
     this.pid = pid
@@ -140,6 +147,18 @@ export class RssSeries {
     this.rss.push(v.rss)
     if (v.peak > this.peak) this.peak = v.peak
     if (v.rss > this.peak) this.peak = v.rss
+  }
+
+  /** The process's own heap figure, once a minute is kept (the last one replaced until the minute turns). */
+  sampleHeap(now: number, heapMB: number): void {
+    const atSec = Math.round((now - this.t0) / 1000)
+    const last = this.heap.at(-1)
+    if (last && Math.floor(last.atSec / 60) === Math.floor(atSec / 60) && this.heap.length > 1) this.heap[this.heap.length - 1] = { atSec, heapMB }
+    else this.heap.push({ atSec, heapMB })
+  }
+
+  loopDelay(p99: number, max: number): void {
+    this.loop = { p99, max }
   }
 
   report(): MemoryReport {
@@ -181,6 +200,9 @@ export class RssSeries {
       verdict: lastMean > midMean * 1.1 + 16e6 ? 'growing' : 'bounded',
       cpuSec: Math.round(cpuSec * 10) / 10,
       cpuPercent: Math.round((100 * cpuSec) / span),
+      heapPerMinuteMB: this.heap,
+      loopDelayP99Ms: this.loop.p99,
+      loopDelayMaxMs: this.loop.max,
     }
   }
 }
