@@ -49,7 +49,8 @@ const sameKey = (a: { jwk?: unknown }, b: { jwk?: unknown }) => {
  * session, the new one, and the account can publish nothing until it signs in
  * again. Here each token read checks, in the same read, that the stored key
  * is this session's: if not, nothing is sent, and the request is made with
- * the account's current session instead.
+ * the account's current session instead. A request that read its tokens
+ * before the sign-in and was refused after it is made again the same way.
  */
 function keyCheckedSession(oauth: NodeOAuthClient, did: string, first: OAuthSession): { did: string; fetchHandler(url: string, init: RequestInit): Promise<Response> } {
   // The client's own session getter (a protected member: its store reads, refreshes and lock).
@@ -67,24 +68,45 @@ function keyCheckedSession(oauth: NodeOAuthClient, did: string, first: OAuthSess
     return new OAuthSession(session.server, session.sub, check as unknown as SessionGetter)
   }
   let current = Promise.resolve(checked(first))
+  /** Restores the account's current session in place of `stale` (once, however many requests found it stale). */
+  const renew = async (stale: OAuthSession) => {
+    if ((await current) !== stale) return
+    const next = oauth.restore(did).then(checked)
+    current = next
+    // No session to restore (yet): the next request tries again.
+    next.catch(() => {
+      if (current === next) current = Promise.resolve(stale)
+    })
+  }
+  /** Whether a sign-in has replaced `session`'s key in the store. */
+  const replaced = async (session: OAuthSession) => {
+    try {
+      return !sameKey((await getter.getSession(session.sub, false)).dpopKey, session.server.dpopKey)
+    } catch {
+      return false
+    }
+  }
   return {
     did,
     fetchHandler: async (url, init) => {
-      const session = await current
-      try {
-        return await session.fetchHandler(url, init)
-      } catch (err) {
-        if (!(err instanceof StaleSessionError)) throw err
-        // Nothing was sent: the same request, once, with the current session.
-        if ((await current) === session) {
-          const next = oauth.restore(did).then(checked)
-          current = next
-          // No session to restore (yet): the next request tries again.
-          next.catch(() => {
-            if (current === next) current = Promise.resolve(session)
-          })
+      for (let attempt = 0; ; attempt++) {
+        const session = await current
+        let res: Response
+        try {
+          res = await session.fetchHandler(url, init)
+        } catch (err) {
+          if (!(err instanceof StaleSessionError) || attempt > 0) throw err
+          // Nothing was sent: the same request with the current session.
+          await renew(session)
+          continue
         }
-        return (await current).fetchHandler(url, init)
+        // Sent with the tokens of a session that a sign-in replaced meanwhile, and refused (the PDS wrote
+        // nothing): the same request, once, with the current session.
+        if (res.status === 401 && attempt === 0 && !(init.body instanceof ReadableStream) && (await replaced(session))) {
+          await renew(session)
+          continue
+        }
+        return res
       }
     },
   }
