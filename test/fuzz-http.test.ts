@@ -484,6 +484,7 @@ let provider: ProviderAgent
 let alice: LocalAccount
 let bob: LocalAccount
 let market: LocalAccount
+let rig: LocalAccount
 let cookie: string
 let apiKey: string
 let readKey: string
@@ -497,7 +498,7 @@ const methods = schemas.flatMap((doc) => {
 beforeAll(async () => {
   net = await LocalNetwork.create()
   ;[alice, bob, market] = await Promise.all(['alice.test', 'bob.test', 'market.test'].map((h) => net.createAccount(h))) as [LocalAccount, LocalAccount, LocalAccount]
-  const rig = await net.createAccount('rig.test')
+  rig = await net.createAccount('rig.test')
   av = await startAppView(net, tempDbPath(), { http: true })
   svc = await startTestConsole(net, av.url, {
     index: av.consoleIndex(),
@@ -525,6 +526,11 @@ beforeAll(async () => {
   })
   expect(res.status).toBe(200)
   await waitFor(() => av.db.$client.prepare(`SELECT 1 FROM records WHERE collection = 'dev.cocore.compute.settlement'`).get(), 'a settlement indexed', 60_000)
+  await refreshKnown()
+}, 180_000)
+
+/** Values the generators draw valid ones from: the accounts, and every record the AppView has indexed. */
+async function refreshKnown(): Promise<void> {
   await waitCaughtUp(av, net)
   const rows = av.db.$client.prepare('SELECT uri, sort_at AS sortAt FROM records').all() as { uri: string; sortAt: string }[]
   known = {
@@ -535,7 +541,7 @@ beforeAll(async () => {
     models: ['builtin', 'no-such-model'],
     provider: svc.gateway!.connected('builtin').map((p) => ({ did: p.did, encryptionPubKey: p.encryptionPubKey }))[0]!,
   }
-}, 180_000)
+}
 
 afterAll(async () => {
   console.log(`fuzz-http: ${counted} requests (seed ${seed}, ${cases} cases per target): ${JSON.stringify(tally)}; statuses ${JSON.stringify(statuses)}; events ${JSON.stringify(events)}`)
@@ -594,38 +600,6 @@ function xrpcCase(r: Rng, surface: string, nsid: string, type: string, index: nu
   }
   return { surface, target: nsid, index, req, kind: 'xrpc', nsid, implemented: implemented && !mangled }
 }
-
-describe('AppView XRPC', () => {
-  it('answers every method, whatever its params and bodies, with a result or an XRPC 4xx', async () => {
-    const { handlers } = await import('../appview/api/index.ts')
-    for (const { nsid, type } of methods) {
-      const r = rngFor('appview', nsid)
-      const implemented = Object.hasOwn(handlers, nsid)
-      for (let i = 0; i < casesOf(implemented); i++) await run(xrpcCase(r, 'appview-xrpc', nsid, type, i, implemented), av.url)
-    }
-    expectNoFailures()
-  })
-
-  it('refuses unknown methods and odd paths with JSON errors, and serves its other routes whatever the query', async () => {
-    const r = rngFor('appview', 'paths')
-    for (let i = 0; i < cases * 4; i++) {
-      const path = r.pick(['/xrpc/', '/xrpc/dev.cocore.nope', `/xrpc/${enc(r.string(r.range(1, 30)))}`, `/xrpc/${enc(nastyText(r))}`, `/${enc(nastyText(r))}`, '/xrpc/..%2f..%2fhealth', '/xrpc/%ED%A0%80', `/xrpc/${'a.'.repeat(500)}b`])
-      await run({ surface: 'appview-paths', target: 'paths', index: i, req: { method: r.pick(METHODS), path }, kind: 'xrpc', implemented: false }, av.url)
-    }
-    // Built only to read its route table.
-    const { createApp } = await import('../appview/server.ts')
-    const routes = routesOf(createApp({} as never)).filter((route) => !route.path.includes(':nsid'))
-    expect(routes.length).toBeGreaterThan(2)
-    for (const route of routes) {
-      const rr = rngFor('appview', route.method, route.path)
-      for (let i = 0; i < cases; i++) {
-        const path = `${route.path}?${queryString(rr, 'none')}${rr.chance(0.5) ? `&${enc(nastyText(rr))}=${enc(nastyText(rr))}` : ''}${rr.chance(0.2) ? rr.pick(RAW_QUERY) : ''}`
-        await run({ surface: 'appview-routes', target: `${route.method} ${route.path}`, index: i, req: { method: rr.chance(0.8) ? route.method : rr.pick(METHODS), path, headers: rr.chance(0.3) ? { host: rr.pick(['evil.example', 'a'.repeat(300), '[::1]:1', 'example.com:99999']) } : {} }, kind: route.path.startsWith('/xrpc/') ? 'xrpc' : 'page', implemented: false }, av.url)
-      }
-    }
-    expectNoFailures()
-  })
-})
 
 /** Credentials a console call may carry: none, garbage, a key, a read-only key, the session (with or without the right Origin). */
 function consoleAuth(r: Rng): Record<string, string> {
@@ -835,6 +809,41 @@ describe('OpenAI-compatible API', () => {
   })
 })
 
+// Last of the fuzzers: by now the index also holds what the fuzzed pages and jobs published (odd
+// profiles, friends, jobs, receipts, settlements), and its answers about them are checked too.
+describe('AppView XRPC', () => {
+  it('answers every method, whatever its params and bodies, with a result or an XRPC 4xx', async () => {
+    await refreshKnown()
+    const { handlers } = await import('../appview/api/index.ts')
+    for (const { nsid, type } of methods) {
+      const r = rngFor('appview', nsid)
+      const implemented = Object.hasOwn(handlers, nsid)
+      for (let i = 0; i < casesOf(implemented); i++) await run(xrpcCase(r, 'appview-xrpc', nsid, type, i, implemented), av.url)
+    }
+    expectNoFailures()
+  })
+
+  it('refuses unknown methods and odd paths with JSON errors, and serves its other routes whatever the query', async () => {
+    const r = rngFor('appview', 'paths')
+    for (let i = 0; i < cases * 4; i++) {
+      const path = r.pick(['/xrpc/', '/xrpc/dev.cocore.nope', `/xrpc/${enc(r.string(r.range(1, 30)))}`, `/xrpc/${enc(nastyText(r))}`, `/${enc(nastyText(r))}`, '/xrpc/..%2f..%2fhealth', '/xrpc/%ED%A0%80', `/xrpc/${'a.'.repeat(500)}b`])
+      await run({ surface: 'appview-paths', target: 'paths', index: i, req: { method: r.pick(METHODS), path }, kind: 'xrpc', implemented: false }, av.url)
+    }
+    // Built only to read its route table.
+    const { createApp } = await import('../appview/server.ts')
+    const routes = routesOf(createApp({} as never)).filter((route) => !route.path.includes(':nsid'))
+    expect(routes.length).toBeGreaterThan(2)
+    for (const route of routes) {
+      const rr = rngFor('appview', route.method, route.path)
+      for (let i = 0; i < cases; i++) {
+        const path = `${route.path}?${queryString(rr, 'none')}${rr.chance(0.5) ? `&${enc(nastyText(rr))}=${enc(nastyText(rr))}` : ''}${rr.chance(0.2) ? rr.pick(RAW_QUERY) : ''}`
+        await run({ surface: 'appview-routes', target: `${route.method} ${route.path}`, index: i, req: { method: rr.chance(0.8) ? route.method : rr.pick(METHODS), path, headers: rr.chance(0.3) ? { host: rr.pick(['evil.example', 'a'.repeat(300), '[::1]:1', 'example.com:99999']) } : {} }, kind: route.path.startsWith('/xrpc/') ? 'xrpc' : 'page', implemented: false }, av.url)
+      }
+    }
+    expectNoFailures()
+  })
+})
+
 /** What the fuzzing found, pinned as plain cases so each fix stays fixed whatever the seed. */
 describe('regressions found by fuzzing', () => {
   const post = (path: string, body: string, contentType: string) => send(svc.url, { method: 'POST', path, headers: { cookie, origin: svc.url, 'content-type': contentType }, body })
@@ -936,6 +945,15 @@ function rawRequest(r: Rng, paths: string[]): Buffer {
   if (r.chance(0.8)) headers.push(`Host: ${r.pick(['127.0.0.1', 'evil.example', 'a b', '[::1', 'x'.repeat(300), '', 'h:99999', 'h@evil'])}`)
   if (r.chance(0.2)) headers.push(`Host: second.example`)
   const body = r.chance(0.4) ? r.pick(['{}', '{"name":"x"}', 'a=1', 'x'.repeat(1000)]) : ''
+  if (r.chance(0.2)) {
+    // A WebSocket upgrade (the provider gateway takes /v1/agent), on any path, with any handshake.
+    const path = r.pick(['/v1/agent', '/v1/agent?x=%', '/profile', '/xrpc/x', '//', '//[', 'http://[', '//a b', '/%ZZ', '*'])
+    const hs = [`Host: 127.0.0.1`, `Upgrade: ${r.pick(['websocket', 'WebSocket', 'h2c', 'garbage'])}`, 'Connection: Upgrade']
+    if (r.chance(0.7)) hs.push(`Sec-WebSocket-Key: ${r.pick(['dGhlIHNhbXBsZSBub25jZQ==', 'short', '', Buffer.from(r.bytes(16)).toString('base64')])}`)
+    if (r.chance(0.7)) hs.push(`Sec-WebSocket-Version: ${r.pick(['13', '8', 'x', ''])}`)
+    if (r.chance(0.3)) hs.push(`Authorization: ${r.pick(['Bearer x', `Bearer ${'a'.repeat(5000)}`, 'Basic x'])}`)
+    return Buffer.from(`GET ${path} HTTP/1.1\r\n${hs.join('\r\n')}\r\n\r\n`, 'latin1')
+  }
   switch (r.int(6)) {
     case 0:
       headers.push(`Content-Length: ${r.pick([String(body.length), '-1', '1e3', '99999999999999999999', 'abc', `${body.length}, ${body.length + 1}`, ''])}`)
@@ -963,6 +981,15 @@ function rawRequest(r: Rng, paths: string[]): Buffer {
 }
 
 describe('requests that are barely HTTP', () => {
+  it('a WebSocket upgrade to a target that is no URL, or to a page, is answered and ends nothing (it used to throw in the upgrade listener, ending the process)', async () => {
+    for (const target of ['//', '//[', 'http://[', '/profile', '/xrpc/x']) {
+      const { status, text } = await sendRaw(svc.url, Buffer.from(`GET ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`))
+      expect(status, `${target}: ${text.slice(0, 200)}`).toBeGreaterThanOrEqual(200)
+      expect(status, target).toBeLessThan(500)
+    }
+    expect((await send(svc.url, { method: 'GET', path: '/health' })).status).toBe(200)
+  })
+
   it('are refused with a 4xx (a CONNECT: the connection closed), never a 5xx or a stack trace, by the AppView and the console', async () => {
     const { ids } = await import('../src/lexicon/generated/ids.ts')
     const paths = [`/xrpc/${ids.ComputeListProviders}`, `/xrpc/${ids.AccountCreateApiKey}`, '/v1/chat/completions', '/profile', '/login', '/health']

@@ -39,6 +39,17 @@ import {
 
 export { AGENT_PATH, PROTOCOL_VERSION }
 
+function isAgentUpgrade(req: IncomingMessage): boolean {
+  return (req.url ?? '').split('?')[0] === AGENT_PATH
+}
+
+const UPGRADE_REFUSED = JSON.stringify({ error: 'InvalidRequest', message: `WebSocket upgrades are served at ${AGENT_PATH} only` })
+
+function refuseUpgrade(socket: Duplex): void {
+  socket.on('error', () => socket.destroy())
+  socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(UPGRADE_REFUSED)}\r\nConnection: close\r\n\r\n${UPGRADE_REFUSED}`)
+}
+
 /** Largest frame a provider may send (a sealed reply chunk is far smaller). */
 const MAX_FRAME_BYTES = 1 << 20
 
@@ -108,8 +119,12 @@ export class ProviderGateway {
 
   /** Takes the upgrade requests for `/v1/agent` on the console's HTTP server. */
   attach(server: Server): void {
+    // Where Node supports it, an upgrade to any other path is served as the plain request it also is.
+    ;(server as Server & { shouldUpgradeCallback?: (req: IncomingMessage) => boolean }).shouldUpgradeCallback = isAgentUpgrade
     server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
-      if (new URL(req.url ?? '/', 'http://x').pathname !== AGENT_PATH) return
+      // Elsewhere this listener gets every upgrade: one it ignored would hold its socket open forever,
+      // and a target that is no URL must not throw here (an 'upgrade' listener's throw ends the process).
+      if (!isAgentUpgrade(req)) return refuseUpgrade(socket)
       this.wss.handleUpgrade(req, socket, head, (ws) => this.wss.emit('connection', ws, req))
     })
   }
