@@ -49,7 +49,13 @@ const native = (globalThis as { process?: { getBuiltinModule?: (id: string) => u
 /** Node's Buffer, for base64 (several times faster than atob/btoa over strings); absent in a browser. */
 const NodeBuffer = (globalThis as { Buffer?: typeof Buffer }).Buffer
 
-const STRICT_B64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
+/**
+ * Strict, padded base64: a length that is a multiple of 4 and at most two `=` at the end. Not one
+ * regex of 4-character groups: V8 runs out of stack on such a group repeated a million times
+ * (a sealed prompt of a few MB), and the prompt then "did not open".
+ */
+const B64_CHARS = /^[A-Za-z0-9+/]*={0,2}$/
+const isStrictB64 = (s: string) => s.length % 4 === 0 && B64_CHARS.test(s)
 function toB64(b: Uint8Array): string {
   if (NodeBuffer) return NodeBuffer.from(b.buffer, b.byteOffset, b.byteLength).toString('base64')
   let s = ''
@@ -58,7 +64,7 @@ function toB64(b: Uint8Array): string {
 }
 /** Throws on what atob refuses; Buffer (lenient) only decodes strict, padded base64. */
 function fromB64(s: string): Uint8Array {
-  if (NodeBuffer && STRICT_B64.test(s)) {
+  if (NodeBuffer && isStrictB64(s)) {
     const b = NodeBuffer.from(s, 'base64')
     return new Uint8Array(b.buffer, b.byteOffset, b.byteLength)
   }
