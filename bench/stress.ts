@@ -10,7 +10,9 @@
  *
  * Options: --duration S (60), --firehose-rate N (2000), --readers N (200),
  * --chats N (50), --requesters N (4), --providers N (4), --token-delay-ms D (10), --max-tokens M
- * (64), --signin-every S (5), --key-loops N (2), --json FILE (the report).
+ * (64), --signin-every S (5), --key-loops N (2), --json FILE (the report),
+ * --cpu-prof exchange,network,... (those processes run under V8's CPU
+ * profiler; profiles in data/stress-profiles/).
  * The processes and the load are in bench/stress/.
  */
 import { writeFileSync } from 'node:fs'
@@ -30,11 +32,12 @@ const { values: args } = parseArgs({
     'signin-every': { type: 'string', default: String(DEFAULTS.signInEverySec) },
     'key-loops': { type: 'string', default: String(DEFAULTS.keyLoops) },
     json: { type: 'string' },
+    'cpu-prof': { type: 'string' },
     help: { type: 'boolean', short: 'h', default: false },
   },
 })
 if (args.help) {
-  process.stdout.write('usage: npm run stress -- [--duration S] [--firehose-rate N] [--readers N] [--chats N] [--requesters N] [--providers N] [--token-delay-ms D] [--max-tokens M] [--signin-every S] [--key-loops N] [--json FILE]\n')
+  process.stdout.write('usage: npm run stress -- [--duration S] [--firehose-rate N] [--readers N] [--chats N] [--requesters N] [--providers N] [--token-delay-ms D] [--max-tokens M] [--signin-every S] [--key-loops N] [--json FILE] [--cpu-prof ROLE,...]\n')
   process.exit(0)
 }
 const num = (name: keyof typeof args, min: number): number => {
@@ -62,6 +65,7 @@ const report = await runStress({
   maxTokens: num('max-tokens', 1),
   signInEverySec: num('signin-every', 0),
   keyLoops: num('key-loops', 0),
+  cpuProfile: args['cpu-prof'] ? (args['cpu-prof'].split(',') as never) : undefined,
   signal: controller.signal,
 })
 const argv = process.argv.slice(2)

@@ -52,6 +52,9 @@ it('serves every kind of load at once with no error, and reports served, errors,
     expect(m, name).toBeDefined()
     expect(m!.peakMB).toBeGreaterThan(0)
     expect(m!.peakMB).toBeGreaterThanOrEqual(m!.endMB)
+    // Each process answered for its own heap and event loop.
+    expect(m!.heapPerMinuteMB.length).toBeGreaterThan(0)
+    expect(m!.loopDelayMaxMs).toBeGreaterThan(0)
   }
   const printed = formatReport(report)
   for (const heading of ['requests served', 'errors: 0', 'latency per endpoint', 'indexer lag at the end', 'memory (RSS, MB)']) expect(printed).toContain(heading)

@@ -53,7 +53,7 @@ async function request(ctx: LoadContext, kind: string, endpoint: string, url: st
       body = text
     }
   } catch (err) {
-    ctx.tally.error(`${endpoint} ${errorKind(err)}`, message(err))
+    ctx.tally.error(`${endpoint} ${abort.signal.aborted ? `timeout (${REQUEST_TIMEOUT_MS / 1000} s)` : errorKind(err)}`, message(err))
     return undefined
   } finally {
     clearTimeout(timer)

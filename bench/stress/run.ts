@@ -12,7 +12,7 @@ import { launchBrowser } from '../../test/fixture/browser.ts'
 import { signInWithBrowser, sessionCookie } from '../../test/fixture/console.ts'
 import { DEFAULT_EVENTS } from '../record-firehose.ts'
 import { chatter, createKey, keyCalls, reader, readTargets, signIns, type LoadContext } from './load.ts'
-import { DEFAULT_DIR, startRole, vitals, type RelayProgress, type Vitals } from './roles.ts'
+import { DEFAULT_DIR, startRole as startRoleProcess, vitals, type RelayProgress, type RoleName, type Vitals } from './roles.ts'
 import { RssSeries, Tally, procRss, type MemoryReport } from './stats.ts'
 
 export interface StressOpts {
@@ -38,6 +38,9 @@ export interface StressOpts {
   /** Where the recorded firehose is (recorded there first when missing). */
   recordingDir: string
   recordEvents: number
+  /** Processes to run under V8's CPU profiler (`--cpu-prof`); their profiles are written to `cpuProfileDir` as they exit. */
+  cpuProfile?: RoleName[]
+  cpuProfileDir?: string
   /** Ends the load early (SIGINT). */
   signal?: AbortSignal
   log?: (msg: string) => void
@@ -66,7 +69,7 @@ export interface LatencyRow {
 }
 
 export interface StressReport {
-  settings: Omit<StressOpts, 'signal' | 'log'>
+  settings: Omit<StressOpts, 'signal' | 'log' | 'cpuProfile' | 'cpuProfileDir'>
   environment: { node: string; cores: number; loadAvgStart: number; loadAvgEnd: number }
   /** Seconds the load actually ran. */
   ranSec: number
@@ -139,6 +142,20 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
   const prevLevel = process.env.COCORE_LOG_LEVEL
   process.env.COCORE_LOG_LEVEL ??= 'error'
   const started: { close(): Promise<void> }[] = []
+  const profileDir = opts.cpuProfileDir ?? join(process.cwd(), 'data', 'stress-profiles')
+  /** Forks a role's process, under the CPU profiler when asked (the child takes NODE_OPTIONS from the environment it is forked with). */
+  const startRole: typeof startRoleProcess = (name, params) => {
+    if (!opts.cpuProfile?.includes(name)) return startRoleProcess(name, params)
+    const prev = process.env.NODE_OPTIONS
+    process.env.NODE_OPTIONS = `${prev ?? ''} --cpu-prof --cpu-prof-dir=${profileDir} --cpu-prof-name=${name}.cpuprofile`.trim()
+    try {
+      // fork copies the environment before its first await.
+      return startRoleProcess(name, params)
+    } finally {
+      if (prev === undefined) delete process.env.NODE_OPTIONS
+      else process.env.NODE_OPTIONS = prev
+    }
+  }
   const series = new Map<string, RssSeries>()
   let sampler: NodeJS.Timeout | null = null
   let browser: Awaited<ReturnType<typeof launchBrowser>> | null = null
@@ -303,7 +320,7 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
     const memory = Object.fromEntries([...series.entries()].map(([n, s]) => [n, s.report()]))
     const soak = ranSec >= SOAK_SEC
     const errorCount = tally.errorCount
-    const { signal: _s, log: _l, ...settings } = opts
+    const { signal: _s, log: _l, cpuProfile: _c, cpuProfileDir: _d, ...settings } = opts
     return {
       settings,
       environment: { node: process.version, cores: availableParallelism(), loadAvgStart, loadAvgEnd: loadavg()[0]! },
