@@ -81,8 +81,10 @@ function send(base: string, req: Req): Promise<Reply> {
 
 /** What a leaked stack or internal error looks like. */
 const LEAKS = [/\n\s+at \S/, /\bat [^\s()]+ \((?:\/|file:)/, /\/work\//, /node_modules/, /file:\/\/\//, /\b(?:TypeError|RangeError|ReferenceError|SyntaxError|SqliteError|EvalError|URIError|ERR_[A-Z_]+)\b/]
-/** A reflected script: an input's markup must come back escaped in HTML. */
+/** Markup among the inputs: it must come back escaped in HTML, never as markup. */
 const SCRIPT = '<script>alert(1)</script>'
+const IMG = '"><img src=x onerror=alert(1)>'
+const MARKUP = [SCRIPT, '<img src=x onerror=alert(1)>']
 
 let counted = 0
 const tally: Record<string, number> = {}
@@ -119,7 +121,7 @@ function judge(c: Case, res: Reply): void {
   const where = () => `${describeCase(c)}\n=> ${res.status} ${JSON.stringify(res.headers['content-type'])} ${res.body.slice(0, 600)}`
   const input = `${c.req.path}\n${JSON.stringify(c.req.headers ?? {})}\n${c.req.body ?? ''}`
   const unimplemented = c.kind === 'xrpc' && c.implemented === false && res.status === 501
-  if (res.status >= 500 && !unimplemented) throw new Error(`5xx answer\n${where()}`)
+  if (res.status >= 500 && !unimplemented) throw new Error(`5xx answer (${res.status})\n${where()}`)
   if (res.status < 200) throw new Error(`odd status\n${where()}`)
   // No stack trace or internal path, in the body or any header (unless the input itself carried the text).
   const headerText = Object.entries(res.headers).map(([k, v]) => `${k}: ${v}`).join('\n')
@@ -136,7 +138,8 @@ function judge(c: Case, res: Reply): void {
     return
   }
   const type = String(res.headers['content-type'] ?? '')
-  if (type.startsWith('text/html') && input.includes(SCRIPT) && res.body.includes(SCRIPT)) throw new Error(`reflects markup unescaped\n${where()}`)
+  const sent = `${input}\n${percentDecoded(input)}`
+  for (const m of MARKUP) if (type.startsWith('text/html') && sent.includes(m) && res.body.includes(m)) throw new Error(`reflects markup unescaped\n${where()}`)
   if (c.kind === 'page') return
   if (type.startsWith('text/event-stream')) {
     if (res.status !== 200) throw new Error(`event stream with status ${res.status}\n${where()}`)
@@ -175,6 +178,16 @@ function judge(c: Case, res: Reply): void {
   if (!valid) throw new Error(`2xx that is neither a completion nor a list\n${where()}`)
 }
 
+/** Percent-escapes decoded where they decode (form bodies and query strings carry the markup encoded). */
+const percentDecoded = (s: string) =>
+  s.replace(/\+/g, ' ').replace(/(?:%[0-9A-Fa-f]{2})+/g, (m) => {
+    try {
+      return decodeURIComponent(m)
+    } catch {
+      return m
+    }
+  })
+
 function isOpenAiError(body: unknown): boolean {
   const e = (body as { error?: { message?: unknown; type?: unknown; code?: unknown } } | null)?.error
   return !!e && typeof e === 'object' && typeof e.message === 'string' && typeof e.type === 'string' && (typeof e.code === 'string' || e.code === null)
@@ -199,7 +212,11 @@ function checkEvents(c: Case, text: string, where: () => string): void {
     } catch {
       throw new Error(`event data is not JSON: ${data.slice(0, 200)}\n${where()}`)
     }
-    if (c.kind === 'openai' && (v as { error?: unknown }).error !== undefined && !isOpenAiError(v)) throw new Error(`stream error is not an OpenAI error\n${where()}`)
+    if (c.kind === 'openai' && (v as { error?: unknown }).error !== undefined) {
+      if (!isOpenAiError(v)) throw new Error(`stream error is not an OpenAI error\n${where()}`)
+      // Mid-stream, an error object is the last event.
+      sawEnd = true
+    }
     if (c.kind === 'xrpc' && event === 'error' && (typeof (v as { code?: unknown }).code !== 'string' || typeof (v as { reason?: unknown }).reason !== 'string')) throw new Error(`error event without code and reason\n${where()}`)
     if (c.kind === 'xrpc' && (event === 'complete' || event === 'error')) sawEnd = true
   }
@@ -219,7 +236,7 @@ const INJECTIONS = [
   '../../../../etc/passwd',
   '..%2f..%2f..%2fetc%2fpasswd',
   SCRIPT,
-  '"><img src=x onerror=alert(1)>',
+  IMG,
   '${7*7}',
   '{{7*7}}',
   '__proto__',
@@ -488,6 +505,8 @@ let rig: LocalAccount
 let cookie: string
 let apiKey: string
 let readKey: string
+/** A key of an account that never signed in: the console holds no PDS session to publish its jobs with. */
+let bobKey: string
 
 /** Every query and procedure the lexicons define. */
 const methods = schemas.flatMap((doc) => {
@@ -515,6 +534,7 @@ beforeAll(async () => {
   await page.close()
   apiKey = new ApiKeys(svc.db).create(alice.did, 'fuzz', [...SCOPES]).secret
   readKey = new ApiKeys(svc.db).create(alice.did, 'fuzz-read', ['read']).secret
+  bobKey = new ApiKeys(svc.db).create(bob.did, 'fuzz-bob', [...SCOPES]).secret
   await putRecord(alice.agent, alice.did, profile('Alice'), 'self')
   await putRecord(alice.agent, alice.did, friend(bob.did))
   provider = await startBuiltinAgent(net.pdsUrl, rig, { url: svc.url, did: market.did })
@@ -611,7 +631,7 @@ function consoleAuth(r: Rng): Record<string, string> {
     case 2:
       return { cookie: r.pick(['cocore_session=', 'cocore_session=garbage', `${cookie}x`, 'cocore_session=%ED%A0%80', `cocore_session=${'a'.repeat(4000)}`]) }
     case 3:
-      return { authorization: `Bearer ${readKey}` }
+      return { authorization: `Bearer ${r.chance(0.5) ? readKey : bobKey}` }
     case 4:
       return { cookie, origin: r.pick([svc.url, 'http://evil.example', 'null']) }
     default:
@@ -791,7 +811,7 @@ describe('OpenAI-compatible API', () => {
         const method = r.chance(0.85) && route.method !== 'ALL' ? route.method : r.pick(METHODS)
         const auth = r.int(10)
         const headers: Record<string, string> =
-          auth < 7 ? { authorization: `Bearer ${apiKey}` } : auth === 7 ? { authorization: `Bearer ${readKey}` } : auth === 8 ? {} : { authorization: r.pick(['Bearer', `Bearer ${apiKey}x`, `Basic ${apiKey}`, 'Bearer \u00ff']) }
+          auth < 7 ? { authorization: `Bearer ${apiKey}` } : auth === 7 ? { authorization: `Bearer ${r.chance(0.5) ? readKey : bobKey}` } : auth === 8 ? {} : { authorization: r.pick(['Bearer', `Bearer ${apiKey}x`, `Basic ${apiKey}`, 'Bearer \u00ff']) }
         if (r.chance(0.1)) headers.cookie = cookie
         const path = route.path.replace(':tier', () => (r.chance(0.7) ? r.pick(TIERS) : enc(nastyText(r)))).replace(/\*$/, () => enc(nastyText(r)))
         const req: Req = { method, path: path + (r.chance(0.1) ? `?${queryString(r, 'none')}${r.pick(RAW_QUERY)}` : ''), headers }
@@ -873,6 +893,26 @@ describe('regressions found by fuzzing', () => {
       expect(res.status, JSON.stringify(extra)).toBe(400)
       expect(JSON.parse(res.body)).toMatchObject({ error: 'InvalidRequest', message: expect.stringMatching(/^the job record would be invalid: /) })
     }
+    // An integer past 2^53 passes the lexicon's integer check, but no record can hold it (its CID threw: 500).
+    const huge = await send(svc.url, {
+      method: 'POST',
+      path: `/xrpc/${ids.InferenceDispatch}`,
+      headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
+      body: '{"model":"builtin","prompt":"hi","maxTokensOut":9007199254740994,"priceCeiling":{"amount":1000,"currency":"CC"}}',
+    })
+    expect(huge.status).toBe(400)
+    expect(JSON.parse(huge.body)).toMatchObject({ error: 'InvalidRequest', message: expect.stringMatching(/53 bits/) })
+    // Sealed by the requester to the provider's published key, but not openable: the provider refuses it, and that is the request's fault.
+    const garbled = await dispatch({
+      prompt: 'sealed',
+      sealed: {
+        scheme: 'x25519',
+        inputCommitment: 'a'.repeat(64),
+        envelopes: [{ providerDid: known.provider.did, encryptionPubKey: known.provider.encryptionPubKey, ephemeralPubKey: Buffer.alloc(32, 9).toString('base64'), ciphertext: Buffer.alloc(64, 1).toString('base64') }],
+      },
+    })
+    expect(garbled.status, garbled.body).toBe(400)
+    expect(JSON.parse(garbled.body)).toMatchObject({ error: 'SealedInputRefused', message: expect.stringMatching(/decrypt_failed/) })
     // The same request with valid values streams a reply.
     const ok = await dispatch({})
     expect(ok.status).toBe(200)
@@ -889,6 +929,17 @@ describe('regressions found by fuzzing', () => {
     })
     expect(res.status, res.body.slice(0, 300)).toBe(200)
     expect(JSON.parse(res.body)).toMatchObject({ object: 'chat.completion', choices: [{ message: { content: expect.stringMatching(/^You said: word word /) } }] })
+  })
+
+  it('an API key name is limited as its lexicon limits it (UTF-8 bytes), so listApiKeys never answers one it refuses', async () => {
+    const { ids } = await import('../src/lexicon/generated/ids.ts')
+    // 60 characters, 120 bytes: the keys page took it (it counted UTF-16 units), and listApiKeys then answered 500 for good.
+    const res = await post('/keys', `name=${enc('é'.repeat(60))}&scopes=read`, 'application/x-www-form-urlencoded')
+    expect(res.status).toBe(400)
+    expect(res.body).toContain('1 to 100 bytes')
+    const list = await send(svc.url, { method: 'GET', path: `/xrpc/${ids.AccountListApiKeys}`, headers: { authorization: `Bearer ${apiKey}` } })
+    expect(list.status, list.body.slice(0, 300)).toBe(200)
+    expect(() => lexicons.assertValidXrpcOutput(ids.AccountListApiKeys, JSON.parse(list.body))).not.toThrow()
   })
 
   it('a path segment that is not a record key is a 404 page, not a 500 from the PDS client', async () => {
@@ -1020,7 +1071,7 @@ describe('requests that are barely HTTP', () => {
         // An unknown XRPC method is the one 5xx XRPC prescribes: 501 MethodNotImplemented.
         const unknownMethod = status === 501 && text.includes('"error":"MethodNotImplemented"')
         // A well-formed handshake to the provider gateway is accepted (the agent proves who it is in its first frame).
-        const agentUpgrade = status === 101 && bytes.toString('latin1').startsWith('GET /v1/agent ')
+        const agentUpgrade = status === 101 && /^GET \/v1\/agent[ ?]/.test(bytes.toString('latin1'))
         if ((status >= 500 && !unknownMethod) || (status !== 0 && status < 200 && !agentUpgrade)) failures.set(`${name} ${status} ${i}`, `raw request answered ${status}\n${where}`)
         for (const leak of LEAKS) if (!leak.test(bytes.toString('latin1')) && leak.test(text)) failures.set(`${name} leak ${leak}`, `raw request answer leaks ${leak}\n${where}`)
       }

@@ -15,7 +15,8 @@ export const sessionCaller = (did: string, ipHash: string | null): Caller => ({ 
 export function createKey(deps: ApiDeps, caller: Caller, req: { name: string; scopes?: string[]; expiresAt?: string }): { key: ApiKey; secret: string } {
   requireScope(caller, 'keys:manage')
   const name = req.name.trim()
-  if (!name || name.length > 100) throw new InvalidRequestError('a key needs a name of 1 to 100 characters')
+  // Counted as the lexicon counts (UTF-8 bytes), or listApiKeys would answer a name its lexicon refuses.
+  if (!name || Buffer.byteLength(name) > 100) throw new InvalidRequestError('a key needs a name of 1 to 100 bytes (UTF-8)')
   const scopes = req.scopes ?? DEFAULT_SCOPES
   const unknown = scopes.filter((s) => !(SCOPES as readonly string[]).includes(s))
   if (unknown.length) throw new InvalidRequestError(`unknown scope: ${unknown.join(', ')} (known: ${SCOPES.join(', ')})`)

@@ -43,6 +43,7 @@ export type ExchangeErrorCode =
   | 'no_probono_providers'
   | 'provider_not_connected'
   | 'no_capacity'
+  | 'sealed_input_refused'
   | 'provider_failed'
   | 'job_not_recorded'
 
@@ -80,6 +81,8 @@ export interface JobInput {
   ceiling?: { amount: number; currency: string }
   /** The prompt sealed to `p`'s key; null when the caller has no envelope for it (it is skipped). */
   seal: (p: ConnectedProvider) => Envelope | null
+  /** The requester sealed the prompt itself (the exchange only relays it): see `sealed_input_refused`. */
+  sealedByRequester?: boolean
   /** The requester went away: the job is cancelled at the provider. */
   signal: AbortSignal
 }
@@ -274,6 +277,8 @@ export class Exchange {
       ttlMs: this.opts.jobTtlMs ?? 3600_000,
     })
     const failures: string[] = []
+    /** Providers that refused the prompt itself (it did not open, or is no valid input). */
+    let inputRefusals = 0
     for (const p of candidates) {
       const env = input.seal(p)
       if (!env) continue
@@ -328,6 +333,7 @@ export class Exchange {
             if (s.code === 'job_not_recorded') throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${s.message}`)
             if (started) throw new ExchangeError('provider_failed', 502, `the provider failed after the reply began (${s.code}): ${s.message}`)
             failures.push(`${p.did}: ${s.code}`)
+            if (s.code === 'decrypt_failed' || s.code === 'bad_input') inputRefusals++
             log.info('job failed over', { provider: p.did, code: s.code })
             break
           }
@@ -357,6 +363,11 @@ export class Exchange {
         steps.close()
         if (!ended) job.cancel(signal.aborted ? 'the requester went away' : 'failed over')
       }
+    }
+    // Sealed by the requester to the keys the providers published, and refused by every one of them:
+    // the envelopes are what is wrong (the exchange never saw the prompt), not the capacity.
+    if (input.sealedByRequester && inputRefusals > 0 && inputRefusals === failures.length) {
+      throw new ExchangeError('sealed_input_refused', 400, `every provider tried refused the sealed prompt: ${failures.join('; ')}`)
     }
     throw new ExchangeError('no_capacity', 503, failures.length ? `every provider tried failed: ${failures.join('; ')}` : 'no provider could take the job')
   }

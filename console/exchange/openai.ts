@@ -56,7 +56,7 @@ export class OpenAiError extends Error {
 const invalid = (message: string, param: string | null, code = 'invalid_value') => new OpenAiError(400, 'invalid_request_error', code, message, param)
 
 function fromExchange(err: ExchangeError): OpenAiError {
-  const type: ErrorType = err.status === 404 ? 'not_found_error' : 'server_error'
+  const type: ErrorType = err.status === 404 ? 'not_found_error' : err.status < 500 ? 'invalid_request_error' : 'server_error'
   return new OpenAiError(err.status, type, err.code, err.message, err.status === 404 ? 'model' : null)
 }
 

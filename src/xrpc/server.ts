@@ -101,12 +101,32 @@ async function readInput(nsid: string, c: Context): Promise<unknown> {
   } catch {
     throw new InvalidRequestError('input is not valid JSON')
   }
+  if (hasUnsafeInteger(body)) throw new InvalidRequestError('integers are limited to 53 bits (the AT data model)')
   try {
     return lexicons.assertValidXrpcInput(nsid, body)
   } catch (err) {
     if (err instanceof ValidationError) throw new InvalidRequestError(err.message)
     throw err
   }
+}
+
+/**
+ * Whether a parsed JSON value holds an integer beyond 2^53: the lexicon
+ * validator takes it for an integer, but no record can hold it (its CID
+ * cannot be computed). Walked without recursion: the input may be nested
+ * as deep as its size allows.
+ */
+function hasUnsafeInteger(value: unknown): boolean {
+  const stack: unknown[] = [value]
+  while (stack.length) {
+    const v = stack.pop()
+    if (typeof v === 'number') {
+      if (Number.isInteger(v) && !Number.isSafeInteger(v)) return true
+    } else if (v && typeof v === 'object') {
+      for (const child of Object.values(v)) stack.push(child)
+    }
+  }
+  return false
 }
 
 /**

@@ -73,6 +73,7 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
       maxTokensOut: input.maxTokensOut,
       params: {},
       ceiling: input.priceCeiling,
+      sealedByRequester: true,
       // Envelopes name the machine (DID and key) they were sealed to; no other machine is tried.
       seal: (p) => {
         const e = envelopes.get(p.machine)
