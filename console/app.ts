@@ -248,6 +248,9 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   // Publishing on the user's behalf: everything goes through the Publisher.
   const failure = (err: unknown) => (err instanceof InvalidRecordError ? `Not saved: ${err.message}.` : null)
+  // Writes are conditional on the version read (swapRecord): another tab or device saved in between.
+  const CONFLICT = 'Not saved: this record changed while you were editing it (another tab or device?). Nothing was overwritten; check it and save again.'
+  const conflicted = (err: unknown) => (err as { error?: string }).error === 'InvalidSwap'
 
   app.get('/profile', requireSession, async (c) => {
     const s = c.get('session')!
@@ -265,6 +268,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
       // Read-after-write: the page shows what was just written, before the firehose brings it back.
       return c.html(profilePage(await who(c), saved.value, { saved: true }))
     } catch (err) {
+      if (conflicted(err)) return c.html(profilePage(await who(c), edit, { error: CONFLICT }), 409)
       const message = failure(err)
       if (!message) throw err
       return c.html(profilePage(await who(c), edit, { error: message }), 400)
@@ -333,6 +337,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     } catch (err) {
       // Only the account's own repo is read: another account's rkey names nothing there.
       if ((err as { error?: string }).error === 'RecordNotFound') return c.html(errorPage('Not found', 'No such machine of yours.'), 404)
+      if (conflicted(err)) return c.html(machinesPage(await who(c), await deps.publisher.listProviders(s.did), { error: CONFLICT }), 409)
       const message = failure(err)
       if (!message) throw err
       return c.html(machinesPage(await who(c), await deps.publisher.listProviders(s.did), { error: message }), 400)

@@ -576,7 +576,21 @@ afterAll(async () => {
 /** Failures of the current test, at most one per target and kind of failure (a broken handler fails many cases alike). */
 let failures = new Map<string, string>()
 
+/**
+ * Cases in flight at once: the servers see concurrent clients, as they do in
+ * use. The cases themselves are drawn in order, so a seed still names them.
+ */
+const CONCURRENCY = 4
+const inFlight = new Set<Promise<void>>()
+
+/** Sends a case once fewer than CONCURRENCY are in flight; its verdict lands in `failures`. */
 async function run(c: Case, base: string): Promise<void> {
+  while (inFlight.size >= CONCURRENCY) await Promise.race(inFlight)
+  const p: Promise<void> = runOne(c, base).finally(() => inFlight.delete(p))
+  inFlight.add(p)
+}
+
+async function runOne(c: Case, base: string): Promise<void> {
   let res: Reply
   try {
     res = await send(base, c.req)
@@ -589,8 +603,9 @@ async function run(c: Case, base: string): Promise<void> {
   }
 }
 
-/** Every failure of the test, each with the seed and the request that reproduces it. */
-function expectNoFailures(): void {
+/** Every failure of the test (once its cases have all been answered), each with the seed and the request that reproduces it. */
+async function expectNoFailures(): Promise<void> {
+  await Promise.all(inFlight)
   const found = [...failures.values()]
   failures = new Map()
   expect(found.length, found.join('\n\n')).toBe(0)
@@ -651,7 +666,7 @@ describe('console XRPC', () => {
         await run(c, svc.url)
       }
     }
-    expectNoFailures()
+    await expectNoFailures()
   })
 })
 
@@ -755,9 +770,9 @@ describe('console pages', () => {
         await run({ surface: 'console-pages', target: `${route.method} ${route.path}`, index: i, req, kind: 'page', source: route.path.startsWith(MODULES_PATH) }, svc.url)
       }
     }
+    await expectNoFailures()
     // The session survived the fuzzing (nothing above may end it), so the signed-in cases ran signed in.
     expect((await send(svc.url, { method: 'GET', path: '/keys', headers: { cookie } })).status).toBe(200)
-    expectNoFailures()
   })
 })
 
@@ -825,7 +840,7 @@ describe('OpenAI-compatible API', () => {
         await run({ surface: 'openai', target: `${route.method} ${route.path}`, index: i, req, kind: 'openai' }, svc.url)
       }
     }
-    expectNoFailures()
+    await expectNoFailures()
   })
 })
 
@@ -840,7 +855,7 @@ describe('AppView XRPC', () => {
       const implemented = Object.hasOwn(handlers, nsid)
       for (let i = 0; i < casesOf(implemented); i++) await run(xrpcCase(r, 'appview-xrpc', nsid, type, i, implemented), av.url)
     }
-    expectNoFailures()
+    await expectNoFailures()
   })
 
   it('refuses unknown methods and odd paths with JSON errors, and serves its other routes whatever the query', async () => {
@@ -860,7 +875,7 @@ describe('AppView XRPC', () => {
         await run({ surface: 'appview-routes', target: `${route.method} ${route.path}`, index: i, req: { method: rr.chance(0.8) ? route.method : rr.pick(METHODS), path, headers: rr.chance(0.3) ? { host: rr.pick(['evil.example', 'a'.repeat(300), '[::1]:1', 'example.com:99999']) } : {} }, kind: route.path.startsWith('/xrpc/') ? 'xrpc' : 'page', implemented: false }, av.url)
       }
     }
-    expectNoFailures()
+    await expectNoFailures()
   })
 })
 
@@ -940,6 +955,16 @@ describe('regressions found by fuzzing', () => {
     const list = await send(svc.url, { method: 'GET', path: `/xrpc/${ids.AccountListApiKeys}`, headers: { authorization: `Bearer ${apiKey}` } })
     expect(list.status, list.body.slice(0, 300)).toBe(200)
     expect(() => lexicons.assertValidXrpcOutput(ids.AccountListApiKeys, JSON.parse(list.body))).not.toThrow()
+  })
+
+  it('profile saves that race each other are saved or refused as a conflict (409), never a 500', async () => {
+    // Each save is conditional on the version it read: saves sent together find it changed under them.
+    const answers = await Promise.all(Array.from({ length: 8 }, (_, i) => post('/profile', `displayName=racer+${i}&bio=`, 'application/x-www-form-urlencoded')))
+    for (const a of answers) {
+      expect([200, 409], a.body.slice(0, 300)).toContain(a.status)
+      if (a.status === 409) expect(a.body).toContain('changed while you were editing it')
+    }
+    expect(answers.some((a) => a.status === 200)).toBe(true)
   })
 
   it('a path segment that is not a record key is a 404 page, not a 500 from the PDS client', async () => {
@@ -1076,6 +1101,6 @@ describe('requests that are barely HTTP', () => {
         for (const leak of LEAKS) if (!leak.test(bytes.toString('latin1')) && leak.test(text)) failures.set(`${name} leak ${leak}`, `raw request answer leaks ${leak}\n${where}`)
       }
     }
-    expectNoFailures()
+    await expectNoFailures()
   })
 })
