@@ -200,7 +200,12 @@ export async function signIns(ctx: LoadContext, opts: { browser: Browser; consol
       await context.close()
     }
     const wait = t0 + opts.everyMs - performance.now()
-    if (wait > 0) await Promise.race([ctx.over, new Promise((r) => setTimeout(r, wait))])
+    if (wait > 0) {
+      let timer: NodeJS.Timeout | undefined
+      await Promise.race([ctx.over, new Promise((r) => (timer = setTimeout(r, wait)))])
+      // A pause cut short by the end of the run must not keep the process alive.
+      clearTimeout(timer)
+    }
   }
 }
 
