@@ -184,7 +184,8 @@ export async function runStress(partial: Partial<StressOpts> = {}): Promise<Stre
     await waitFor('the providers to answer their attestation challenges', async () => (await exchange.methods.attested()) >= opts.providers, 60_000)
 
     log('signing the requesters in through chromium; creating the chats\' API keys')
-    browser = await launchBrowser()
+    // Ctrl-C is ours: the load ends, and everything closes in order.
+    browser = await launchBrowser({ handleSIGINT: false })
     const cookies = new Map<string, string>()
     for (const r of requesters) {
       const context = await browser.newContext()
