@@ -946,12 +946,22 @@ describe('regressions found by fuzzing', () => {
     expect(JSON.parse(res.body)).toMatchObject({ object: 'chat.completion', choices: [{ message: { content: expect.stringMatching(/^You said: word word /) } }] })
   })
 
-  it('an API key name is limited as its lexicon limits it (UTF-8 bytes), so listApiKeys never answers one it refuses', async () => {
+  it('an API key name is limited as its lexicon limits it (UTF-8 bytes, no lone surrogates), so listApiKeys never answers one it refuses', async () => {
     const { ids } = await import('../src/lexicon/generated/ids.ts')
     // 60 characters, 120 bytes: the keys page took it (it counted UTF-16 units), and listApiKeys then answered 500 for good.
     const res = await post('/keys', `name=${enc('é'.repeat(60))}&scopes=read`, 'application/x-www-form-urlencoded')
     expect(res.status).toBe(400)
     expect(res.body).toContain('1 to 100 bytes')
+    // 30 lone surrogates in JSON escapes: 90 bytes as the lexicon counts them, but SQLite keeps each as
+    // three bytes that read back as three replacement characters (270 bytes): the name came back too long.
+    const lone = await send(svc.url, {
+      method: 'POST',
+      path: `/xrpc/${ids.AccountCreateApiKey}`,
+      headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
+      body: `{"name":"${'\\ud800'.repeat(30)}"}`,
+    })
+    expect(lone.status, lone.body).toBe(400)
+    expect(JSON.parse(lone.body)).toMatchObject({ error: 'InvalidRequest', message: expect.stringMatching(/valid Unicode/) })
     const list = await send(svc.url, { method: 'GET', path: `/xrpc/${ids.AccountListApiKeys}`, headers: { authorization: `Bearer ${apiKey}` } })
     expect(list.status, list.body.slice(0, 300)).toBe(200)
     expect(() => lexicons.assertValidXrpcOutput(ids.AccountListApiKeys, JSON.parse(list.body))).not.toThrow()

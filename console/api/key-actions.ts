@@ -3,6 +3,7 @@
  * activity entry, for both ways in: the XRPC methods and the keys page.
  */
 import { InvalidRequestError } from '../../src/xrpc/errors.ts'
+import { isWellFormed } from '../../src/xrpc/server.ts'
 import { SCOPES, type ApiKey, type Scope } from '../api-keys.ts'
 import { requireScope, type ApiDeps, type Caller } from './context.ts'
 
@@ -15,7 +16,9 @@ export const sessionCaller = (did: string, ipHash: string | null): Caller => ({ 
 export function createKey(deps: ApiDeps, caller: Caller, req: { name: string; scopes?: string[]; expiresAt?: string }): { key: ApiKey; secret: string } {
   requireScope(caller, 'keys:manage')
   const name = req.name.trim()
-  // Counted as the lexicon counts (UTF-8 bytes), or listApiKeys would answer a name its lexicon refuses.
+  // Counted as the lexicon counts (UTF-8 bytes), or listApiKeys would answer a name its lexicon refuses;
+  // a lone surrogate has no UTF-8 at all (stored, it would read back as three replacement characters).
+  if (!isWellFormed(name)) throw new InvalidRequestError('a key name must be valid Unicode')
   if (!name || Buffer.byteLength(name) > 100) throw new InvalidRequestError('a key needs a name of 1 to 100 bytes (UTF-8)')
   const scopes = req.scopes ?? DEFAULT_SCOPES
   const unknown = scopes.filter((s) => !(SCOPES as readonly string[]).includes(s))

@@ -101,7 +101,8 @@ async function readInput(nsid: string, c: Context): Promise<unknown> {
   } catch {
     throw new InvalidRequestError('input is not valid JSON')
   }
-  if (hasUnsafeInteger(body)) throw new InvalidRequestError('integers are limited to 53 bits (the AT data model)')
+  const outside = outsideDataModel(body)
+  if (outside) throw new InvalidRequestError(outside)
   try {
     return lexicons.assertValidXrpcInput(nsid, body)
   } catch (err) {
@@ -110,23 +111,33 @@ async function readInput(nsid: string, c: Context): Promise<unknown> {
   }
 }
 
+/** No lone surrogate: in Unicode mode a surrogate pair is one code point, so only a lone surrogate matches. */
+export const isWellFormed = (s: string): boolean => !/[\uD800-\uDFFF]/u.test(s)
+
 /**
- * Whether a parsed JSON value holds an integer beyond 2^53: the lexicon
- * validator takes it for an integer, but no record can hold it (its CID
- * cannot be computed). Walked without recursion: the input may be nested
- * as deep as its size allows.
+ * What in a parsed JSON input the AT data model has no room for, which the
+ * lexicon validator lets through: an integer beyond 2^53 (no record can hold
+ * it; its CID cannot be computed), and a string with a lone surrogate (a
+ * JSON escape such as "\ud800": no UTF-8 encodes it, so it is stored as one
+ * thing and read back as another). Walked without recursion: the input may
+ * be nested as deep as its size allows.
  */
-function hasUnsafeInteger(value: unknown): boolean {
+function outsideDataModel(value: unknown): string | null {
   const stack: unknown[] = [value]
   while (stack.length) {
     const v = stack.pop()
     if (typeof v === 'number') {
-      if (Number.isInteger(v) && !Number.isSafeInteger(v)) return true
+      if (Number.isInteger(v) && !Number.isSafeInteger(v)) return 'integers are limited to 53 bits (the AT data model)'
+    } else if (typeof v === 'string') {
+      if (!isWellFormed(v)) return 'strings must be valid Unicode: a lone surrogate (such as \\ud800) is not'
     } else if (v && typeof v === 'object') {
-      for (const child of Object.values(v)) stack.push(child)
+      for (const [k, child] of Object.entries(v)) {
+        if (!isWellFormed(k)) return 'strings must be valid Unicode: a lone surrogate (such as \\ud800) is not'
+        stack.push(child)
+      }
     }
   }
-  return false
+  return null
 }
 
 /**
