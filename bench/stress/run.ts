@@ -395,10 +395,10 @@ export function formatReport(r: StressReport): string {
     `  indexer: ${Object.entries(f.indexer).map(([k, v]) => `${k} ${v}`).join(', ')}; refused: ${Object.entries(f.rejections).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'}`,
     `exchange AppView: ${r.exchangeIndexer.lagEvents} events behind its PDS at the end (seq ${r.exchangeIndexer.indexedSeq} of ${r.exchangeIndexer.pdsSeq}); ${Object.entries(r.exchangeIndexer.stats).map(([k, v]) => `${k} ${v}`).join(', ')}`,
     '',
-    'memory (RSS, MB) and CPU (% of one core) of each process while the load ran',
+    `memory (RSS, MB) and CPU (% of one core) of each process while the load ran${r.ranSec < SOAK_SEC ? ` (growth is judged on runs of ${SOAK_SEC / 60} min or more: start-up and warm-up dominate a shorter one)` : ''}`,
     table([
       ['process', 'pid', 'peak', 'start', 'end', 'mid 1/3', 'last 1/3', 'MB/min', 'verdict', 'cpu s', 'cpu %', 'loop delay p99', 'max'],
-      ...Object.entries(r.memory).map(([k, m]) => [k, String(m.pid), m.peakMB.toFixed(1), m.startMB.toFixed(1), m.endMB.toFixed(1), m.middleThirdMB.toFixed(1), m.lastThirdMB.toFixed(1), m.slopeMBPerMin.toFixed(2), m.verdict, m.cpuSec.toFixed(1), `${m.cpuPercent}`, ms(m.loopDelayP99Ms), ms(m.loopDelayMaxMs)]),
+      ...Object.entries(r.memory).map(([k, m]) => [k, String(m.pid), m.peakMB.toFixed(1), m.startMB.toFixed(1), m.endMB.toFixed(1), m.middleThirdMB.toFixed(1), m.lastThirdMB.toFixed(1), m.slopeMBPerMin.toFixed(2), r.ranSec < SOAK_SEC ? '-' : m.verdict, m.cpuSec.toFixed(1), `${m.cpuPercent}`, ms(m.loopDelayP99Ms), ms(m.loopDelayMaxMs)]),
     ]),
   ]
   if (r.ranSec >= 120) {
