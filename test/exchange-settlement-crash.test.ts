@@ -5,7 +5,7 @@
  * finishes the job: every settlement on the exchange's repo exactly once,
  * every ledger movement exactly once.
  */
-import { spawn, type ChildProcess } from 'node:child_process'
+import type { ChildProcess } from 'node:child_process'
 import { join } from 'node:path'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
@@ -15,6 +15,7 @@ import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { attestationRecord, authorizationRecord, hex32, jobRecord, putRecord } from '../src/dev/records.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { consoleOpts } from './fixture/console.ts'
+import { spawnExchange } from './fixture/spawn-exchange.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork
@@ -46,21 +47,8 @@ afterAll(async () => {
 })
 
 /** Starts the exchange process; resolves when it is listening. */
-async function start(crashAfter?: 'decide' | 'publish'): Promise<ChildProcess> {
-  const p = spawn(process.execPath, ['test/fixture/exchange-process.ts', JSON.stringify({ appviewDbPath: join(opts.dataDir, 'appview.sqlite'), pdsUrl: net.pdsUrl, plcUrl: net.plcUrl, console: opts })], {
-    env: { ...process.env, ...(crashAfter ? { COCORE_TEST_CRASH_AFTER: crashAfter } : {}) },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  })
-  await new Promise<void>((resolve, reject) => {
-    let out = ''
-    p.stdout!.on('data', (d: Buffer) => {
-      out += d.toString()
-      if (out.includes('"consoleUrl"')) resolve()
-    })
-    p.once('exit', (code, signal) => reject(new Error(`exchange process exited early (${code ?? signal})`)))
-  })
-  return p
-}
+const start = (crashAfter?: 'decide' | 'publish'): Promise<ChildProcess> =>
+  spawnExchange({ appviewDbPath: join(opts.dataDir, 'appview.sqlite'), pdsUrl: net.pdsUrl, plcUrl: net.plcUrl, console: opts }, crashAfter ? { COCORE_TEST_CRASH_AFTER: crashAfter } : {})
 
 const exited = (p: ChildProcess) => (p.exitCode !== null || p.signalCode !== null ? Promise.resolve() : new Promise<void>((r) => p.once('exit', () => r())))
 

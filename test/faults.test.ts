@@ -34,6 +34,7 @@ import { consoleOpts, sessionCookie, signInWithBrowser } from './fixture/console
 import { fuzzConfig, rng, type Rng } from './fixture/fuzz.ts'
 import { injectPdsFaults, type PdsFaults } from './fixture/pds-faults.ts'
 import { freePort } from './fixture/ports.ts'
+import { spawnExchange } from './fixture/spawn-exchange.ts'
 import { waitFor } from './fixture/wait.ts'
 
 const ROUNDS = Number(process.env.COCORE_FAULT_ROUNDS ?? 7)
@@ -89,20 +90,7 @@ afterAll(async () => {
 })
 
 /** The exchange process (AppView + console + ledger); resolves once it listens. */
-async function startExchange(): Promise<ChildProcess> {
-  const p = spawn(process.execPath, ['test/fixture/exchange-process.ts', JSON.stringify({ appviewDbPath, pdsUrl: net.pdsUrl, plcUrl: net.plcUrl, console: opts })], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  })
-  await new Promise<void>((resolve, reject) => {
-    let out = ''
-    p.stdout!.on('data', (d: Buffer) => {
-      out += d.toString()
-      if (out.includes('"consoleUrl"')) resolve()
-    })
-    p.once('exit', (code, signal) => reject(new Error(`exchange process exited early (${code ?? signal})`)))
-  })
-  return p
-}
+const startExchange = () => spawnExchange({ appviewDbPath, pdsUrl: net.pdsUrl, plcUrl: net.plcUrl, console: opts })
 
 /** The reference provider agent (`npm run provider`), on its built-in engine. */
 function startProvider(): ChildProcess {
