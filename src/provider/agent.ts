@@ -35,7 +35,7 @@ import { loadOrCreateKeys, saveRecordKeys, type ProviderKeys } from './keys.ts'
 import { log } from './log.ts'
 import { machineFacts, type MachineFacts } from './machine.ts'
 import { attestationRecord, attestsSameState, priceList, providerRecord, type ModelPrice } from './records.ts'
-import { isSwapConflict, RefusedSignIn, RepoWriter, withRetry, type StrongRef } from './repo.ts'
+import { isSwapConflict, RepoWriter, withRetry, type StrongRef } from './repo.ts'
 
 export const AGENT_VERSION: string = pkg.version
 
@@ -157,14 +157,8 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     // credentials it refuses are not.
     const startup = (what: string) => ({ attempts: 8, firstDelayMs: 500, onRetry: (err: unknown) => log.warn(`${what} failed; retrying`, { err: err as Error }) })
     try {
-      await withRetry(async () => {
-        try {
-          await atp.login({ identifier, password })
-        } catch (err) {
-          const status = (err as { status?: unknown }).status
-          throw status === 400 || status === 401 ? new RefusedSignIn((err as Error).message) : err
-        }
-      }, startup('signing in'))
+      const refused = (err: unknown) => [400, 401].includes((err as { status?: unknown }).status as number)
+      await withRetry(() => atp.login({ identifier, password }), { ...startup('signing in'), permanent: refused })
     } catch (err) {
       throw new ProviderAgentError(`could not sign in to ${pdsUrl} as ${identifier}: ${(err as Error).message}`)
     }

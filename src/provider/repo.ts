@@ -16,11 +16,6 @@ export class InvalidRecordError extends Error {
   override name = 'InvalidRecordError'
 }
 
-/** The PDS refused the account's credentials: trying again will not help. */
-export class RefusedSignIn extends Error {
-  override name = 'RefusedSignIn'
-}
-
 const xrpcError = (err: unknown): string | undefined => (err as { error?: string } | null)?.error
 
 export class RepoWriter {
@@ -63,6 +58,8 @@ export interface RetryOpts {
   /** Aborting stops waiting between attempts. */
   signal?: AbortSignal
   onRetry?: (err: unknown, attempt: number) => void
+  /** Errors that trying again cannot mend (besides invalid records and swap conflicts, never retried). */
+  permanent?: (err: unknown) => boolean
 }
 
 /**
@@ -75,7 +72,7 @@ export async function withRetry<T>(fn: () => Promise<T>, opts: RetryOpts): Promi
     try {
       return await fn()
     } catch (err) {
-      if (attempt >= opts.attempts || err instanceof InvalidRecordError || err instanceof RefusedSignIn || isSwapConflict(err) || opts.signal?.aborted) throw err
+      if (attempt >= opts.attempts || err instanceof InvalidRecordError || isSwapConflict(err) || opts.permanent?.(err) || opts.signal?.aborted) throw err
       opts.onRetry?.(err, attempt)
       await sleep(opts.firstDelayMs * 2 ** (attempt - 1), undefined, { signal: opts.signal })
     }
