@@ -13,12 +13,12 @@ import Database from 'better-sqlite3'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Browser } from 'playwright-core'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
-import { ids, NSID_PREFIX } from '../src/lexicon/generated/ids.ts'
+import { ids } from '../src/lexicon/generated/ids.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { attestationRecord, authorizationRecord, friend, jobRecord, profile, providerRecord, putRecord, putRecords } from '../src/dev/records.ts'
 import { startConsole, type ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
-import { startAppView, tempDbPath } from './fixture/appview.ts'
+import { cocoreCollections, listAllRecords, startAppView, tempDbPath } from './fixture/appview.ts'
 import { launchBrowser, screenshot } from './fixture/browser.ts'
 import { consoleOpts as testConsoleOpts, sessionCookie, signInWithBrowser, testSecretKey } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
@@ -65,17 +65,8 @@ async function populate(acct: LocalAccount, friends: LocalAccount[], n: number):
 }
 
 async function pdsCocoreCount(did: string): Promise<number> {
-  const agent = net.net.pds.getAgent()
-  const desc = await agent.com.atproto.repo.describeRepo({ repo: did })
   let n = 0
-  for (const collection of desc.data.collections.filter((c) => c.startsWith(NSID_PREFIX))) {
-    let cursor: string | undefined
-    do {
-      const page = await agent.com.atproto.repo.listRecords({ repo: did, collection, limit: 100, cursor })
-      n += page.data.records.length
-      cursor = page.data.records.length ? page.data.cursor : undefined
-    } while (cursor)
-  }
+  for (const collection of await cocoreCollections(net, did)) n += (await listAllRecords(net, did, collection)).length
   return n
 }
 

@@ -28,7 +28,7 @@ import { friend, profile, putRecords } from '../src/dev/records.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { BuiltinEngine } from '../src/provider/engine.ts'
 import type { ChatMessage } from '../src/protocol/input.ts'
-import { pdsTruth } from './fixture/appview.ts'
+import { cocoreCollections, listAllRecords, pdsTruth } from './fixture/appview.ts'
 import { launchBrowser } from './fixture/browser.ts'
 import { consoleOpts, sessionCookie, signInWithBrowser } from './fixture/console.ts'
 import { fuzzConfig, rng, type Rng } from './fixture/fuzz.ts'
@@ -188,17 +188,7 @@ function readDb<T>(path: string, f: (db: Database.Database) => T): T {
 /** The AppView's index: every record as `uri cid`. */
 const indexed = () => readDb(appviewDbPath, (db) => (db.prepare('SELECT uri, cid FROM records ORDER BY uri').all() as { uri: string; cid: string }[]).map((r) => `${r.uri} ${r.cid}`))
 
-async function listAll(repo: string, collection: string): Promise<{ uri: string; value: Record<string, unknown> }[]> {
-  const agent = net.net.pds.getAgent()
-  const out: { uri: string; value: Record<string, unknown> }[] = []
-  let cursor: string | undefined
-  do {
-    const page = await agent.com.atproto.repo.listRecords({ repo, collection, limit: 100, cursor })
-    out.push(...(page.data.records as { uri: string; value: Record<string, unknown> }[]))
-    cursor = page.data.records.length ? page.data.cursor : undefined
-  } while (cursor)
-  return out
-}
+const listAll = (repo: string, collection: string) => listAllRecords(net, repo, collection)
 
 const FAULTS = ['pds-down', 'pds-slow', 'pds-error', 'kill-exchange', 'kill-provider', 'kill-both', 'stall-provider'] as const
 
@@ -316,8 +306,7 @@ it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exc
   expect(wipeLocation).toMatch(/^\/wipe\//)
   const wipeId = wipeLocation!.split('/').pop()!
   await waitFor(() => readDb(opts.dbPath, (db) => db.prepare("SELECT status FROM wipe_jobs WHERE id = ? AND status = 'done'").pluck().get(wipeId)), 'the wipe finished', 120_000)
-  const bobLeft = (await net.net.pds.getAgent().com.atproto.repo.describeRepo({ repo: bob.did })).data.collections.filter((c) => c.startsWith('dev.cocore.'))
-  for (const c of bobLeft) expect(await listAll(bob.did, c), c).toEqual([])
+  for (const c of await cocoreCollections(net, bob.did)) expect(await listAll(bob.did, c), c).toEqual([])
 
   // Every receipt the provider published is settled, once, on the exchange's repo and in its books.
   // (Stable for a second: the last chats' receipts may still be on their way.)
