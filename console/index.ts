@@ -18,7 +18,7 @@ import { Publisher } from './publisher.ts'
 import { Wiper } from './wipe.ts'
 import { ProviderGateway } from './exchange/gateway.ts'
 import { Exchange } from './exchange/exchange.ts'
-import { openAiRoutes } from './exchange/openai.ts'
+import { OpenAiError, openAiRoutes } from './exchange/openai.ts'
 import { directoryRoutes } from './exchange/directory.ts'
 import { Hono } from 'hono'
 import type { InferenceDeps } from './exchange/admission.ts'
@@ -29,6 +29,7 @@ import pkg from '../package.json' with { type: 'json' }
 
 const SOFTWARE_VERSION = `cocore-appview/${pkg.version}`
 import { createIdResolver } from '../src/identity/index.ts'
+import { XrpcError } from '../src/xrpc/errors.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
 
 export interface ConsoleOpts {
@@ -225,7 +226,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
 function starting(req: Request): Response {
   const path = new URL(req.url).pathname
   const message = 'the console is starting; retry in a moment'
-  const body = path.startsWith('/xrpc/') ? { error: 'ServiceUnavailable', message } : path.startsWith('/v1/') ? { error: { message, type: 'server_error', param: null, code: 'service_starting' } } : null
+  const body = path.startsWith('/xrpc/') ? new XrpcError(503, 'ServiceUnavailable', message).toJSON() : path.startsWith('/v1/') ? new OpenAiError(503, 'server_error', 'service_starting', message).toJSON() : null
   const headers = { 'retry-after': '1', 'cache-control': 'no-store' }
   return body ? Response.json(body, { status: 503, headers }) : new Response(message, { status: 503, headers: { ...headers, 'content-type': 'text/plain; charset=utf-8' } })
 }
