@@ -3,10 +3,11 @@
  * read API, started and stopped together.
  */
 import type { Server } from 'node:http'
-import { serve } from '@hono/node-server'
 import type { IdResolver } from '@atproto/identity'
 import { openDb, type Db } from '../src/db/index.ts'
 import { createIdResolver } from '../src/identity/index.ts'
+import { serveHttp, type Refusal } from '../src/net/http-server.ts'
+import { XrpcError } from '../src/xrpc/errors.ts'
 import { appviewLogger as log } from '../src/logger.ts'
 import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
@@ -91,10 +92,11 @@ export class AppView implements AsyncDisposable {
       const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, publicUrl: this.opts.publicUrl })
       const host = this.opts.host ?? '127.0.0.1'
       await new Promise<void>((resolve) => {
-        this.server = serve({ fetch: app.fetch, port: this.opts.port, hostname: host }, (info) => {
-          this.url = `http://${host}:${info.port}`
+        const refusalBody = (r: Refusal) => new XrpcError(r.status, r.code, r.message).toJSON()
+        this.server = serveHttp({ fetch: app.fetch, port: this.opts.port!, hostname: host, refusalBody }, (port) => {
+          this.url = `http://${host}:${port}`
           resolve()
-        }) as Server
+        })
       })
       log.info('appview listening', { url: this.url })
     }

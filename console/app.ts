@@ -15,7 +15,8 @@ import { authenticate, handlers } from './api/index.ts'
 import type { ApiDeps } from './api/context.ts'
 import type { RateLimiter } from './api-keys.ts'
 import { createKey, deleteKey, revokeKey, sessionCaller } from './api/key-actions.ts'
-import { InvalidRequestError } from '../src/xrpc/errors.ts'
+import { InvalidRequestError, NotFoundError } from '../src/xrpc/errors.ts'
+import { OpenAiError } from './exchange/openai.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
 import { browserModules, MODULES_PATH } from './browser-modules.ts'
@@ -94,6 +95,14 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     if (err instanceof HTTPException && err.status === 400) return c.html(errorPage('Bad request', 'The console could not read this form. Nothing was changed.'), 400)
     log.error('console error', { path: c.req.path, err })
     return c.html(errorPage('Something went wrong', 'The console could not complete this request. Nothing was changed.'), 500)
+  })
+
+  // A path no route takes is answered in the protocol its prefix speaks.
+  app.notFound((c) => {
+    const path = c.req.path
+    if (isBearerApi(path)) return c.json(new OpenAiError(404, 'not_found_error', 'unknown_endpoint', `no such endpoint: ${c.req.method} ${path.slice(0, 200)}`).toJSON(), 404)
+    if (isXrpc(path)) return c.json(new NotFoundError('no such XRPC endpoint').toJSON(), 404)
+    return c.html(errorPage('Not found', 'There is no console page at this address.'), 404)
   })
 
   app.use(async (c, next) => {

@@ -4,7 +4,7 @@
  */
 import type { Server } from 'node:http'
 import { join } from 'node:path'
-import { serve } from '@hono/node-server'
+import { serveHttp, type Refusal } from '../src/net/http-server.ts'
 import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { openDb, type Db } from '../src/db/index.ts'
 import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
@@ -102,7 +102,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   let app: ReturnType<typeof createConsoleApp> | null = null
   let server: Server
   const port = await new Promise<number>((resolve) => {
-    server = serve({ fetch: (req, env) => (app ? app.fetch(req, env) : starting(req)), port: opts.port, hostname: opts.host }, (info) => resolve(info.port)) as Server
+    server = serveHttp({ fetch: (req, env) => (app ? app.fetch(req, env) : starting(req)), port: opts.port, hostname: opts.host, refusalBody }, resolve)
   })
   const url = opts.publicUrl ?? `http://${opts.host}:${port}`
   const oauth = await createOAuthClient({
@@ -220,6 +220,15 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
       })
     },
   }
+}
+
+/** A request refused before any route: OpenAI's error object under `/v1/`, XRPC's everywhere else. */
+function refusalBody(r: Refusal): object {
+  if (r.path?.startsWith('/v1/')) {
+    const type = r.status >= 500 ? 'server_error' : 'invalid_request_error'
+    return new OpenAiError(r.status, type, r.code.replace(/(?<=[a-z])(?=[A-Z])/g, '_').toLowerCase(), r.message).toJSON()
+  }
+  return new XrpcError(r.status, r.code, r.message).toJSON()
 }
 
 /** The answer while the console starts: 503 with Retry-After, as an XRPC or OpenAI error where one is expected. */

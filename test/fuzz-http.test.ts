@@ -133,12 +133,6 @@ function judge(c: Case, res: Reply): void {
     if (leak.test(res.body) || leak.test(headerText)) throw new Error(`leaks ${leak}\n${where()}`)
   }
   if (c.req.method === 'HEAD' || res.status === 204) return
-  // Node's HTTP parser (a URL or headers over 16 kB: 431) and the Hono adapter (a Host that makes
-  // no URL: 400) refuse some requests before any route runs, with an empty body: a clean 4xx, not ours.
-  if (res.body === '' && (res.status === 431 || res.status === 400)) {
-    tally.refusedByNode = (tally.refusedByNode ?? 0) + 1
-    return
-  }
   const type = String(res.headers['content-type'] ?? '')
   const sent = `${input}\n${percentDecoded(input)}`
   for (const m of MARKUP) if (type.startsWith('text/html') && sent.includes(m) && res.body.includes(m)) throw new Error(`reflects markup unescaped\n${where()}`)
@@ -1043,6 +1037,18 @@ function sendRaw(base: string, bytes: Buffer): Promise<{ status: number; text: s
   })
 }
 
+/** The body of a raw answer is JSON, labelled so, and an XRPC or an OpenAI error object. */
+function isServiceError(text: string): boolean {
+  const split = text.indexOf('\r\n\r\n')
+  if (split < 0 || !/\r\ncontent-type: application\/json/i.test(text.slice(0, split))) return false
+  try {
+    const body = JSON.parse(text.slice(split + 4)) as { error?: unknown; message?: unknown }
+    return (typeof body.error === 'string' && typeof body.message === 'string') || isOpenAiError(body)
+  } catch {
+    return false
+  }
+}
+
 function rawRequest(r: Rng, paths: string[]): Buffer {
   const method = r.pick(['GET', 'POST', 'get', 'FOO', 'CONNECT', 'TRACE', 'PRI', 'G\u00e9T'])
   const target = r.pick([...paths, 'http://evil.example/xrpc/x', `http://${r.pick(['127.0.0.1', 'evil.example', 'a b', ''])}${r.pick(paths)}`, '*', '/a\\b', '\\\\evil', '//evil.example/x', `/${'a'.repeat(20_000)}`, '/%', '/?%ZZ', 'xrpc/x', ''])
@@ -1096,7 +1102,36 @@ describe('requests that are barely HTTP', () => {
     expect((await send(svc.url, { method: 'GET', path: '/health' })).status).toBe(200)
   })
 
-  it('are refused with a 4xx (a CONNECT: the connection closed), never a 5xx or a stack trace, by the AppView and the console', async () => {
+  it('refused before any route (by the HTTP parser, the adapter, the WebSocket handshake, CONNECT) are answered with an error object of the service, in the protocol of their path', async () => {
+    const upgrade = 'Upgrade: websocket\r\nConnection: Upgrade'
+    const cases: [base: string, request: string, status: number, shape: 'xrpc' | 'openai'][] = [
+      [av.url, `GET /xrpc/${'a'.repeat(20_000)} HTTP/1.1\r\nHost: x\r\n\r\n`, 431, 'xrpc'],
+      [svc.url, `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Long: ${'z'.repeat(20_000)}\r\n\r\n`, 431, 'openai'],
+      [av.url, 'GET /xrpc/x HTTP/1.1\r\nHost: a b\r\n\r\n', 400, 'xrpc'],
+      [svc.url, 'GET /v1/models HTTP/1.1\r\nHost: [::1\r\n\r\n', 400, 'openai'],
+      [svc.url, 'GET * HTTP/1.1\r\nHost: x\r\n\r\n', 400, 'xrpc'],
+      [av.url, 'GET / HTTP/1.1\r\nBad Header: x\r\n\r\n', 400, 'xrpc'],
+      [svc.url, 'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n', 400, 'openai'],
+      [av.url, 'CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n', 405, 'xrpc'],
+      [svc.url, 'CONNECT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n', 405, 'openai'],
+      // The provider gateway's handshake refusals (ws's own are plain text): no key, a wrong version.
+      [svc.url, `GET /v1/agent HTTP/1.1\r\nHost: x\r\n${upgrade}\r\nSec-WebSocket-Version: 13\r\n\r\n`, 400, 'xrpc'],
+      [svc.url, `GET /v1/agent HTTP/1.1\r\nHost: x\r\n${upgrade}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 99\r\n\r\n`, 400, 'xrpc'],
+    ]
+    for (const [base, request, status, shape] of cases) {
+      const { status: got, text } = await sendRaw(base, Buffer.from(request, 'latin1'))
+      const what = `${JSON.stringify(request.slice(0, 120))} => ${JSON.stringify(text.slice(0, 400))}`
+      expect(got, what).toBe(status)
+      expect(isServiceError(text), what).toBe(true)
+      const body = JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4)) as { error: unknown }
+      expect(typeof body.error, what).toBe(shape === 'xrpc' ? 'string' : 'object')
+    }
+    // Both still serve.
+    expect((await send(av.url, { method: 'GET', path: '/xrpc/_health' })).status).toBe(200)
+    expect((await send(svc.url, { method: 'GET', path: '/health' })).status).toBe(200)
+  })
+
+  it('are refused with a 4xx carrying an XRPC or OpenAI error, never a 5xx or a stack trace, by the AppView and the console', async () => {
     const { ids } = await import('../src/lexicon/generated/ids.ts')
     const paths = [`/xrpc/${ids.ComputeListProviders}`, `/xrpc/${ids.AccountCreateApiKey}`, '/v1/chat/completions', '/profile', '/login', '/health']
     for (const [name, base] of [['appview', av.url], ['console', svc.url]] as const) {
@@ -1109,8 +1144,10 @@ describe('requests that are barely HTTP', () => {
         const st = (statuses[`raw-${name}`] ??= {})
         st[status] = (st[status] ?? 0) + 1
         const where = `seed=${seed} raw-${name} case ${i}: ${JSON.stringify(bytes.toString('latin1').slice(0, 400))}\n=> ${JSON.stringify(text.slice(0, 600))}`
-        // Node's server closes a CONNECT it has no tunnel for without an answer; anything else gets one.
-        if (status === 0 && !bytes.toString('latin1').startsWith('CONNECT ')) failures.set(`${name} no answer ${i}`, `raw request got no answer\n${where}`)
+        if (status === 0) failures.set(`${name} no answer ${i}`, `raw request got no answer\n${where}`)
+        // Every refusal carries an error object of the service, whichever layer refused (Node's parser, the
+        // adapter, the WebSocket handshake, a route); the console's pages may answer as pages.
+        if (status >= 400 && !(name === 'console' && /\r\ncontent-type: text\/html/i.test(text)) && !isServiceError(text)) failures.set(`${name} ${status} body ${i}`, `raw refusal without an XRPC or OpenAI error\n${where}`)
         // An unknown XRPC method is the one 5xx XRPC prescribes: 501 MethodNotImplemented.
         const unknownMethod = status === 501 && text.includes('"error":"MethodNotImplemented"')
         // A well-formed handshake to the provider gateway is accepted (the agent proves who it is in its first frame).

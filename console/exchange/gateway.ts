@@ -27,6 +27,8 @@ import { canonicalBytes } from '../../src/crypto/canonical-json.ts'
 import { p256PublicKey, toBytes, verifyDer } from '../../src/crypto/p256.ts'
 import { ids } from '../../src/lexicon/generated/ids.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
+import { refuseSocket } from '../../src/net/http-server.ts'
+import { XrpcError } from '../../src/xrpc/errors.ts'
 import {
   AGENT_PATH,
   attestationChallengePayload,
@@ -43,11 +45,9 @@ function isAgentUpgrade(req: IncomingMessage): boolean {
   return (req.url ?? '').split('?')[0] === AGENT_PATH
 }
 
-const UPGRADE_REFUSED = JSON.stringify({ error: 'InvalidRequest', message: `WebSocket upgrades are served at ${AGENT_PATH} only` })
-
-function refuseUpgrade(socket: Duplex): void {
-  socket.on('error', () => socket.destroy())
-  socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(UPGRADE_REFUSED)}\r\nConnection: close\r\n\r\n${UPGRADE_REFUSED}`)
+/** Refuses an upgrade with an XRPC error body (what every other refusal of the console's server carries). */
+function refuseUpgrade(socket: Duplex, message: string, status = 400, headers: string[] = []): void {
+  refuseSocket(socket, status, new XrpcError(status, status === 405 ? 'MethodNotAllowed' : 'InvalidRequest', message).toJSON(), headers)
 }
 
 /** Largest frame a provider may send (a sealed reply chunk is far smaller). */
@@ -112,6 +112,12 @@ export class ProviderGateway {
     this.opts = opts
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES })
     this.wss.on('connection', (ws) => this.onConnection(ws))
+    // A handshake ws refuses gets the console's error body instead of ws's plain-text one (ws answers
+    // 405 to a method other than GET and asks for version 13 when the version header is wrong).
+    this.wss.on('wsClientError', (err: Error, socket: Duplex, req: IncomingMessage) => {
+      const version = /Sec-WebSocket-Version/.test(err.message) ? ['Sec-WebSocket-Version: 13'] : []
+      refuseUpgrade(socket, err.message, req.method === 'GET' ? 400 : 405, version)
+    })
     const every = opts.pingIntervalMs ?? 15_000
     this.timer = setInterval(() => this.heartbeat(every), every)
     this.timer.unref()
@@ -124,7 +130,7 @@ export class ProviderGateway {
     server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       // Elsewhere this listener gets every upgrade: one it ignored would hold its socket open forever,
       // and a target that is no URL must not throw here (an 'upgrade' listener's throw ends the process).
-      if (!isAgentUpgrade(req)) return refuseUpgrade(socket)
+      if (!isAgentUpgrade(req)) return refuseUpgrade(socket, `WebSocket upgrades are served at ${AGENT_PATH} only`)
       this.wss.handleUpgrade(req, socket, head, (ws) => this.wss.emit('connection', ws, req))
     })
   }
