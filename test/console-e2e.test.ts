@@ -6,14 +6,14 @@
  */
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import type { Browser } from 'playwright-core'
-import { LocalNetwork } from '../src/dev/network.ts'
+import type { LocalNetwork } from '../src/dev/network.ts'
 import { ids, NSID_PREFIX } from '../src/lexicon/generated/ids.ts'
 import { friend, putRecords } from '../src/dev/records.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { signInWithBrowser } from './fixture/console.ts'
 import type { AppView } from '../appview/index.ts'
-import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { launchBrowser, screenshot } from './fixture/browser.ts'
+import { screenshot } from './fixture/browser.ts'
+import { startStack, type Stack } from './fixture/stack.ts'
 import { waitFor } from './fixture/wait.ts'
 
 let net: LocalNetwork
@@ -21,18 +21,13 @@ let av: AppView
 let svc: ConsoleService
 let browser: Browser
 
+let stack: Stack
+
 beforeAll(async () => {
-  net = await LocalNetwork.create()
-  av = await startAppView(net, tempDbPath(), { http: true })
-  svc = await startTestConsole(net, av.url, { index: av.consoleIndex() })
-  browser = await launchBrowser()
+  stack = await startStack({ console: (_, av) => ({ index: av.consoleIndex() }) })
+  ;({ net, av, svc, browser } = stack)
 })
-afterAll(async () => {
-  await browser?.close()
-  await svc?.close()
-  await av?.stop()
-  await net?.close()
-})
+afterAll(() => stack?.close())
 
 
 it('sign in, API key, profile in the AppView, sign out, wipe', async () => {

@@ -6,18 +6,17 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Browser, Page } from 'playwright-core'
-import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import type { LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { providerRecord, putRecord } from '../src/dev/records.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { signInWithBrowser } from './fixture/console.ts'
 import type { AppView } from '../appview/index.ts'
-import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { launchBrowser, screenshot } from './fixture/browser.ts'
+import { screenshot } from './fixture/browser.ts'
+import { startStack, type Stack } from './fixture/stack.ts'
 import { waitFor } from './fixture/wait.ts'
 
-let net: LocalNetwork
 let av: AppView
 let svc: ConsoleService
 let browser: Browser
@@ -25,21 +24,15 @@ let page: Page
 let alice: LocalAccount
 let bob: LocalAccount
 
+let stack: Stack
+
 beforeAll(async () => {
-  net = await LocalNetwork.create()
-  alice = await net.createAccount('alice.test', 'alice-pass')
-  bob = await net.createAccount('bob.test', 'bob-pass')
-  av = await startAppView(net, tempDbPath(), { http: true })
-  svc = await startTestConsole(net, av.url)
-  browser = await launchBrowser()
+  const started = await startStack({ accounts: [['alice.test', 'alice-pass'], ['bob.test', 'bob-pass']] })
+  stack = started
+  ;({ av, svc, browser, accounts: [alice, bob] } = started)
   page = await signInWithBrowser(await browser.newContext(), svc.url, 'alice.test', 'alice-pass')
 })
-afterAll(async () => {
-  await browser?.close()
-  await svc?.close()
-  await av?.stop()
-  await net?.close()
-})
+afterAll(() => stack?.close())
 
 const indexed = (uri: string) => av.db.$client.prepare('SELECT body FROM records WHERE uri = ?').pluck().all(uri) as string[]
 const main = async () => (await page.textContent('main'))!

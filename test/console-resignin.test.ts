@@ -8,35 +8,25 @@
 import { TID } from '@atproto/common-web'
 import type { Browser } from 'playwright-core'
 import { afterAll, beforeAll, expect, it } from 'vitest'
-import type { AppView } from '../appview/index.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import type { LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
-import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { launchBrowser } from './fixture/browser.ts'
-import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { signInWithBrowser } from './fixture/console.ts'
+import { startStack, type Stack } from './fixture/stack.ts'
 
-let net: LocalNetwork
-let av: AppView
 let svc: ConsoleService
 let browser: Browser
 let alice: LocalAccount
 let bob: LocalAccount
 
+let stack: Stack
+
 beforeAll(async () => {
-  net = await LocalNetwork.create()
-  alice = await net.createAccount('alice.test', 'alice-pass')
-  bob = await net.createAccount('bob.test', 'bob-pass')
-  av = await startAppView(net, tempDbPath(), { http: true })
-  svc = await startTestConsole(net, av.url)
-  browser = await launchBrowser()
+  const started = await startStack({ accounts: [['alice.test', 'alice-pass'], ['bob.test', 'bob-pass']] })
+  stack = started
+  ;({ svc, browser, accounts: [alice, bob] } = started)
 })
-afterAll(async () => {
-  await browser?.close()
-  await svc?.close()
-  await av?.stop()
-  await net?.close()
-})
+afterAll(() => stack?.close())
 
 const signIn = async () => {
   const context = await browser.newContext()

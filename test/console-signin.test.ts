@@ -9,16 +9,14 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Browser } from 'playwright-core'
-import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import type { LocalAccount, LocalNetwork } from '../src/dev/network.ts'
 import { parseKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
-import type { AppView } from '../appview/index.ts'
-import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { approveOnPds, launchBrowser, screenshot } from './fixture/browser.ts'
+import { signInWithBrowser } from './fixture/console.ts'
+import { approveOnPds, screenshot } from './fixture/browser.ts'
+import { startStack, type Stack } from './fixture/stack.ts'
 
 let net: LocalNetwork
-let av: AppView
 let console_: ConsoleService
 let browser: Browser
 let alice: LocalAccount
@@ -27,19 +25,14 @@ const box = new SecretBox(parseKeyring(secretKey))
 const dataDir = mkdtempSync(join(tmpdir(), 'cocore-console-'))
 const dbPath = join(dataDir, 'console.sqlite')
 
+let stack: Stack
+
 beforeAll(async () => {
-  net = await LocalNetwork.create()
-  alice = await net.createAccount('alice.test', 'alice-pass')
-  av = await startAppView(net, tempDbPath(), { http: true })
-  console_ = await startTestConsole(net, av.url, { dbPath, dataDir, secretKey })
-  browser = await launchBrowser()
+  const started = await startStack({ accounts: [['alice.test', 'alice-pass']], console: () => ({ dbPath, dataDir, secretKey }) })
+  stack = started
+  ;({ net, svc: console_, browser, accounts: [alice] } = started)
 })
-afterAll(async () => {
-  await browser?.close()
-  await console_?.close()
-  await av?.stop()
-  await net?.close()
-})
+afterAll(() => stack?.close())
 
 async function signIn(handle: string, password: string) {
   const context = await browser.newContext()

@@ -13,13 +13,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { AppView } from '../appview/index.ts'
 import { ApiKeys, UsageCounters } from '../console/api-keys.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import type { LocalAccount, LocalNetwork } from '../src/dev/network.ts'
 import { friend, putRecord } from '../src/dev/records.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { encodeInput, inputCommitment } from '../src/protocol/input.ts'
-import { startAppView, tempDbPath } from './fixture/appview.ts'
-import { launchBrowser } from './fixture/browser.ts'
 import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { startStack, type Stack } from './fixture/stack.ts'
 import { connectScripted, publishScriptedRecord, scriptedReply, type Behaviour, type ScriptedProvider } from './fixture/scripted-provider.ts'
 import { waitFor } from './fixture/wait.ts'
 import { CocoreClient, CocoreError, type ChatEvent } from '../src/client/index.ts'
@@ -44,14 +43,15 @@ async function provider(handle: string, model: string, behaviour: Behaviour, ext
 const client = (tier = '', apiKey = key) => new OpenAI({ baseURL: `${svc.url}/v1${tier}`, apiKey, maxRetries: 0 })
 const ask = (content: string) => [{ role: 'user' as const, content }]
 
+let stack: Stack
+
 beforeAll(async () => {
-  net = await LocalNetwork.create()
-  alice = await net.createAccount('alice.test')
-  bob = await net.createAccount('bob.test')
-  market = await net.createAccount('market.test')
-  av = await startAppView(net, tempDbPath(), { http: true })
-  svc = await startTestConsole(net, av.url, { index: av.consoleIndex(), exchangeDid: market.did, firstChunkTimeoutMs: 1500 })
-  browser = await launchBrowser()
+  const started = await startStack({
+    accounts: ['alice.test', 'bob.test', 'market.test'],
+    console: ([, , market], av) => ({ index: av.consoleIndex(), exchangeDid: market.did, firstChunkTimeoutMs: 1500 }),
+  })
+  stack = started
+  ;({ net, av, svc, browser, accounts: [alice, bob, market] } = started)
   // Alice signs in through the PDS: the console holds her OAuth session, which publishes her job records.
   const page = await signInWithBrowser(browser, svc.url, alice.handle, alice.password)
   await page.close()
@@ -80,10 +80,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const p of Object.values(providers)) p.close()
-  await browser?.close()
-  await svc?.close()
-  await av?.stop()
-  await net?.close()
+  await stack?.close()
 })
 
 describe('OpenAI-compatible API', () => {

@@ -24,15 +24,15 @@ import type { AppView } from '../appview/index.ts'
 import { ApiKeys, SCOPES } from '../console/api-keys.ts'
 import { createConsoleApp, type ConsoleDeps } from '../console/app.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
+import type { LocalAccount, LocalNetwork } from '../src/dev/network.ts'
 import { friend, profile, putRecord } from '../src/dev/records.ts'
 import { schemas } from '../src/lexicon/generated/schemas.ts'
 import { lexicons } from '../src/lexicon/validate.ts'
 import type { ProviderAgent } from '../src/provider/agent.ts'
 import { startBuiltinAgent } from './fixture/agent.ts'
-import { startAppView, tempDbPath, waitCaughtUp } from './fixture/appview.ts'
-import { launchBrowser } from './fixture/browser.ts'
-import { sessionCookie, signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { waitCaughtUp } from './fixture/appview.ts'
+import { sessionCookie, signInWithBrowser } from './fixture/console.ts'
+import { startStack, type Stack } from './fixture/stack.ts'
 import { fuzzConfig, rng, type Rng } from './fixture/fuzz.ts'
 import { waitFor } from './fixture/wait.ts'
 
@@ -510,21 +510,23 @@ const methods = schemas.flatMap((doc) => {
   return t === 'query' || t === 'procedure' ? [{ nsid: doc.id, type: t }] : []
 })
 
+let stack: Stack
+
 beforeAll(async () => {
-  net = await LocalNetwork.create()
-  ;[alice, bob, market] = await Promise.all(['alice.test', 'bob.test', 'market.test'].map((h) => net.createAccount(h))) as [LocalAccount, LocalAccount, LocalAccount]
-  rig = await net.createAccount('rig.test')
-  av = await startAppView(net, tempDbPath(), { http: true })
-  svc = await startTestConsole(net, av.url, {
-    index: av.consoleIndex(),
-    exchangeDid: market.did,
-    exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password: market.password },
-    settleEveryMs: 200,
-    // The fuzzer is one client sending thousands of requests: limits would only turn cases into 429s.
-    apiKeyRatePerMinute: 1e9,
-    loginRatePerMinute: 1e9,
+  const started = await startStack({
+    accounts: ['alice.test', 'bob.test', 'market.test', 'rig.test'],
+    console: ([, , market], av, net) => ({
+      index: av.consoleIndex(),
+      exchangeDid: market.did,
+      exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password: market.password },
+      settleEveryMs: 200,
+      // The fuzzer is one client sending thousands of requests: limits would only turn cases into 429s.
+      apiKeyRatePerMinute: 1e9,
+      loginRatePerMinute: 1e9,
+    }),
   })
-  browser = await launchBrowser()
+  stack = started
+  ;({ net, av, svc, browser, accounts: [alice, bob, market, rig] } = started)
   const page = await signInWithBrowser(browser, svc.url, alice.handle, alice.password)
   cookie = await sessionCookie(page)
   await page.close()
@@ -563,10 +565,7 @@ afterAll(async () => {
   console.log(`fuzz-http: ${counted} requests (seed ${seed}, ${cases} cases per target): ${JSON.stringify(tally)}; statuses ${JSON.stringify(statuses)}; events ${JSON.stringify(events)}`)
   agent.destroy()
   await provider?.stop()
-  await browser?.close()
-  await svc?.close()
-  await av?.stop()
-  await net?.close()
+  await stack?.close()
 })
 
 /** Failures of the current test, at most one per target and kind of failure (a broken handler fails many cases alike). */
