@@ -523,6 +523,8 @@ beforeAll(async () => {
       // The fuzzer is one client sending thousands of requests: limits would only turn cases into 429s.
       apiKeyRatePerMinute: 1e9,
       loginRatePerMinute: 1e9,
+      // Long runs send millions of tokens in a day.
+      dailyTokenLimit: 1e15,
     }),
   })
   stack = started
@@ -1109,6 +1111,9 @@ describe('requests that are barely HTTP', () => {
       [av.url, 'GET /xrpc/x HTTP/1.1\r\nHost: a b\r\n\r\n', 400, 'xrpc'],
       [svc.url, 'GET /v1/models HTTP/1.1\r\nHost: [::1\r\n\r\n', 400, 'openai'],
       [svc.url, 'GET * HTTP/1.1\r\nHost: x\r\n\r\n', 400, 'xrpc'],
+      // HTTP/1.1 without Host (Node's own answer was an empty 400).
+      [av.url, 'GET /xrpc/_health HTTP/1.1\r\nConnection: close\r\n\r\n', 400, 'xrpc'],
+      [svc.url, 'POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n', 400, 'openai'],
       [av.url, 'GET / HTTP/1.1\r\nBad Header: x\r\n\r\n', 400, 'xrpc'],
       [svc.url, 'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n', 400, 'openai'],
       [av.url, 'CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n', 405, 'xrpc'],

@@ -78,7 +78,16 @@ export function serveHttp(opts: ServeHttpOpts, onListening: (port: number) => vo
       return Response.json(opts.refusalBody(refusal), { status: refusal.status, headers: { 'cache-control': 'no-store' } })
     },
   })
-  const server = createServer((req, res) => {
+  // Node answers an HTTP/1.1 request without Host itself (400, empty body) unless told not to: the
+  // listener below refuses it instead, in the service's shape.
+  const server = createServer({ requireHostHeader: false }, (req, res) => {
+    if (req.httpVersion === '1.1' && req.headers.host === undefined) {
+      const refusal: Refusal = { status: 400, code: 'InvalidRequest', message: 'an HTTP/1.1 request must have a Host header', path: req.url ?? null }
+      const body = JSON.stringify(opts.refusalBody(refusal))
+      res.writeHead(400, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store', connection: 'close' })
+      res.end(body)
+      return
+    }
     building = req
     try {
       return listener(req, res)
