@@ -13,6 +13,8 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { createServer as createTcpServer } from 'node:net'
+import dns from 'node:dns'
+import { syncBuiltinESMExports } from 'node:module'
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -360,5 +362,64 @@ describe('provider gateway (the exchange) in production', () => {
       await prod.close()
       await dev.close()
     }
+  })
+})
+
+describe('a public name that resolves to a private address', () => {
+  // No public DNS runs here, so the system resolver is stood in for (Node's own `dns.lookup`,
+  // which the safe fetch calls at connect time): names under REBIND resolve to 127.0.0.1, every
+  // other name as before. A TCP listener on 127.0.0.1:443 sees any connection that got through.
+  // (Not under example.com: the safe fetch refuses that name outright, before any lookup.)
+  const REBIND = '.rebind-ssrf.net'
+  const asked: string[] = []
+  const realLookup = dns.lookup
+  let tls: ReturnType<typeof createTcpServer>
+  let connections = 0
+  let bound = false
+
+  beforeAll(async () => {
+    const fake = (hostname: string, options: unknown, callback?: unknown): void => {
+      const cb = (typeof options === 'function' ? options : callback) as (err: Error | null, address: unknown, family?: number) => void
+      const opts = (typeof options === 'object' && options !== null ? options : {}) as { all?: boolean }
+      if (!hostname.endsWith(REBIND)) return void realLookup(hostname, opts as dns.LookupAllOptions, cb as never)
+      asked.push(hostname)
+      if (opts.all) cb(null, [{ address: '127.0.0.1', family: 4 }])
+      else cb(null, '127.0.0.1', 4)
+    }
+    ;(dns as { lookup: unknown }).lookup = fake
+    syncBuiltinESMExports()
+    tls = createTcpServer((s) => s.destroy())
+    tls.on('connection', () => connections++)
+    bound = await new Promise<boolean>((resolve) => tls.once('error', () => resolve(false)).listen(443, '127.0.0.1', () => resolve(true)))
+  })
+  afterAll(async () => {
+    ;(dns as { lookup: unknown }).lookup = realLookup
+    syncBuiltinESMExports()
+    if (bound) await new Promise((r) => tls.close(r))
+  })
+
+  it('is refused after resolution, for a PDS endpoint and a did:web host, and nothing connects', async (ctx) => {
+    if (!bound) ctx.skip()
+    const pdsName = `pds${REBIND}`
+    const did = await plcDid(`https://${pdsName}`, 'rebind.test')
+    const err = await fetchRepo(prodAv.idResolver, did).catch((e: unknown) => e)
+    expect(err).toBeInstanceOf(RepoFetchError)
+    expect((err as Error).message, (err as Error).message).toMatch(/non-unicast/)
+    const web = await prodAv.idResolver.did.resolve(`did:web:web${REBIND}`, true).then(
+      (doc) => new Error(`resolved: ${JSON.stringify(doc)}`),
+      (e: unknown) => e as Error,
+    )
+    expect(`${web.message} ${String((web.cause as Error | undefined)?.message ?? '')}`).toMatch(/non-unicast/)
+    // The names passed every check made on the name itself: they were looked up, and the address refused.
+    expect(asked).toEqual(expect.arrayContaining([pdsName, `web${REBIND}`]))
+    expect(connections).toBe(0)
+  })
+
+  it('control: without the safe fetch, the same name does reach the listener', async (ctx) => {
+    if (!bound) ctx.skip()
+    const before = connections
+    await fetch(`https://control${REBIND}/`, { signal: AbortSignal.timeout(5_000) }).catch(() => null)
+    expect(asked).toContain(`control${REBIND}`)
+    expect(connections).toBeGreaterThan(before)
   })
 })
