@@ -116,7 +116,7 @@ async function exchangeRole(p: ExchangeParams): Promise<Role<{ consoleUrl: strin
   // As test/fixture/appview.ts starts it: the PDS keeps its whole log, so the AppView replays it from seq 0.
   const av = await new AppView({ dbPath: join(dir, 'appview.sqlite'), sources: [toWs(p.pdsUrl)], plcUrl: p.plcUrl, allowHttp: true, handlesViaPds: p.pdsUrl, port: 0, replayFromStart: true }).start()
   // The default key rate (600/min) is below what the bench asks.
-  const svc = await startConsole(consoleOpts(null, av.url, { plcUrl: p.plcUrl, pdsUrl: p.pdsUrl, index: av.consoleIndex(), exchangeDid: p.exchangeDid, apiKeyRatePerMinute: 1e9 }))
+  const svc = await startConsole(consoleOpts(null, av.url, { plcUrl: p.plcUrl, pdsUrl: p.pdsUrl, index: av.consoleIndex(), exchangeDid: p.exchangeDid, apiKeyRatePerMinute: 1e9, apiKeyIpRatePerMinute: 1e9 }))
   return {
     info: { consoleUrl: svc.url },
     methods: {

@@ -6,6 +6,7 @@
  * refused the same way.
  */
 import { createHash, randomBytes } from 'node:crypto'
+import { isIPv4, isIPv6 } from 'node:net'
 import type { Statement } from 'better-sqlite3'
 import type { Db } from '../src/db/index.ts'
 
@@ -199,18 +200,117 @@ export class RateLimiter {
   }
   /** 0 when allowed; otherwise the seconds to wait. */
   take(key: string, now = Date.now()): number {
-    const rate = this.perMinute / 60_000
+    const b = this.refill(key, now)
+    if (b.tokens >= 1) {
+      b.tokens -= 1
+      return 0
+    }
+    return this.waitFor(b)
+  }
+  /** What `take` would answer, without taking: 0 when a request would pass, else the seconds to wait. */
+  peek(key: string, now = Date.now()): number {
+    const b = this.buckets.get(key)
+    if (!b) return 0
+    const tokens = Math.min(this.perMinute, b.tokens + (now - b.at) * this.rate)
+    return tokens >= 1 ? 0 : this.waitFor({ tokens })
+  }
+  private get rate(): number {
+    return this.perMinute / 60_000
+  }
+  private refill(key: string, now: number): { tokens: number; at: number } {
     const b = this.buckets.get(key) ?? { tokens: this.perMinute, at: now }
-    b.tokens = Math.min(this.perMinute, b.tokens + (now - b.at) * rate)
+    b.tokens = Math.min(this.perMinute, b.tokens + (now - b.at) * this.rate)
     b.at = now
     this.buckets.delete(key)
     this.buckets.set(key, b)
     // Bounded: the least recently used buckets go first (they are full again anyway).
     if (this.buckets.size > 100_000) this.buckets.delete(this.buckets.keys().next().value!)
-    if (b.tokens >= 1) {
-      b.tokens -= 1
-      return 0
+    return b
+  }
+  /** Whole seconds until the bucket holds one token again (rounded up, so a client that waits them passes). */
+  private waitFor(b: { tokens: number }): number {
+    return Math.ceil((1 - b.tokens) / this.rate / 1000)
+  }
+}
+
+export interface KeyLimits {
+  /** Requests per minute one key may make. */
+  perKeyPerMinute: number
+  /** API-key requests per minute from one client address, whatever keys it sends. */
+  perAddressPerMinute: number
+  /** Refused keys (unknown, malformed, revoked, expired, none) per minute from one client address. */
+  failuresPerAddressPerMinute: number
+}
+
+/** Why a request's key was not admitted; each API answers it in its own error shape. */
+export type KeyRefusal =
+  /** Unusable key: one answer for every kind, so nothing tells whether a key exists, was revoked or expired. */
+  | { refused: 'invalid' }
+  /** The client address is over its limit: decided before the key is looked up, so the answer says nothing about the key. */
+  | { refused: 'address'; retryAfterSec: number }
+  /** This (live) key is over its own limit. */
+  | { refused: 'key'; retryAfterSec: number }
+
+/**
+ * The part of a client address its limits are kept for: an IPv4 address
+ * (IPv4-mapped IPv6 too, as a dual-stack listener reports it) whole, an IPv6
+ * address by its /64, since one host commonly holds a whole /64 and could
+ * otherwise step to a fresh address for every guess.
+ */
+export function limitedAddress(ip: string | undefined): string | undefined {
+  if (!ip) return undefined
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(ip)
+  if (mapped && isIPv4(mapped[1]!)) return mapped[1]
+  const bare = ip.replace(/%.*$/, '')
+  if (!isIPv6(bare)) return ip
+  const [head = '', tail] = bare.split('::') as [string, string | undefined]
+  const groups = (part: string) => (part ? part.split(':').flatMap((g) => (g.includes('.') ? ['0', '0'] : [g])) : [])
+  const h = groups(head)
+  const t = tail === undefined ? [] : groups(tail)
+  const all = tail === undefined ? h : [...h, ...Array<string>(8 - h.length - t.length).fill('0'), ...t]
+  return `${all.slice(0, 4).map((g) => parseInt(g, 16).toString(16)).join(':')}::/64`
+}
+
+/**
+ * The door every API-key request goes through, on XRPC and on `/v1`: limits
+ * per client address first (all calls, and refused keys, so guessing keys
+ * from one address is slow), then the key, then the key's own limit.
+ * Addresses are keyed by an HMAC (ConsoleSessions.hashIp) of their limited
+ * part: none is held in the clear, and the buckets live in memory only.
+ */
+export class KeyGate {
+  private readonly keys: ApiKeys
+  private readonly hashIp: (ip: string | undefined) => string | null
+  private readonly perKey: RateLimiter
+  private readonly perAddress: RateLimiter
+  private readonly failures: RateLimiter
+  constructor(keys: ApiKeys, limits: KeyLimits, hashIp: (ip: string | undefined) => string | null) {
+    this.keys = keys
+    this.hashIp = hashIp
+    this.perKey = new RateLimiter(limits.perKeyPerMinute)
+    this.perAddress = new RateLimiter(limits.perAddressPerMinute)
+    this.failures = new RateLimiter(limits.failuresPerAddressPerMinute)
+  }
+
+  /**
+   * `authorization`: the request's Authorization header, which must be
+   * `Bearer <key>` (anything else, or none, is a refused key). `ip`: the
+   * client address as the console takes it; unknown addresses share one bucket.
+   */
+  admit(authorization: string | undefined, ip: string | undefined, now = Date.now()): ApiKey | KeyRefusal {
+    const address = this.hashIp(limitedAddress(ip)) ?? 'unknown'
+    // @NOTE Order matters here: both address limits answer before the key is
+    // looked up, so a blocked address gets the same answer for a live key as
+    // for a guessed one.
+    const blocked = this.failures.peek(address, now) || this.perAddress.take(address, now)
+    if (blocked > 0) return { refused: 'address', retryAfterSec: blocked }
+    const secret = /^Bearer (\S+)$/.exec(authorization ?? '')?.[1]
+    const key = secret === undefined ? null : this.keys.authenticate(secret)
+    if (!key) {
+      this.failures.take(address, now)
+      return { refused: 'invalid' }
     }
-    return Math.ceil((1 - b.tokens) / rate / 1000)
+    const wait = this.perKey.take(key.id, now)
+    return wait > 0 ? { refused: 'key', retryAfterSec: wait } : key
   }
 }

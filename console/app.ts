@@ -13,7 +13,7 @@ import { consoleLogger as log } from '../src/logger.ts'
 import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
 import { authenticate, handlers } from './api/index.ts'
 import type { ApiDeps } from './api/context.ts'
-import type { RateLimiter } from './api-keys.ts'
+import type { KeyGate, RateLimiter } from './api-keys.ts'
 import { createKey, deleteKey, revokeKey, sessionCaller } from './api/key-actions.ts'
 import { InvalidRequestError, NotFoundError } from '../src/xrpc/errors.ts'
 import { OpenAiError } from './exchange/openai.ts'
@@ -38,7 +38,8 @@ export interface ConsoleDeps {
   /** Shown on the sign-in page in dev mode only. */
   demoAccounts?: { handle: string; password: string; role: string }[]
   api: ApiDeps
-  limiter: RateLimiter
+  /** API-key requests: limits per client address and per key (the inference API holds the same gate). */
+  gate: KeyGate
   /** Sign-in attempts per client address. */
   loginLimiter: RateLimiter
   /** Forgets sign-ins in flight that were abandoned. */
@@ -72,7 +73,8 @@ async function readForm(c: Context, all = false): Promise<Record<string, string 
   }
 }
 
-function clientIpOf(c: Context): string | undefined {
+/** The client address: the peer of the TCP connection (no forwarding header is trusted). */
+export function clientIpOf(c: Context): string | undefined {
   const incoming = (c.env as { incoming?: { socket?: { remoteAddress?: string } } } | undefined)?.incoming
   return incoming?.socket?.remoteAddress
 }
@@ -459,7 +461,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     '/xrpc/*',
     authenticate({
       deps: deps.api,
-      limiter: deps.limiter,
+      gate: deps.gate,
       origin,
       sessionCookie: deps.secureCookies ? { name: SESSION_COOKIE, prefix: 'host' } : { name: SESSION_COOKIE },
       clientIp: ip,

@@ -9,11 +9,11 @@ import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { openDb, type Db } from '../src/db/index.ts'
 import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import { consoleLogger as log } from '../src/logger.ts'
-import { createConsoleApp } from './app.ts'
+import { clientIpOf, createConsoleApp } from './app.ts'
 import { createOAuthClient } from './oauth/client.ts'
 import { stateStore } from './oauth/stores.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
-import { ApiKeys, RateLimiter, UsageCounters } from './api-keys.ts'
+import { ApiKeys, KeyGate, RateLimiter, UsageCounters } from './api-keys.ts'
 import { Publisher } from './publisher.ts'
 import { Wiper } from './wipe.ts'
 import { ProviderGateway } from './exchange/gateway.ts'
@@ -30,6 +30,7 @@ import pkg from '../package.json' with { type: 'json' }
 const SOFTWARE_VERSION = `cocore-appview/${pkg.version}`
 import { createIdResolver } from '../src/identity/index.ts'
 import { XrpcError } from '../src/xrpc/errors.ts'
+import { knobs } from '../src/config.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
 
 export interface ConsoleOpts {
@@ -67,6 +68,10 @@ export interface ConsoleOpts {
   loginRatePerMinute?: number
   /** Requests per minute one API key may make (token bucket). */
   apiKeyRatePerMinute?: number
+  /** API-key requests per minute from one client address, whatever keys it sends. */
+  apiKeyIpRatePerMinute?: number
+  /** Refused API keys per minute from one client address; beyond, its key requests are refused before any lookup. */
+  apiKeyIpFailuresPerMinute?: number
   /** Tokens (in + out) one account may use per UTC day on the inference API. */
   dailyTokenLimit?: number
   /** Exchange tuning (tests shorten it): a provider silent this long after a job is sent is passed over. */
@@ -128,7 +133,6 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     retry: opts.wipeRetry,
   })
   const usage = new UsageCounters(db)
-  const limiter = new RateLimiter(opts.apiKeyRatePerMinute ?? 600)
   let gateway: ProviderGateway | null = null
   let exchange: Exchange | null = null
   if (opts.exchangeDid && opts.index) {
@@ -168,15 +172,25 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     ? { exchange, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined, economy }
     : undefined
   const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference }
+  // One gate for XRPC and /v1: a client address guessing keys is slowed on both.
+  const gate = new KeyGate(
+    api.keys,
+    {
+      perKeyPerMinute: opts.apiKeyRatePerMinute ?? knobs.apiKeyRatePerMinute.default,
+      perAddressPerMinute: opts.apiKeyIpRatePerMinute ?? knobs.apiKeyIpRatePerMinute.default,
+      failuresPerAddressPerMinute: opts.apiKeyIpFailuresPerMinute ?? knobs.apiKeyIpFailuresPerMinute.default,
+    },
+    (ip) => sessions.hashIp(ip),
+  )
   app = createConsoleApp({
     oauth,
     states: stateStore(db, box),
     sessions,
     audit,
     api,
-    limiter,
+    gate,
     onSignIn: economy ? (did) => void economy!.welcome(did) : undefined,
-    inference: inference ? new Hono().route('/', openAiRoutes({ ...inference, keys: api.keys, limiter })).route('/', directoryRoutes(inference.exchange)) : undefined,
+    inference: inference ? new Hono().route('/', openAiRoutes({ ...inference, gate, clientIp: clientIpOf })).route('/', directoryRoutes(inference.exchange)) : undefined,
     loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
     publisher,

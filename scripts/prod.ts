@@ -42,6 +42,8 @@ const consoleSrv = await startConsole({
   publicUrl: config.consoleUrl,
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
+  apiKeyIpRatePerMinute: config.apiKeyIpRatePerMinute,
+  apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,
   dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: config.exchangeDid || undefined,

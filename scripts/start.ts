@@ -84,6 +84,8 @@ const consoleSrv = await startConsole({
   mode: 'dev',
   secretKey: config.secretKey || undefined,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
+  apiKeyIpRatePerMinute: config.apiKeyIpRatePerMinute,
+  apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,
   dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: market.did,

@@ -65,6 +65,8 @@ export const knobs = {
   patronageDays: knob('COCORE_PATRONAGE_DAYS', 30, int, 'Patronage window in days'),
   treasuryDid: knob('COCORE_TREASURY_DID', '', str, "Account that receives fees (default: the exchange's DID)"),
   apiKeyRatePerMinute: knob('COCORE_API_KEY_RATE_PER_MIN', 600, int, 'Requests per minute one API key may make (429 with Retry-After beyond)'),
+  apiKeyIpRatePerMinute: knob('COCORE_API_KEY_IP_RATE_PER_MIN', 1200, int, 'API-key requests per minute from one client address (an IPv6 client by its /64), whatever keys it sends (429 with Retry-After beyond)'),
+  apiKeyIpFailuresPerMinute: knob('COCORE_API_KEY_IP_FAILURES_PER_MIN', 30, int, 'Refused API keys (unknown, malformed, revoked, expired) per minute from one client address; beyond, its API-key requests get 429 with Retry-After before any key is looked up'),
   dailyTokenLimit: knob('COCORE_DAILY_TOKEN_LIMIT', 5_000_000, int, 'Tokens (prompt + completion) one account may use per UTC day on the inference API (429 insufficient_quota beyond)'),
   relayUrl: knob('COCORE_RELAY_URL', '', str, 'production: firehose relay, e.g. `wss://bsky.network`'),
   pdsUrls: knob('COCORE_PDS_URLS', [] as string[], list, 'Comma-separated PDS URLs to subscribe to directly (instead of, or besides, a relay)'),

@@ -57,6 +57,10 @@ beforeAll(async () => {
     exchangeDid: market.did,
     exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password: market.password },
     loginRatePerMinute: 10_000,
+    // Every case comes from one address: its limits would turn the answers compared byte for byte into 429s
+    // (test/api-key-ip-limit.test.ts tests those limits).
+    apiKeyIpRatePerMinute: 1e9,
+    apiKeyIpFailuresPerMinute: 1e9,
   })
   browser = await launchBrowser()
   aliceCookie = await sessionCookie(await signInWithBrowser(await browser.newContext(), svc.url, alice.handle, alice.password))

@@ -522,6 +522,8 @@ beforeAll(async () => {
       settleEveryMs: 200,
       // The fuzzer is one client sending thousands of requests: limits would only turn cases into 429s.
       apiKeyRatePerMinute: 1e9,
+      apiKeyIpRatePerMinute: 1e9,
+      apiKeyIpFailuresPerMinute: 1e9,
       loginRatePerMinute: 1e9,
       // Long runs send millions of tokens in a day.
       dailyTokenLimit: 1e15,

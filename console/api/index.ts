@@ -2,7 +2,8 @@
  * The console's XRPC methods (one handler file per NSID under dev/cocore/),
  * served at /xrpc/ and, for cocore clients, /api/xrpc/. Every call is
  * authenticated here first: a console session, or `Authorization: Bearer
- * <api key>` (rate-limited per key and counted per day).
+ * <api key>` (rate-limited per client address and per key, and counted per
+ * day; see KeyGate).
  */
 import type { Context, MiddlewareHandler } from 'hono'
 import { getCookie } from 'hono/cookie'
@@ -10,7 +11,7 @@ import { ids } from '../../src/lexicon/generated/ids.ts'
 import { lexicons } from '../../src/lexicon/validate.ts'
 import { AuthRequiredError, ForbiddenError, RateLimitExceededError } from '../../src/xrpc/errors.ts'
 import type { QueryHandler } from '../../src/xrpc/server.ts'
-import type { RateLimiter } from '../api-keys.ts'
+import type { KeyGate } from '../api-keys.ts'
 import { sessionCaller } from './key-actions.ts'
 import type { ApiDeps, Caller } from './context.ts'
 import createApiKey from './dev/cocore/account/createApiKey.ts'
@@ -40,7 +41,7 @@ const PUBLIC = new Set<string>([ids.OrgCocoreexchangeLedgerGetPolicy, ids.OrgCoc
 
 export interface AuthOpts {
   deps: ApiDeps
-  limiter: RateLimiter
+  gate: KeyGate
   origin: string
   sessionCookie: { name: string; prefix?: 'host' }
   clientIp: (c: Context) => string | undefined
@@ -53,15 +54,16 @@ export function authenticate(opts: AuthOpts): MiddlewareHandler {
   return async (c, next) => {
     if (PUBLIC.has(c.req.path.split('/').pop() ?? '')) return next()
     const { deps } = opts
-    const ipHash = deps.sessions.hashIp(opts.clientIp(c))
+    const ip = opts.clientIp(c)
+    const ipHash = deps.sessions.hashIp(ip)
     const header = c.req.header('authorization')
     let caller: Caller
     if (header !== undefined) {
-      const m = /^Bearer (\S+)$/.exec(header)
-      const key = m ? deps.keys.authenticate(m[1]!) : null
-      if (!key) throw new AuthRequiredError(INVALID_KEY, 'AuthRequired')
-      const wait = opts.limiter.take(key.id)
-      if (wait > 0) throw new RateLimitExceededError(wait)
+      const key = opts.gate.admit(header, ip)
+      if ('refused' in key) {
+        if (key.refused === 'invalid') throw new AuthRequiredError(INVALID_KEY, 'AuthRequired')
+        throw new RateLimitExceededError(key.retryAfterSec)
+      }
       deps.usage.add(key.did, key.id, { requests: 1 })
       caller = { did: key.did, via: 'key', keyId: key.id, expiresAt: key.expiresAt, scopes: key.scopes, ipHash }
     } else {

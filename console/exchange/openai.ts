@@ -17,14 +17,15 @@ import { bodyLimit } from 'hono/body-limit'
 import { consoleLogger as log } from '../../src/logger.ts'
 import type { GenerationParams } from '../../src/protocol/agent.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../../src/protocol/input.ts'
-import type { ApiKey, ApiKeys, RateLimiter } from '../api-keys.ts'
+import type { ApiKey, KeyGate } from '../api-keys.ts'
 import { admit, AdmissionError, type InferenceDeps } from './admission.ts'
 import { ExchangeError, TIERS, type ExchangeEvent, type Route, type Tier } from './exchange.ts'
 import { ReceiptSealer } from './receipt-sealer.ts'
 
 export interface OpenAiDeps extends InferenceDeps {
-  keys: ApiKeys
-  limiter: RateLimiter
+  gate: KeyGate
+  /** The client address, as the console takes it (for the limits per address). */
+  clientIp: (c: Context) => string | undefined
 }
 
 /** Most tokens a reply may be asked for (the job lexicon's maximum). */
@@ -200,13 +201,14 @@ export function openAiRoutes(deps: OpenAiDeps): Hono<Env> {
     return c.json(e.toJSON(), e.status as 400)
   })
 
-  // Every call: a live key (one answer for every unusable key), then its rate limit.
+  // Every call: the limits of its client address, a live key (one answer for every unusable key), then the key's limit.
   app.use('/v1/*', async (c, next) => {
-    const m = /^Bearer (\S+)$/.exec(c.req.header('authorization') ?? '')
-    const key = m ? deps.keys.authenticate(m[1]!) : null
-    if (!key) throw new OpenAiError(401, 'authentication_error', 'invalid_api_key', 'Invalid API key: send a console API key as "Authorization: Bearer <key>"')
-    const wait = deps.limiter.take(key.id)
-    if (wait > 0) throw new OpenAiError(429, 'rate_limit_error', 'rate_limit_exceeded', `Rate limit exceeded for this API key; retry after ${wait} s`, null, wait)
+    const key = deps.gate.admit(c.req.header('authorization'), deps.clientIp(c))
+    if ('refused' in key) {
+      if (key.refused === 'invalid') throw new OpenAiError(401, 'authentication_error', 'invalid_api_key', 'Invalid API key: send a console API key as "Authorization: Bearer <key>"')
+      const whose = key.refused === 'key' ? 'this API key' : 'this client address'
+      throw new OpenAiError(429, 'rate_limit_error', 'rate_limit_exceeded', `Rate limit exceeded for ${whose}; retry after ${key.retryAfterSec} s`, null, key.retryAfterSec)
+    }
     if (!key.scopes.includes('inference')) throw new OpenAiError(403, 'permission_error', 'missing_scope', 'this API key lacks the inference scope')
     deps.usage.add(key.did, key.id, { requests: 1 })
     c.set('key', key)
