@@ -69,8 +69,10 @@ async function exchangeRole(p: ExchangeParams): Promise<Role<{ consoleUrl: strin
       // The ledger on, as `npm start` runs it: admission, settlements on the exchange's repo.
       exchangeAccount: { pdsUrl: p.pdsUrl, identifier: p.exchange.handle, password: p.exchange.password },
       // The per-key and per-address rates and the daily token quota are set above what the run asks: every request it makes is a valid one.
+      // Its simulated clients share one address, whose revoked-key checks would pass the refused-key limit.
       apiKeyRatePerMinute: 1e9,
       apiKeyIpRatePerMinute: 1e9,
+      apiKeyIpFailuresPerMinute: 1e9,
       dailyTokenLimit: 1e15,
       loginRatePerMinute: 1e6,
     }),
