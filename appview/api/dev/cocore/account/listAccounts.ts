@@ -1,8 +1,6 @@
-import { and, eq, sql, type SQL } from 'drizzle-orm'
-import { accounts, records } from '../../../../../src/db/schema.ts'
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { AccountListAccountsOutput, AccountListAccountsParams } from '../../../../../src/lexicon/generated/types.ts'
-import { decodeCursor, encodeCursor, visible, type ApiContext } from '../../../util.ts'
+import { decodeCursor, encodeCursor, statement, visible, type ApiContext } from '../../../util.ts'
 
 interface Row {
   did: string
@@ -15,8 +13,27 @@ interface Row {
   total: number
 }
 
-/** A non-empty string field of a JSON body, else NULL. */
-const textField = (body: SQL, path: string) => sql`CASE WHEN json_type(${body}, ${path}) = 'text' THEN NULLIF(json_extract(${body}, ${path}), '') END`
+/** A non-empty string field of the profile body `p.body`, else NULL. */
+const textField = (path: string) => `CASE WHEN json_type(p.body, '${path}') = 'text' THEN NULLIF(json_extract(p.body, '${path}'), '') END`
+
+/**
+ * Every visible DID with at least one indexed record: its latest activity, its
+ * first record and its provider count from one pass over the (did, collection,
+ * sort_at, uri) index; its handle and profile details. `p` is the account's
+ * profile record (rkey self), `a` its accounts row.
+ */
+const directory = (sortBy: 'recent' | 'newest') => `
+  SELECT d.did AS did, d.last_at AS lastAt, d.provider_count AS providerCount,
+    ${sortBy === 'newest' ? 'd.joined_at' : 'd.last_at'} AS sortKey,
+    COALESCE(NULLIF(a.handle, ''), ${textField('$.handle')}) AS handle,
+    ${textField('$.displayName')} AS displayName,
+    ${textField('$.avatarUrl')} AS avatarUrl
+  FROM (
+    SELECT did, MAX(sort_at) AS last_at, MIN(sort_at) AS joined_at, SUM(collection = ?) AS provider_count
+    FROM records WHERE ${visible()} GROUP BY did
+  ) d
+  LEFT JOIN accounts a ON a.did = d.did
+  LEFT JOIN records p ON p.did = d.did AND p.collection = ? AND p.rkey = 'self'`
 
 /**
  * The account directory: every visible DID with at least one indexed record,
@@ -33,47 +50,40 @@ export default function listAccounts(ctx: ApiContext, params: AccountListAccount
   const after = decodeCursor(params.cursor, ['string', 'string']) as [string, string] | undefined
   const q = params.q === undefined ? undefined : params.q.trim().replace(/^@/, '').toLowerCase()
 
-  // `p` is the account's profile record (rkey self), `a` its accounts row.
-  const profileBody = sql`p.body`
-
-  // Per DID, one pass over the (did, collection, sort_at, uri) index.
-  const perDid = sql`
-    SELECT ${records.did} AS did, MAX(${records.sortAt}) AS last_at, MIN(${records.sortAt}) AS joined_at,
-      SUM(${records.collection} = ${ids.ComputeProvider}) AS provider_count
-    FROM ${records} WHERE ${visible()} GROUP BY ${records.did}`
-  const directory = sql`
-    SELECT d.did AS did, d.last_at AS lastAt, d.provider_count AS providerCount,
-      ${sortBy === 'newest' ? sql`d.joined_at` : sql`d.last_at`} AS sortKey,
-      COALESCE(NULLIF(a.handle, ''), ${textField(profileBody, '$.handle')}) AS handle,
-      ${textField(profileBody, '$.displayName')} AS displayName,
-      ${textField(profileBody, '$.avatarUrl')} AS avatarUrl
-    FROM (${perDid}) d
-    LEFT JOIN ${accounts} a ON a.did = d.did
-    LEFT JOIN ${records} p ON p.did = d.did AND p.collection = ${ids.AccountProfile} AND p.rkey = 'self'`
-
-  // The viewer's friend records, from the (did, collection, …) index. COALESCE: a NULL in a NOT IN list would exclude every row.
-  const viewerFriends = ctx.db
-    .select({ subject: sql`COALESCE(${records.subjectDid}, '')` })
-    .from(records)
-    .where(and(eq(records.did, params.viewerDid ?? ''), eq(records.collection, ids.AccountFriend)))
-  const filters = and(
-    providersOnly ? sql`providerCount > 0` : undefined,
-    params.viewerDid ? sql`did <> ${params.viewerDid}` : undefined,
-    params.viewerDid && excludeViewerFriends ? sql`did NOT IN ${viewerFriends}` : undefined,
-    q !== undefined ? sql`(instr(lower(handle), ${q}) > 0 OR instr(lower(did), ${q}) > 0)` : undefined,
-  )
-  const where = filters ? sql`WHERE ${filters}` : sql``
+  // The SQL is built from fixed fragments by which filters apply (a bounded set of statements); values are bound, in text order.
+  const filters: string[] = []
+  const filterParams: (string | number)[] = []
+  if (providersOnly) filters.push('providerCount > 0')
+  if (params.viewerDid) {
+    filters.push('did <> ?')
+    filterParams.push(params.viewerDid)
+    if (excludeViewerFriends) {
+      // The viewer's friend records, from the (did, collection, …) index. COALESCE: a NULL in a NOT IN list would exclude every row.
+      filters.push(`did NOT IN (SELECT COALESCE(subject_did, '') FROM records WHERE did = ? AND collection = ?)`)
+      filterParams.push(params.viewerDid, ids.AccountFriend)
+    }
+  }
+  if (q !== undefined) {
+    filters.push('(instr(lower(handle), ?) > 0 OR instr(lower(did), ?) > 0)')
+    filterParams.push(q, q)
+  }
+  const where = filters.length ? `WHERE ${filters.join(' AND ')}` : ''
+  const dir = directory(sortBy)
+  const dirParams = [ids.ComputeProvider, ids.AccountProfile]
 
   // The total is counted over the filtered set before the page's keyset/offset applies.
-  const rows = ctx.db.all<Row>(sql`
-    SELECT * FROM (SELECT dir.*, COUNT(*) OVER () AS total FROM (${directory}) dir ${where})
-    ${after ? sql`WHERE (sortKey < ${after[0]} OR (sortKey = ${after[0]} AND did > ${after[1]}))` : sql``}
+  const rows = statement(
+    ctx.db,
+    `SELECT * FROM (SELECT dir.*, COUNT(*) OVER () AS total FROM (${dir}) dir ${where})
+    ${after ? 'WHERE (sortKey < ? OR (sortKey = ? AND did > ?))' : ''}
     ORDER BY sortKey DESC, did ASC
-    LIMIT ${limit + 1} ${after ? sql`` : sql`OFFSET ${offset}`}`)
+    LIMIT ? ${after ? '' : 'OFFSET ?'}`,
+  ).all(...dirParams, ...filterParams, ...(after ? [after[0], after[0], after[1], limit + 1] : [limit + 1, offset])) as Row[]
 
   const page = rows.slice(0, limit)
   const total =
-    rows[0]?.total ?? (after || offset > 0 ? (ctx.db.get<{ n: number }>(sql`SELECT COUNT(*) AS n FROM (${directory}) dir ${where}`)?.n ?? 0) : 0)
+    rows[0]?.total ??
+    (after || offset > 0 ? ((statement(ctx.db, `SELECT COUNT(*) AS n FROM (${dir}) dir ${where}`).get(...dirParams, ...filterParams) as { n: number } | undefined)?.n ?? 0) : 0)
   const last = page[page.length - 1]
   return {
     accounts: page.map((r) => ({

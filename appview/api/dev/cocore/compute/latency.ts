@@ -1,8 +1,6 @@
-import { and, desc, eq, gte, sql } from 'drizzle-orm'
-import { records } from '../../../../../src/db/schema.ts'
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { ComputeLatencyOutput, ComputeLatencyParams } from '../../../../../src/lexicon/generated/types.ts'
-import { visible, type ApiContext } from '../../../util.ts'
+import { statement, visible, type ApiContext } from '../../../util.ts'
 
 const WINDOW_MS = 7 * 24 * 3600_000
 /** Receipts read at most: the newest ones of the window, via the (collection, sort_at, uri) index. */
@@ -38,18 +36,12 @@ function grouped(groups: Map<string, number[]>) {
 /** Latency (completedAt - startedAt) of receipts completed in the last 7 days. */
 export default function latency(ctx: ApiContext, _params: ComputeLatencyParams): ComputeLatencyOutput {
   const now = Date.now()
-  const rows = ctx.db
-    .select({
-      provider: records.providerDid,
-      model: records.model,
-      startedAt: sql<unknown>`json_extract(${records.body}, '$.startedAt')`,
-      completedAt: sql<unknown>`json_extract(${records.body}, '$.completedAt')`,
-    })
-    .from(records)
-    .where(and(eq(records.collection, ids.ComputeReceipt), gte(records.sortAt, new Date(now - WINDOW_MS).toISOString()), visible()))
-    .orderBy(desc(records.sortAt), desc(records.uri))
-    .limit(MAX_ROWS)
-    .all()
+  const rows = statement(
+    ctx.db,
+    `SELECT provider_did AS provider, model, json_extract(body, '$.startedAt') AS startedAt, json_extract(body, '$.completedAt') AS completedAt
+    FROM records WHERE collection = ? AND sort_at >= ? AND ${visible()}
+    ORDER BY sort_at DESC, uri DESC LIMIT ?`,
+  ).all(ids.ComputeReceipt, new Date(now - WINDOW_MS).toISOString(), MAX_ROWS) as { provider: string | null; model: string | null; startedAt: unknown; completedAt: unknown }[]
 
   const overall: number[] = []
   const byProvider = new Map<string, number[]>()

@@ -1,10 +1,8 @@
-import { eq } from 'drizzle-orm'
-import { records } from '../../../../../src/db/schema.ts'
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { ComputeListProvidersOutput, ComputeListProvidersParams } from '../../../../../src/lexicon/generated/types.ts'
 import { pageRecords, recordView, type ApiContext } from '../../../util.ts'
 
 export default function listProviders(ctx: ApiContext, params: ComputeListProvidersParams): ComputeListProvidersOutput {
-  const page = pageRecords(ctx.db, ids.ComputeProvider, [params.provider ? eq(records.providerDid, params.provider) : undefined], params.limit!, params.cursor)
+  const page = pageRecords(ctx.db, ids.ComputeProvider, { providerDid: params.provider }, params.limit!, params.cursor)
   return { providers: page.rows.map(recordView), cursor: page.cursor }
 }

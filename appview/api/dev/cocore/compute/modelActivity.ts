@@ -1,8 +1,6 @@
-import { and, eq, gte, isNotNull, sql } from 'drizzle-orm'
-import { records } from '../../../../../src/db/schema.ts'
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { ComputeModelActivityOutput, ComputeModelActivityParams, DefsActivityWindows } from '../../../../../src/lexicon/generated/types.ts'
-import { visible, type ApiContext } from '../../../util.ts'
+import { statement, visible, type ApiContext } from '../../../util.ts'
 
 const HOUR = 3600_000
 const WINDOWS = { hour: HOUR, day: 24 * HOUR, week: 7 * 24 * HOUR, month: 30 * 24 * HOUR } as const
@@ -17,33 +15,38 @@ const emptyWindows = (): DefsActivityWindows => ({
 
 const cmp = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0)
 
+/** Tokens of a receipt: integers by the receipt lexicon; CAST guards the sums against odd values. */
+const TOKENS = `(CAST(COALESCE(json_extract(body, '$.tokens.in'), 0) AS INTEGER) + CAST(COALESCE(json_extract(body, '$.tokens.out'), 0) AS INTEGER))`
+const reqs = `SUM(CASE WHEN sort_at >= ? THEN 1 ELSE 0 END)`
+const toks = `SUM(CASE WHEN sort_at >= ? THEN ${TOKENS} ELSE 0 END)`
+/** One indexed range scan over the last 30 days of receipts, aggregated in SQL; the window starts are bound in text order. */
+const ACTIVITY = `
+  SELECT model, provider_did AS provider,
+    ${reqs} AS hourRequests, ${toks} AS hourTokens,
+    ${reqs} AS dayRequests, ${toks} AS dayTokens,
+    ${reqs} AS weekRequests, ${toks} AS weekTokens,
+    COUNT(*) AS monthRequests, SUM(${TOKENS}) AS monthTokens
+  FROM records WHERE collection = ? AND sort_at >= ? AND model IS NOT NULL AND ${visible()}
+  GROUP BY model, provider_did`
+
+interface Row {
+  model: string | null
+  provider: string | null
+  hourRequests: number
+  hourTokens: number
+  dayRequests: number
+  dayTokens: number
+  weekRequests: number
+  weekTokens: number
+  monthRequests: number
+  monthTokens: number
+}
+
 /** Per-model request and token counts over the trailing hour/day/week/30 days, by completedAt. */
 export default function modelActivity(ctx: ApiContext, _params: ComputeModelActivityParams): ComputeModelActivityOutput {
   const now = Date.now()
   const since = (w: Window) => new Date(now - WINDOWS[w]).toISOString()
-  // Token fields are integers by the receipt lexicon; CAST guards the sums against odd values.
-  const tokens = sql`(CAST(COALESCE(json_extract(${records.body}, '$.tokens.in'), 0) AS INTEGER) + CAST(COALESCE(json_extract(${records.body}, '$.tokens.out'), 0) AS INTEGER))`
-  const reqs = (w: Window) => sql<number>`SUM(CASE WHEN ${records.sortAt} >= ${since(w)} THEN 1 ELSE 0 END)`.mapWith(Number)
-  const toks = (w: Window) => sql<number>`SUM(CASE WHEN ${records.sortAt} >= ${since(w)} THEN ${tokens} ELSE 0 END)`.mapWith(Number)
-
-  // One indexed range scan over the last 30 days of receipts, aggregated in SQL.
-  const rows = ctx.db
-    .select({
-      model: records.model,
-      provider: records.providerDid,
-      hourRequests: reqs('hour'),
-      hourTokens: toks('hour'),
-      dayRequests: reqs('day'),
-      dayTokens: toks('day'),
-      weekRequests: reqs('week'),
-      weekTokens: toks('week'),
-      monthRequests: sql<number>`COUNT(*)`.mapWith(Number),
-      monthTokens: sql<number>`SUM(${tokens})`.mapWith(Number),
-    })
-    .from(records)
-    .where(and(eq(records.collection, ids.ComputeReceipt), gte(records.sortAt, since('month')), isNotNull(records.model), visible()))
-    .groupBy(records.model, records.providerDid)
-    .all()
+  const rows = statement(ctx.db, ACTIVITY).all(since('hour'), since('hour'), since('day'), since('day'), since('week'), since('week'), ids.ComputeReceipt, since('month')) as Row[]
 
   const models = new Map<string, { modelId: string; totals: DefsActivityWindows; byProvider: { did: string; stats: DefsActivityWindows }[] }>()
   for (const r of rows) {
