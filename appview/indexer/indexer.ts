@@ -18,17 +18,22 @@ import { MAX_RECORD_BYTES, validateRecord } from '../../src/lexicon/validate.ts'
 import { NSID_PREFIX, recordCollections } from '../../src/lexicon/generated/ids.ts'
 import { OrderedRunner } from './runner.ts'
 import { fetchRepo, getRepoStatus, RepoFetchError, type FetchedRepo } from './repo-fetch.ts'
-import type { IndexOp, IndexStore, RecordWrite } from './store.ts'
+import { prevDataOf, sinceOf, type CommitFrame } from './chain.ts'
+import type { ChainLink, IndexOp, IndexStore, RecordWrite } from './store.ts'
 
 const KNOWN = new Set<string>(recordCollections)
 
-/** Whether the commit block the frame points at is signed with the rev the frame claims. */
-function signedRevMatches(commitBlock: Uint8Array | undefined, rev: string): boolean {
-  if (!commitBlock) return false
+/**
+ * The MST root CID of the commit block the frame points at, if that commit is
+ * signed with the rev the frame claims; null if it is not.
+ */
+function signedCommitData(commitBlock: Uint8Array | undefined, rev: string): string | null {
+  if (!commitBlock) return null
   try {
-    return (cborToLex(commitBlock) as { rev?: unknown }).rev === rev
+    const commit = cborToLex(commitBlock) as { rev?: unknown; data?: unknown }
+    return commit.rev === rev ? String(commit.data) : null
   } catch {
-    return false
+    return null
   }
 }
 
@@ -38,7 +43,9 @@ const revTime = (rev: string): number => (TID.is(rev) ? TID.fromStr(rev).timesta
 const MAX_CLOCK_SKEW_MS = 5 * 60_000
 
 type Change =
-  | { kind: 'commit'; did: string; rev: string; ops: IndexOp[]; rejects: Rejection[] }
+  | { kind: 'commit'; did: string; link: ChainLink; ops: IndexOp[]; rejects: Rejection[] }
+  /** A commit of a tracked repo, of other collections only, that does not follow the repo's head. */
+  | { kind: 'gap'; did: string }
   | { kind: 'reject-commit'; rejection: Rejection }
   | { kind: 'purge'; did: string }
   | { kind: 'status'; did: string; active: boolean; status: string | null }
@@ -118,17 +125,18 @@ const MESSAGE_TYPES = new Set(['commit', 'sync', 'identity', 'account', 'info'].
  *    cursor, so the source sends again the events still in the runner (or
  *    refused once, and counted then). Only valid frames of known types move
  *    the mark: a frame with a made-up seq must not blind the stream;
- *  - a commit frame that passes the check reports the dev.cocore op paths it
- *    claims: the library drops, without a word, an op whose MST proof does not
+ *  - a commit frame that passes the check is reported (its `since` and
+ *    `prevData` are in no event the library hands on), with the dev.cocore
+ *    op paths it claims: the library drops, without a word, an op whose MST proof does not
  *    match, and the indexer counts those from the difference.
  */
 export function watchFrames(
   firehose: Firehose,
-  on: { claims: (seq: number, repo: string, paths: string[]) => void; unknownType: (type: unknown) => void },
+  on: { claims: (seq: number, repo: string, paths: string[]) => void; commit: (seq: number, frame: CommitFrame) => void; unknownType: (type: unknown) => void },
 ): void {
   let highest = -1
   wrapFrameCheck(firehose, (check) => (value) => {
-    const out = check(value) as { $type?: unknown; seq?: unknown; repo: string; ops: { path: string }[] } | undefined
+    const out = check(value) as ({ $type?: unknown; seq?: unknown; repo: string; ops: { path: string }[] } & CommitFrame) | undefined
     if (out === undefined) return out
     if (typeof out.$type !== 'string' || !MESSAGE_TYPES.has(out.$type)) {
       on.unknownType(out.$type)
@@ -138,6 +146,7 @@ export function watchFrames(
     if (out.seq <= highest) return undefined
     highest = out.seq
     if (out.$type === COMMIT_TYPE) {
+      on.commit(out.seq, out)
       const paths = out.ops.map((op) => op.path).filter((p) => p.startsWith(NSID_PREFIX))
       if (paths.length) on.claims(out.seq, out.repo, paths)
     }
@@ -185,6 +194,8 @@ interface Sub {
   ended: boolean
   /** seq -> the repo and dev.cocore op paths its commit frame claims, until the event is committed. */
   claims: Map<number, { repo: string; paths: string[] }>
+  /** seq -> its commit frame, until the event is committed: where the commit stands in its repo's chain. */
+  frames: Map<number, CommitFrame>
 }
 
 export interface IndexerStats {
@@ -196,6 +207,8 @@ export interface IndexerStats {
   rejected: number
   purged: number
   resyncs: number
+  /** Commits that did not follow their repo's last one (events were missed): the repo was resynced. */
+  gaps: number
 }
 
 export interface IndexerOpts {
@@ -212,12 +225,16 @@ export interface IndexerOpts {
 }
 
 export class Indexer implements AsyncDisposable {
-  readonly stats: IndexerStats = { events: 0, commitsApplied: 0, staleCommits: 0, recordsWritten: 0, recordsDeleted: 0, rejected: 0, purged: 0, resyncs: 0 }
+  readonly stats: IndexerStats = { events: 0, commitsApplied: 0, staleCommits: 0, recordsWritten: 0, recordsDeleted: 0, rejected: 0, purged: 0, resyncs: 0, gaps: 0 }
   private readonly opts: IndexerOpts
   private readonly subs: Sub[]
   private readonly pending = new Map<string, Change[]>()
   private resyncTimer: NodeJS.Timeout | null = null
   private retrying: Promise<void> | null = null
+  /** Repos were marked for a resync while a round of resyncs was under way: run another at once. */
+  private retryAgain = false
+  /** A gap was found in the transaction being applied: start its resync once committed. */
+  private gapFound = false
   private stopping = false
 
   /**
@@ -239,13 +256,15 @@ export class Indexer implements AsyncDisposable {
   private makeSub(source: string): Sub {
     const { store, replayFromStart, concurrency } = this.opts
     const claims: Sub['claims'] = new Map()
+    const frames: Sub['frames'] = new Map()
     const runner = new OrderedRunner({
       startCursor: store.getCursor(source) ?? (replayFromStart ? 0 : undefined),
       concurrency,
-      commit: (seq, cursor) => this.commit(source, seq, cursor, claims),
+      commit: (seq, cursor) => this.commit(source, seq, cursor, claims, frames),
       discard: (seq) => {
         this.pending.delete(this.key(source, seq))
         claims.delete(seq)
+        frames.delete(seq)
       },
       onFatal: (err) => {
         log.error('index write failed; resubscribing from the persisted cursor', { source, err: err as Error })
@@ -265,13 +284,14 @@ export class Indexer implements AsyncDisposable {
     skipValidationOfForeignCommits(firehose)
     watchFrames(firehose, {
       claims: (seq, repo, paths) => claims.set(seq, { repo, paths }),
+      commit: (seq, frame) => frames.set(seq, frame),
       unknownType: (type) => {
         this.opts.store.reject('unknown-frame-type', '', null)
         this.stats.rejected++
         log.warn('firehose frame of an unknown type ignored', { source, type: String(type) })
       },
     })
-    return { source, firehose, runner, running: null, ended: false, claims }
+    return { source, firehose, runner, running: null, ended: false, claims, frames }
   }
 
   private launch(sub: Sub): void {
@@ -316,6 +336,7 @@ export class Indexer implements AsyncDisposable {
     const { store } = this.opts
     store.tx(() => {
       for (const [source, seq] of this.unsavedCursors) store.setCursor(source, seq)
+      store.flushHeads()
     })
     this.unsavedCursors.clear()
   }
@@ -360,15 +381,16 @@ export class Indexer implements AsyncDisposable {
         if (!change) {
           // A rev from the future, or one that is not the signed commit's (it must not steer
           // the stale-rev rule): the whole commit is refused, once, and its ops are dropped.
-          const refused =
-            revTime(evt.rev) > Date.now() + MAX_CLOCK_SKEW_MS ? 'rev-in-future' : !signedRevMatches(evt.blocks.get(evt.commit), evt.rev) ? 'rev-mismatch' : null
+          const data = signedCommitData(evt.blocks.get(evt.commit), evt.rev)
+          const refused = revTime(evt.rev) > Date.now() + MAX_CLOCK_SKEW_MS ? 'rev-in-future' : data === null ? 'rev-mismatch' : null
           if (refused) {
             if (!this.pending.get(k)?.some((c) => c.kind === 'reject-commit')) {
               this.push(source, evt.seq, { kind: 'reject-commit', rejection: { reason: refused, collection: '', uri: `at://${evt.did}` } })
             }
             return
           }
-          change = { kind: 'commit', did: evt.did, rev: evt.rev, ops: [], rejects: [] }
+          // `since` and `prevData` are not in the event: they are taken from the frame when the event is committed.
+          change = { kind: 'commit', did: evt.did, link: { rev: evt.rev, prevData: null, data }, ops: [], rejects: [] }
           this.push(source, evt.seq, change)
           // First commit applied for this repo (it may be known already, only as marked for a resync).
           if (!store.getRev(evt.did)) this.push(source, evt.seq, { kind: 'handle', did: evt.did, handle: await this.verifiedHandle(evt.did) })
@@ -454,7 +476,7 @@ export class Indexer implements AsyncDisposable {
   }
 
   /** Applies what an event collected, and the cursor, in one transaction. */
-  private commit(source: string, seq: number, cursor: number | undefined, claims: Sub['claims']) {
+  private commit(source: string, seq: number, cursor: number | undefined, claims: Sub['claims'], frames: Sub['frames']) {
     this.stats.events++
     const k = this.key(source, seq)
     let changes = this.pending.get(k)
@@ -463,6 +485,11 @@ export class Indexer implements AsyncDisposable {
     if (claimed) {
       claims.delete(seq)
       changes = withUnverifiedOps(claimed, changes)
+    }
+    const frame = frames.get(seq)
+    if (frame) {
+      frames.delete(seq)
+      changes = this.followChain(frame, changes, claimed !== undefined)
     }
     if (!changes) {
       if (cursor !== undefined) this.unsavedCursors.set(source, cursor)
@@ -473,16 +500,51 @@ export class Indexer implements AsyncDisposable {
     const save = cursor === undefined ? unsaved : unsaved === undefined ? cursor : Math.max(cursor, unsaved)
     store.tx(() => {
       for (const c of changes) this.apply(c)
-      if (save !== undefined) store.setCursor(source, save)
+      if (save !== undefined) {
+        store.setCursor(source, save)
+        store.flushHeads()
+      }
     })
     if (save !== undefined) this.unsavedCursors.delete(source)
+    if (this.gapFound) {
+      this.gapFound = false
+      this.resyncSoon()
+    }
+  }
+
+  /**
+   * Places a commit frame in its repo's chain. A commit we apply carries the
+   * frame's `since` and `prevData` to the store, which judges it in the
+   * event's transaction. A commit of a tracked repo with no op of ours moves
+   * only the repo's head (in memory, written with the cursor), or, when it
+   * does not follow the head, becomes a gap: without this every commit of
+   * ours after one of another collection would look like a gap.
+   */
+  private followChain(frame: CommitFrame, changes: Change[] | undefined, claimed: boolean): Change[] | undefined {
+    const commit = changes?.find((c): c is Extract<Change, { kind: 'commit' }> => c.kind === 'commit')
+    if (commit) {
+      commit.link.since = sinceOf(frame)
+      commit.link.prevData = prevDataOf(frame)
+      return changes
+    }
+    // A commit touching dev.cocore refused whole, or none of whose ops was proven: no link of the chain.
+    if (claimed || changes) return changes
+    const { repo, rev } = frame
+    const { store } = this.opts
+    // Most commits on a relay are of repos we do not index: they cost a set lookup.
+    if (typeof repo !== 'string' || !store.isTracked(repo)) return changes
+    // Not validated by the library (see skipValidationOfForeignCommits): a garbled frame moves nothing.
+    if (typeof rev !== 'string' || !TID.is(rev) || revTime(rev) > Date.now() + MAX_CLOCK_SKEW_MS) return changes
+    const verdict = store.followForeignCommit(repo, rev, sinceOf(frame), () => prevDataOf(frame))
+    return verdict === 'gap' ? [{ kind: 'gap', did: repo }] : changes
   }
 
   private apply(c: Change) {
     const { store } = this.opts
     switch (c.kind) {
-      case 'commit':
-        if (!store.applyCommit(c.did, c.rev, c.ops)) {
+      case 'commit': {
+        const verdict = store.applyLinkedCommit(c.did, c.link, c.ops)
+        if (verdict === 'stale') {
           // Replayed or out of order: not applied, and counted (replays after a restart count too).
           this.stats.staleCommits++
           this.reject({ reason: 'stale-rev', collection: '', uri: `at://${c.did}` })
@@ -491,7 +553,12 @@ export class Indexer implements AsyncDisposable {
         this.stats.commitsApplied++
         for (const op of c.ops) op.action === 'delete' ? this.stats.recordsDeleted++ : this.stats.recordsWritten++
         for (const r of c.rejects) this.reject(r)
+        // Applied (it is signed and verified), but what it was built on was not seen here.
+        if (verdict === 'gap') this.gap(c.did)
         return
+      }
+      case 'gap':
+        return this.gap(c.did)
       case 'reject-commit':
         return this.reject(c.rejection)
       case 'purge':
@@ -507,6 +574,15 @@ export class Indexer implements AsyncDisposable {
       case 'needs-resync':
         return store.markResync(c.did)
     }
+  }
+
+  /** Events of the repo were missed: counted, and the repo is fetched whole from its PDS (`retryOnce`). */
+  private gap(did: string) {
+    this.stats.gaps++
+    this.reject({ reason: 'gap', collection: '', uri: `at://${did}` })
+    this.opts.store.markResync(did)
+    this.gapFound = true
+    log.warn('gap in a repo\'s commits (events missed); resyncing it from its PDS', { did })
   }
 
   private reject(r: Rejection) {
@@ -526,13 +602,25 @@ export class Indexer implements AsyncDisposable {
       if (rejection) this.reject(rejection)
       else writes.push(r)
     }
-    store.replaceRepo(repo.did, repo.rev, writes)
+    store.replaceRepo(repo.did, repo.rev, repo.data, writes)
     this.stats.resyncs++
   }
 
   private retryResyncs(): Promise<void> {
-    this.retrying ??= this.retryOnce().finally(() => (this.retrying = null))
+    this.retrying ??= (async () => {
+      do {
+        this.retryAgain = false
+        await this.retryOnce()
+      } while (this.retryAgain && !this.stopping)
+    })().finally(() => (this.retrying = null))
     return this.retrying
+  }
+
+  /** Resyncs marked repos now rather than at the next tick, after the round under way if there is one. */
+  private resyncSoon(): void {
+    if (this.stopping) return
+    if (this.retrying) this.retryAgain = true
+    else void this.retryResyncs()
   }
 
   private async retryOnce(): Promise<void> {
@@ -575,8 +663,10 @@ export class Indexer implements AsyncDisposable {
       const did = evt.repo
       // Identity events fail to parse when the DID does not resolve now: not the event's fault.
       if (!did) return log.warn('event could not be parsed', { source, err: err.cause as Error })
-      // Someone else's commit (a malformed op path fails before the library filters ops): not ours to count or resync.
+      // Someone else's commit (a malformed op path fails before the library filters ops): not ours to count or
+      // resync, nor a link of the repo's chain.
       if (!evt.ops?.some((op) => typeof op?.path === 'string' && op.path.startsWith(NSID_PREFIX))) {
+        this.subs.find((s) => s.source === source)?.frames.delete(evt.seq)
         return log.debug('foreign commit could not be parsed', { source, did, err: err.cause as Error })
       }
       const uri = `at://${did}`

@@ -9,7 +9,7 @@
  * refused (a PDS serves its own repos).
  */
 import type { IdResolver } from '@atproto/identity'
-import { cborToLexRecord, readCarWithRoot, verifyRepo } from '@atproto/repo'
+import { cborToLex, cborToLexRecord, readCarWithRoot, verifyRepo } from '@atproto/repo'
 import { outboundPolicyOf, pdsEndpoint } from '../../src/identity/index.ts'
 import { outboundFailure, outboundFetch } from '../../src/net/safe-fetch.ts'
 import { NSID_PREFIX } from '../../src/lexicon/generated/ids.ts'
@@ -65,6 +65,8 @@ async function pdsGet(fetchImpl: typeof fetch, pds: string, path: string, what: 
 export interface FetchedRepo {
   did: string
   rev: string
+  /** The snapshot commit's MST root CID: the next commit's `prevData` names it. */
+  data: string
   /** Records of our collections, each with its size so the caller can refuse oversize ones. */
   records: (RecordWrite & { size: number })[]
 }
@@ -121,7 +123,9 @@ export async function fetchRepo(idResolver: IdResolver, did: string, fetchImpl: 
       size: bytes.length,
     })
   }
-  return { did, rev: verified.commit.rev, records }
+  // The root is the signed commit verifyRepo just checked: its MST root is what the next commit's `prevData` names.
+  const data = String((cborToLex(blocks.get(root)!) as { data: unknown }).data)
+  return { did, rev: verified.commit.rev, data, records }
 }
 
 /** `com.atproto.sync.getRepoStatus` at the repo's PDS; null when the PDS cannot be reached. */

@@ -25,12 +25,62 @@ export interface RecordDelete {
 }
 export type IndexOp = RecordWrite | RecordDelete
 
+/** A commit as a link of its repo's chain: its rev, and what the frame says came before it. */
+export interface ChainLink {
+  rev: string
+  /** The frame's `since`: the rev of the repo's previous commit (null for a repo's first); undefined when not known (no gap is judged). */
+  since?: string | null
+  /** The frame's `prevData` (sync 1.1): the MST root CID of the previous commit, when the frame carries it. */
+  prevData: string | null
+  /** This commit's MST root CID, when known: the next commit's `prevData` must name it. */
+  data: string | null
+}
+
+/** What the index knows of a repo's sync state. */
+export interface RepoState {
+  /** The last commit applied (signed and verified); '' for a repo known only as marked for a resync. */
+  rev: string
+  /** The newest commit seen, of any collection (see `repos.head`); null until one is seen after the rows were written without it. */
+  head: string | null
+  headData: string | null
+  needsResync: boolean
+}
+
+/**
+ * Whether a commit newer than the repo's head does not follow it: its `since`
+ * is not the head's rev, or its `prevData` is not the head's MST root (checked
+ * when both are known). Events were missed. Not judged while a resync is
+ * pending (the hole is known already) or before a head is known.
+ */
+export function isGap(state: RepoState, link: ChainLink): boolean {
+  if (link.since === undefined || state.needsResync || state.head === null || link.rev <= state.head) return false
+  if (link.since !== state.head) return true
+  return link.prevData !== null && state.headData !== null && link.prevData !== state.headData
+}
+
 export class IndexStore {
   readonly db: Db
   private readonly st: Record<
-    'upsert' | 'del' | 'getRev' | 'setRev' | 'advanceRev' | 'needsResync' | 'setCursor' | 'getCursor' | 'reject' | 'ensureAccount' | 'setHandle' | 'setStatus' | 'purgeRecords' | 'purgeAccount' | 'clearResync' | 'urisOfDid' | 'markResync',
+    'upsert' | 'del' | 'getRev' | 'repoState' | 'setRev' | 'advanceRev' | 'setHead' | 'needsResync' | 'setCursor' | 'getCursor' | 'reject' | 'ensureAccount' | 'setHandle' | 'setStatus' | 'purgeRecords' | 'purgeAccount' | 'clearResync' | 'urisOfDid' | 'markResync',
     Statement
   >
+  /**
+   * The repos the index knows (rows of `repos` are never deleted): a commit
+   * of another collection of any other repo, most of a relay's traffic, costs
+   * no query. Repos another process (a backfill) adds are not seen until this
+   * one writes them too: their commits of other collections leave the head
+   * behind, and the next commit of ours is then taken for a gap and resynced.
+   */
+  private readonly tracked: Set<string>
+  /**
+   * Sync state of tracked repos whose commits of other collections were seen,
+   * read once and kept, with the head those commits move: writing each would
+   * cost a transaction per event. An `unsaved` head is written with the next
+   * cursor (`flushHeads`), so a persisted cursor never passes a head left
+   * unwritten. Writes of the repo's row (`applyLinkedCommit`, `replaceRepo`)
+   * write the head too and drop the entry.
+   */
+  private readonly chain = new Map<string, RepoState & { unsaved: boolean }>()
 
   constructor(db: Db) {
     this.db = db
@@ -44,9 +94,16 @@ export class IndexStore {
         WHERE records.cid IS NOT excluded.cid`),
       del: c.prepare('DELETE FROM records WHERE uri = ?'),
       getRev: c.prepare('SELECT rev FROM repos WHERE did = ?').pluck(),
-      setRev: c.prepare('INSERT INTO repos (did, rev, needs_resync) VALUES (?, ?, 0) ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, needs_resync = 0'),
+      repoState: c.prepare('SELECT rev, head, head_data AS headData, needs_resync AS needsResync FROM repos WHERE did = ?'),
+      setRev: c.prepare(
+        'INSERT INTO repos (did, rev, needs_resync, head, head_data) VALUES (?, ?, 0, ?, ?) ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, needs_resync = 0, head = excluded.head, head_data = excluded.head_data',
+      ),
       // A live commit moves the rev but leaves a pending resync pending: only a full snapshot clears it.
-      advanceRev: c.prepare('INSERT INTO repos (did, rev, needs_resync) VALUES (?, ?, 0) ON CONFLICT (did) DO UPDATE SET rev = excluded.rev'),
+      advanceRev: c.prepare(
+        'INSERT INTO repos (did, rev, needs_resync, head, head_data) VALUES (?, ?, 0, ?, ?) ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, head = excluded.head, head_data = excluded.head_data',
+      ),
+      // Heads only move forward (two sources may deliver the same commits at different times).
+      setHead: c.prepare('UPDATE repos SET head = ?, head_data = ? WHERE did = ? AND (head IS NULL OR head < ?)'),
       needsResync: c.prepare('SELECT needs_resync FROM repos WHERE did = ?').pluck(),
       markResync: c.prepare("INSERT INTO repos (did, rev, needs_resync) VALUES (?, '', 1) ON CONFLICT (did) DO UPDATE SET needs_resync = 1"),
       setCursor: c.prepare('INSERT INTO cursors (source, seq) VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > cursors.seq'),
@@ -61,10 +118,17 @@ export class IndexStore {
       clearResync: c.prepare('UPDATE repos SET needs_resync = 0 WHERE did = ?'),
       urisOfDid: c.prepare('SELECT uri FROM records WHERE did = ?').pluck(),
     }
+    this.tracked = new Set(c.prepare('SELECT did FROM repos').pluck().all() as string[])
   }
 
   tx<T>(fn: () => T): T {
-    return this.db.$client.transaction(fn)()
+    try {
+      return this.db.$client.transaction(fn)()
+    } catch (err) {
+      // Rolled back: states read or changed inside may be wrong; only heads not yet written are kept (they are ahead of the database).
+      for (const [did, c] of this.chain) if (!c.unsaved) this.chain.delete(did)
+      throw err
+    }
   }
 
   getCursor(source: string): number | undefined {
@@ -76,22 +140,90 @@ export class IndexStore {
   getRev(did: string): string | undefined {
     return this.st.getRev.get(did) as string | undefined
   }
+  /** Whether the index knows the repo, without a query (see `tracked`). */
+  isTracked(did: string): boolean {
+    return this.tracked.has(did)
+  }
   isKnown(did: string): boolean {
     return this.getRev(did) !== undefined
   }
 
+  /** The repo's sync state (heads not yet written included); undefined for a repo the index does not know. */
+  repoState(did: string): RepoState | undefined {
+    const row = this.st.repoState.get(did) as { rev: string; head: string | null; headData: string | null; needsResync: number } | undefined
+    if (!row) return undefined
+    const cached = this.chain.get(did)
+    const unsaved = cached?.unsaved ? cached : undefined
+    return {
+      rev: row.rev,
+      head: unsaved ? unsaved.head : row.head,
+      headData: unsaved ? unsaved.headData : row.headData,
+      needsResync: row.needsResync === 1,
+    }
+  }
+
   /**
    * Applies one commit's ops if its rev is newer than the last applied one for
-   * the repo; returns false for a stale (replayed or out-of-order) commit.
-   * Must run inside `tx`.
+   * the repo; false for a stale one. For writers without the commit's chain
+   * (tools, tests): no gap is judged. Must run inside `tx`.
    */
   applyCommit(did: string, rev: string, ops: IndexOp[]): boolean {
-    const last = this.getRev(did)
-    if (last !== undefined && last !== '' && rev <= last) return false
+    return this.applyLinkedCommit(did, { rev, prevData: null, data: null }, ops) !== 'stale'
+  }
+
+  /**
+   * Applies one commit's ops if its rev is newer than the last applied one for
+   * the repo: 'stale' (replayed or out of order: nothing applied), else
+   * 'applied', or 'gap' when it does not follow the repo's head (applied too:
+   * it is signed and verified, but the caller must resync the repo).
+   * Must run inside `tx`.
+   */
+  applyLinkedCommit(did: string, link: ChainLink, ops: IndexOp[]): 'stale' | 'applied' | 'gap' {
+    const state = this.repoState(did)
+    if (state && state.rev !== '' && link.rev <= state.rev) return 'stale'
+    const gap = state !== undefined && isGap(state, link)
     this.st.ensureAccount.run(did)
     for (const op of ops) this.applyOp(op)
-    this.st.advanceRev.run(did, rev)
-    return true
+    // The head stays where it is if commits of other collections took it past this one.
+    const ahead = state?.head != null && state.head > link.rev
+    this.st.advanceRev.run(did, link.rev, ahead ? state.head : link.rev, ahead ? state.headData : link.data)
+    this.chain.delete(did)
+    this.tracked.add(did)
+    return gap ? 'gap' : 'applied'
+  }
+
+  /**
+   * A commit of a tracked repo none of whose ops is ours: only the head moves
+   * (in memory until `flushHeads`). 'untracked' for a repo the index does not
+   * know, 'stale' when the head is already at or past it, 'gap' when it does
+   * not follow the head. Its MST root is not read (that would decode a block
+   * of every such commit): the next commit's `prevData` is checked only
+   * after a commit we applied, or a snapshot.
+   */
+  followForeignCommit(did: string, rev: string, since: string | null, prevData: () => string | null): 'untracked' | 'stale' | 'next' | 'gap' {
+    if (!this.tracked.has(did)) return 'untracked'
+    let state = this.chain.get(did)
+    if (!state) {
+      const read = this.repoState(did)
+      if (!read) return 'untracked'
+      this.chain.set(did, (state = { ...read, unsaved: false }))
+    }
+    if (state.head !== null && rev <= state.head) return 'stale'
+    // prevData only counts after a head whose MST root is known.
+    const gap = isGap(state, { rev, since, prevData: state.headData === null ? null : prevData(), data: null })
+    state.head = rev
+    state.headData = null
+    state.unsaved = true
+    return gap ? 'gap' : 'next'
+  }
+
+  /** Writes the heads kept in memory. Must run inside `tx`, with the cursors that cover them. */
+  flushHeads(): void {
+    for (const [did, c] of this.chain) {
+      if (!c.unsaved) continue
+      this.st.setHead.run(c.head, c.headData, did, c.head)
+      c.unsaved = false
+    }
   }
 
   private applyOp(op: IndexOp): void {
@@ -116,7 +248,7 @@ export class IndexStore {
    * of a verified full-repo fetch (backfill, #sync, desynchronized repo).
    * Must run inside `tx`.
    */
-  replaceRepo(did: string, rev: string, writes: RecordWrite[]): { upserted: number; removed: number } {
+  replaceRepo(did: string, rev: string, data: string | null, writes: RecordWrite[]): { upserted: number; removed: number } {
     const keep = new Set(writes.map((w) => w.uri))
     let removed = 0
     for (const uri of this.st.urisOfDid.all(did) as string[]) {
@@ -127,12 +259,20 @@ export class IndexStore {
     }
     this.st.ensureAccount.run(did)
     for (const w of writes) this.applyOp(w)
-    this.st.setRev.run(did, rev)
+    // The snapshot's commit is the head, unless live commits seen meanwhile are newer.
+    const state = this.repoState(did)
+    const ahead = state?.head != null && state.head > rev
+    this.st.setRev.run(did, rev, ahead ? state.head : rev, ahead ? state.headData : data)
+    this.chain.delete(did)
+    this.tracked.add(did)
     return { upserted: writes.length, removed }
   }
 
   markResync(did: string): void {
     this.st.markResync.run(did)
+    this.tracked.add(did)
+    const cached = this.chain.get(did)
+    if (cached) cached.needsResync = true
   }
   needsResync(did: string): boolean {
     return this.st.needsResync.get(did) === 1
@@ -161,6 +301,8 @@ export class IndexStore {
     const n = this.st.purgeRecords.run(did).changes
     this.st.purgeAccount.run(did)
     this.st.clearResync.run(did)
+    const cached = this.chain.get(did)
+    if (cached) cached.needsResync = false
     return n
   }
 

@@ -71,6 +71,15 @@ export const repos = sqliteTable('repos', {
   rev: text('rev').notNull(),
   /** Set when a #sync, a gap or a failed commit calls for a full resync from getRepo. */
   needsResync: integer('needs_resync', { mode: 'boolean' }).notNull().default(false),
+  /**
+   * The rev and MST root (data CID) of the newest commit seen for the repo, of
+   * any collection: the next commit's `since` and `prevData` must match them,
+   * or events were missed (a gap). Unlike `rev` (the last commit applied, signed
+   * and verified), commits of other collections move it unverified: `since` is
+   * not signed either, so the gap check only guards against loss, not forgery.
+   */
+  head: text('head'),
+  headData: text('head_data'),
 })
 
 /** Firehose cursor per source, written in the same transaction as the rows it covers. */
