@@ -26,6 +26,13 @@ export function createApp(deps: AppDeps): Hono {
   app.notFound((c) => c.json({ error: 'NotFound', message: 'Not found' }, 404))
   // Public, read-only, no credentials: any page may read the index (the console's chat page reads provider keys here).
   app.use('/xrpc/*', cors({ origin: '*', allowMethods: ['GET', 'HEAD', 'OPTIONS'], credentials: false }))
+  // The time spent answering, from routing to the body: lets a client (the stress run's readers) tell the
+  // server's work from the time its request waited on the way in, which under saturation is most of it.
+  app.use('/xrpc/*', async (c, next) => {
+    const t0 = performance.now()
+    await next()
+    c.header('Server-Timing', `app;dur=${(performance.now() - t0).toFixed(2)}`)
+  })
 
   const health = () => ({
     status: 'ok',

@@ -4,7 +4,9 @@
  * into a second indexer, 200 XRPC readers paging through lists, 50 streamed
  * chat completions through the exchange to local providers, browser sign-ins
  * and API-key calls in the background. Prints requests served, errors by kind
- * (exit code 1 if any), p50/p99 latency per endpoint, the indexer's lag at the
+ * (exit code 1 if any), p50/p99 latency per endpoint (for XRPC reads also the
+ * AppView's own time, from its Server-Timing header: the rest is the time the
+ * request waited to be read), the indexer's lag at the
  * end and the RSS of each process; `--duration 600` is the memory soak
  * (fails if a process's RSS is still growing in the last third).
  *

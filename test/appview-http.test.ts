@@ -30,4 +30,12 @@ describe('appview http', () => {
     expect(unknown.status).toBe(501)
     expect(((await unknown.json()) as { error: string }).error).toBe('MethodNotImplemented')
   })
+  it('says how long it took to answer an XRPC call, errors included (Server-Timing)', async () => {
+    for (const path of ['/xrpc/dev.cocore.compute.listProviders', '/xrpc/dev.cocore.compute.listJobs']) {
+      const res = await app.request(path)
+      expect(res.headers.get('server-timing')).toMatch(/^app;dur=\d+\.\d\d$/)
+      // The CORS header of the same middleware chain is still there.
+      expect(res.headers.get('access-control-allow-origin')).toBe('*')
+    }
+  })
 })

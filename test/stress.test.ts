@@ -40,6 +40,8 @@ it('serves every kind of load at once with no error, and reports served, errors,
     expect(row!.p99Ms).toBeGreaterThanOrEqual(row!.p50Ms)
   }
   expect(report.latency['chat completion (stream end)']!.count).toBe(report.served.chat)
+  // The AppViews' own time for each read (their Server-Timing header), beside the readers' time.
+  for (const endpoint of ['exchange: compute.listJobs', 'replay: account.listFriendEdges']) expect(report.latency[`${endpoint} (in server)`]?.count, endpoint).toBe(report.latency[endpoint]!.count)
   // The replay reached the second indexer, which indexed the dev.cocore records in it.
   expect(report.firehose.sent).toBeGreaterThan(0)
   expect(report.firehose.indexedSeq).toBeGreaterThan(0)

@@ -40,12 +40,14 @@ async function request(ctx: LoadContext, kind: string, endpoint: string, url: st
   const t0 = performance.now()
   let status: number
   let body: unknown
+  let serverMs: number | undefined
   // A timer cleared with the answer: AbortSignal.timeout would keep every request's signal alive for the whole timeout.
   const abort = new AbortController()
   const timer = setTimeout(() => abort.abort(new Error(`no answer in ${REQUEST_TIMEOUT_MS} ms`)), REQUEST_TIMEOUT_MS)
   try {
     const res = await fetch(url, { ...init, signal: abort.signal })
     status = res.status
+    serverMs = serverTiming(res.headers.get('server-timing'))
     const text = await res.text()
     try {
       body = JSON.parse(text)
@@ -67,7 +69,15 @@ async function request(ctx: LoadContext, kind: string, endpoint: string, url: st
     return undefined
   }
   ctx.tally.ok(kind, endpoint, ms)
+  // The server's own time for the same request (the AppView says it): the rest of `ms` is waiting.
+  if (serverMs !== undefined) ctx.tally.time(`${endpoint} (in server)`, serverMs)
   return body
+}
+
+/** The `app` duration of a Server-Timing header, in ms. */
+function serverTiming(header: string | null): number | undefined {
+  const dur = header && /(?:^|,)\s*app;dur=([\d.]+)/.exec(header)?.[1]
+  return dur ? Number(dur) : undefined
 }
 
 const expect200 =
