@@ -78,7 +78,7 @@ export class IndexStore {
    * cost a transaction per event. An `unsaved` head is written with the next
    * cursor (`flushHeads`), so a persisted cursor never passes a head left
    * unwritten. Writes of the repo's row (`applyLinkedCommit`, `replaceRepo`)
-   * write the head too and drop the entry.
+   * write the head too and leave the entry as written.
    */
   private readonly chain = new Map<string, RepoState & { unsaved: boolean }>()
 
@@ -186,9 +186,10 @@ export class IndexStore {
     for (const op of ops) this.applyOp(op)
     // The head stays where it is if commits of other collections took it past this one.
     const ahead = state?.head != null && state.head > link.rev
-    this.st.advanceRev.run(did, link.rev, ahead ? state.head : link.rev, ahead ? state.headData : link.data)
-    this.chain.delete(did)
-    this.tracked.add(did)
+    const head = ahead ? state.head : link.rev
+    const headData = ahead ? state.headData : link.data
+    this.st.advanceRev.run(did, link.rev, head, headData)
+    this.cacheWritten(did, { rev: link.rev, head, headData, needsResync: state?.needsResync ?? false })
     return gap ? 'gap' : 'applied'
   }
 
@@ -215,6 +216,12 @@ export class IndexStore {
     state.headData = null
     state.unsaved = true
     return gap ? 'gap' : 'next'
+  }
+
+  /** The state just written for a repo (head included): the next commit of another collection needs no query. */
+  private cacheWritten(did: string, state: RepoState): void {
+    this.tracked.add(did)
+    this.chain.set(did, { ...state, unsaved: false })
   }
 
   /** Writes the heads kept in memory. Must run inside `tx`, with the cursors that cover them. */
@@ -262,9 +269,10 @@ export class IndexStore {
     // The snapshot's commit is the head, unless live commits seen meanwhile are newer.
     const state = this.repoState(did)
     const ahead = state?.head != null && state.head > rev
-    this.st.setRev.run(did, rev, ahead ? state.head : rev, ahead ? state.headData : data)
-    this.chain.delete(did)
-    this.tracked.add(did)
+    const head = ahead ? state.head : rev
+    const headData = ahead ? state.headData : data
+    this.st.setRev.run(did, rev, head, headData)
+    this.cacheWritten(did, { rev, head, headData, needsResync: false })
     return { upserted: writes.length, removed }
   }
 
