@@ -58,6 +58,9 @@ export function isGap(state: RepoState, link: ChainLink): boolean {
   return link.prevData !== null && state.headData !== null && link.prevData !== state.headData
 }
 
+/** Repos whose sync state the store keeps in memory (each entry is a few hundred bytes). */
+const CHAIN_CACHE_MAX = 50_000
+
 export class IndexStore {
   readonly db: Db
   private readonly st: Record<
@@ -207,7 +210,7 @@ export class IndexStore {
     if (!state) {
       const read = this.repoState(did)
       if (!read) return 'untracked'
-      this.chain.set(did, (state = { ...read, unsaved: false }))
+      this.remember(did, (state = { ...read, unsaved: false }))
     }
     if (state.head !== null && rev <= state.head) return 'stale'
     // prevData only counts after a head whose MST root is known.
@@ -221,7 +224,23 @@ export class IndexStore {
   /** The state just written for a repo (head included): the next commit of another collection needs no query. */
   private cacheWritten(did: string, state: RepoState): void {
     this.tracked.add(did)
-    this.chain.set(did, { ...state, unsaved: false })
+    this.remember(did, { ...state, unsaved: false })
+  }
+
+  /**
+   * Keeps a repo's state, most recently used last. Bounded: past
+   * CHAIN_CACHE_MAX the least recently used written entries go (they are in
+   * the database); heads not yet written stay until `flushHeads`.
+   */
+  private remember(did: string, entry: RepoState & { unsaved: boolean }): void {
+    this.chain.delete(did)
+    this.chain.set(did, entry)
+    if (this.chain.size <= CHAIN_CACHE_MAX) return
+    for (const [k, v] of this.chain) {
+      if (v.unsaved) continue
+      this.chain.delete(k)
+      if (this.chain.size <= CHAIN_CACHE_MAX) break
+    }
   }
 
   /** Writes the heads kept in memory. Must run inside `tx`, with the cursors that cover them. */
