@@ -265,7 +265,7 @@ async function pass(app: Hono, t: Target): Promise<{ cpuUs: number; answers: str
   for (let i = 0; i < n; i++) {
     const res = await app.request(t.urls[i % t.urls.length]!)
     const text = await res.text()
-    if (i < t.urls.length) answers.push(`${res.status} ${text}`)
+    if (i < t.urls.length) answers.push(`${res.status} ${res.headers.get('content-type')} ${text}`)
   }
   const cpu = process.cpuUsage(cpu0)
   return { cpuUs: (cpu.user + cpu.system) / n, answers }
