@@ -128,7 +128,8 @@ describe('provider agent', () => {
     expect(agent.registered).toBe(false)
     await av.start()
     await waitFor(() => svc.gateway!.connected(MODEL).some((p) => p.did === host.did), 'agent registered')
-    expect(agent.registered).toBe(true)
+    // The gateway lists it before its `registered` frame reaches the agent.
+    await waitFor(() => agent.registered, 'the agent told it is registered')
     // The gateway challenges at registration and checks the answer against the record's attestation key.
     await waitFor(() => svc.gateway!.machinesOf(host.did)[0]?.attested, 'attestation challenge passed')
   })
