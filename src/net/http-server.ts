@@ -65,7 +65,7 @@ function targetOf(raw: unknown): string | null {
 
 export function serveHttp(opts: ServeHttpOpts, onListening: (port: number) => void): Server {
   // The adapter calls its error handler synchronously, from inside the listener, when it cannot build a
-  // Request from what Node parsed (a Host that makes no URL, `*`, a backslash); the message is kept here
+  // Request from what Node parsed (a Host that makes no URL, `*`, a backslash); the request is kept here
   // for that call, so the refusal can still take the shape the request's path asks for.
   let building: IncomingMessage | null = null
   const listener = getRequestListener(opts.fetch, {
