@@ -44,12 +44,18 @@ function diff(a: unknown, b: unknown, path = ''): string[] {
 
 /**
  * The additions we allow: new optional properties (parameters, inputs,
- * outputs, objects), a parameters block where there was none, and new
- * object defs (reachable only through such new optional properties). Required
- * lists must stay identical, which the diff checks: a changed `required` is a
- * "changed" entry, never allowed.
+ * outputs, objects), a parameters block where there was none, new object defs
+ * (reachable only through such new optional properties, or documenting an
+ * `unknown`), and `nullable` on an output object: the reference AppView
+ * answers null for absent values where its own lexicon says string, and we
+ * answer as it does. Required lists must stay identical, which the diff
+ * checks: a changed `required` is a "changed" entry, never allowed.
  */
-const allowed = (d: string) => /^added \/defs\/main\/parameters$/.test(d) || /^added \/defs\/[^ ]*\/properties\/[A-Za-z]+$/.test(d) || /^added \/defs\/[A-Za-z]+$/.test(d)
+const allowed = (d: string) =>
+  /^added \/defs\/main\/parameters$/.test(d) ||
+  /^added \/defs\/[^ ]*\/properties\/[A-Za-z]+$/.test(d) ||
+  /^added \/defs\/[A-Za-z]+$/.test(d) ||
+  /^added \/defs\/main\/output\/[^ ]*\/nullable$/.test(d)
 
 describe.skipIf(!existsSync(reference))('lexicons are compatible with the reference network', () => {
   const refFiles = existsSync(reference) ? walk(reference) : []

@@ -264,7 +264,7 @@ export const schemas: LexiconDoc[] = [
     "defs": {
       "main": {
         "type": "query",
-        "description": "Fetch everything needed to render one account's profile page in a single call; identity fields come from Bluesky when the account has no cocore profile record.",
+        "description": "Fetch everything needed to render one account's profile page in a single call: account details, owned machines, activity counts, incoming friends, 52 weeks of activity and recent latency.",
         "parameters": {
           "type": "params",
           "required": [
@@ -288,7 +288,7 @@ export const schemas: LexiconDoc[] = [
             "properties": {
               "profile": {
                 "type": "unknown",
-                "description": "Profile page payload: account details, owned machines, activity counts and number of incoming friends."
+                "description": "Profile page payload, a #profileView (typed `unknown` as on the reference network)."
               }
             }
           }
@@ -303,6 +303,249 @@ export const schemas: LexiconDoc[] = [
             "description": "The network holds no cocore data for this DID."
           }
         ]
+      },
+      "profileView": {
+        "type": "object",
+        "description": "One account's profile page. Absent values are null, not left out, as the reference network answers.",
+        "required": [
+          "did",
+          "handle",
+          "displayName",
+          "bio",
+          "avatarUrl",
+          "joinedAt",
+          "lastActivityAt",
+          "machines",
+          "jobCount",
+          "receiptCount",
+          "incomingFriendsCount",
+          "weekSeries",
+          "latency"
+        ],
+        "nullable": [
+          "handle",
+          "displayName",
+          "bio",
+          "avatarUrl",
+          "joinedAt",
+          "lastActivityAt"
+        ],
+        "properties": {
+          "did": {
+            "type": "string",
+            "format": "did"
+          },
+          "handle": {
+            "type": "string",
+            "description": "The account's handle from its DID document, else the handle on its profile record."
+          },
+          "displayName": {
+            "type": "string"
+          },
+          "bio": {
+            "type": "string"
+          },
+          "avatarUrl": {
+            "type": "string"
+          },
+          "joinedAt": {
+            "type": "string",
+            "format": "datetime",
+            "description": "Time of the account's earliest dated record."
+          },
+          "lastActivityAt": {
+            "type": "string",
+            "format": "datetime",
+            "description": "Time of the account's most recent record."
+          },
+          "machines": {
+            "type": "array",
+            "description": "The account's provider records, newest first.",
+            "items": {
+              "type": "ref",
+              "ref": "#machineView"
+            }
+          },
+          "jobCount": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Job records in the account's repo."
+          },
+          "receiptCount": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Receipt records in the account's repo (work it served as a provider)."
+          },
+          "incomingFriendsCount": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Distinct accounts with a friend record naming this account."
+          },
+          "weekSeries": {
+            "type": "ref",
+            "ref": "#weekSeries"
+          },
+          "latency": {
+            "type": "ref",
+            "ref": "#latencyStats"
+          }
+        }
+      },
+      "machineView": {
+        "type": "object",
+        "description": "One provider record of the account, the fields a profile page shows.",
+        "required": [
+          "rkey",
+          "machineLabel",
+          "chip",
+          "ramGB",
+          "supportedModels",
+          "active",
+          "createdAt",
+          "trustLevel"
+        ],
+        "nullable": [
+          "machineLabel",
+          "chip",
+          "ramGB",
+          "active",
+          "createdAt",
+          "trustLevel"
+        ],
+        "properties": {
+          "rkey": {
+            "type": "string"
+          },
+          "machineLabel": {
+            "type": "string"
+          },
+          "chip": {
+            "type": "string"
+          },
+          "ramGB": {
+            "type": "integer"
+          },
+          "supportedModels": {
+            "type": "array",
+            "items": {
+              "type": "string"
+            }
+          },
+          "active": {
+            "type": "boolean"
+          },
+          "createdAt": {
+            "type": "string",
+            "format": "datetime"
+          },
+          "trustLevel": {
+            "type": "string"
+          }
+        }
+      },
+      "weekSeries": {
+        "type": "object",
+        "description": "52 UTC weeks (Monday to Monday), oldest first, the last one the current week; each record counts in the week of its own timestamp.",
+        "required": [
+          "oldestWeekStart",
+          "jobsDispatched",
+          "receiptsServed",
+          "machinesIndexedCumulative",
+          "tokensIndexed",
+          "trustedByNew"
+        ],
+        "properties": {
+          "oldestWeekStart": {
+            "type": "string",
+            "description": "UTC date (YYYY-MM-DD) of the Monday that starts the first week."
+          },
+          "jobsDispatched": {
+            "type": "array",
+            "description": "Job records of the account, per week.",
+            "minLength": 52,
+            "maxLength": 52,
+            "items": {
+              "type": "integer",
+              "minimum": 0
+            }
+          },
+          "receiptsServed": {
+            "type": "array",
+            "description": "Receipt records of the account, per week.",
+            "minLength": 52,
+            "maxLength": 52,
+            "items": {
+              "type": "integer",
+              "minimum": 0
+            }
+          },
+          "machinesIndexedCumulative": {
+            "type": "array",
+            "description": "Provider records of the account dated before each week's end.",
+            "minLength": 52,
+            "maxLength": 52,
+            "items": {
+              "type": "integer",
+              "minimum": 0
+            }
+          },
+          "tokensIndexed": {
+            "type": "array",
+            "description": "Tokens (in + out) of the account's receipts, per week.",
+            "minLength": 52,
+            "maxLength": 52,
+            "items": {
+              "type": "integer",
+              "minimum": 0
+            }
+          },
+          "trustedByNew": {
+            "type": "array",
+            "description": "Accounts whose first friend record naming this account falls in the week.",
+            "minLength": 52,
+            "maxLength": 52,
+            "items": {
+              "type": "integer",
+              "minimum": 0
+            }
+          }
+        }
+      },
+      "latencyStats": {
+        "type": "object",
+        "description": "Latency (completedAt - startedAt) over the account's last 100 receipts; nearest-rank percentiles; null without samples.",
+        "required": [
+          "sampleCount",
+          "p50Ms",
+          "p95Ms",
+          "avgMs",
+          "lastMs"
+        ],
+        "nullable": [
+          "p50Ms",
+          "p95Ms",
+          "avgMs",
+          "lastMs"
+        ],
+        "properties": {
+          "sampleCount": {
+            "type": "integer",
+            "minimum": 0
+          },
+          "p50Ms": {
+            "type": "integer"
+          },
+          "p95Ms": {
+            "type": "integer"
+          },
+          "avgMs": {
+            "type": "integer"
+          },
+          "lastMs": {
+            "type": "integer",
+            "description": "Latency of the newest receipt with a usable sample."
+          }
+        }
       }
     }
   },
@@ -312,7 +555,7 @@ export const schemas: LexiconDoc[] = [
     "defs": {
       "main": {
         "type": "query",
-        "description": "Directory of accounts that have published any dev.cocore record, with profile details and provider counts for card display; identity fields fall back to Bluesky when no cocore profile exists.",
+        "description": "Directory of accounts that have published any dev.cocore record, with profile details and provider counts for card display; the handle is the one in the account's DID document, else the one on its profile record.",
         "parameters": {
           "type": "params",
           "properties": {
@@ -382,8 +625,16 @@ export const schemas: LexiconDoc[] = [
                 "description": "Matching accounts for this page.",
                 "items": {
                   "type": "object",
+                  "description": "One account. Absent handle, displayName, avatarUrl and times are null, as the reference network answers.",
                   "required": [
                     "did"
+                  ],
+                  "nullable": [
+                    "handle",
+                    "displayName",
+                    "avatarUrl",
+                    "joinedAt",
+                    "lastActivityAt"
                   ],
                   "properties": {
                     "did": {
@@ -407,6 +658,15 @@ export const schemas: LexiconDoc[] = [
                       "type": "string",
                       "description": "Time of the account's most recent activity.",
                       "format": "datetime"
+                    },
+                    "joinedAt": {
+                      "type": "string",
+                      "description": "Time of the account's earliest dated record.",
+                      "format": "datetime"
+                    },
+                    "isProvider": {
+                      "type": "boolean",
+                      "description": "Whether the account operates at least one provider."
                     }
                   }
                 }
@@ -537,6 +797,11 @@ export const schemas: LexiconDoc[] = [
                       "type": "string",
                       "description": "Account being trusted.",
                       "format": "did"
+                    },
+                    "createdAt": {
+                      "type": "string",
+                      "description": "createdAt of the pair's oldest friend record.",
+                      "format": "datetime"
                     }
                   }
                 }

@@ -76,18 +76,80 @@ export interface AccountFriend {
   createdAt: string
 }
 
-/** Fetch everything needed to render one account's profile page in a single call; identity fields come from Bluesky when the account has no cocore profile record. */
+/** Fetch everything needed to render one account's profile page in a single call: account details, owned machines, activity counts, incoming friends, 52 weeks of activity and recent latency. */
 export interface AccountGetProfileParams {
   /** Account to look up. */
   did: string
 }
 
 export type AccountGetProfileOutput = {
-  /** Profile page payload: account details, owned machines, activity counts and number of incoming friends. */
+  /** Profile page payload, a #profileView (typed `unknown` as on the reference network). */
   profile: unknown
 }
 
-/** Directory of accounts that have published any dev.cocore record, with profile details and provider counts for card display; identity fields fall back to Bluesky when no cocore profile exists. */
+/** One account's profile page. Absent values are null, not left out, as the reference network answers. */
+export interface AccountGetProfileProfileView {
+  did: string
+  /** The account's handle from its DID document, else the handle on its profile record. */
+  handle: string | null
+  displayName: string | null
+  bio: string | null
+  avatarUrl: string | null
+  /** Time of the account's earliest dated record. */
+  joinedAt: string | null
+  /** Time of the account's most recent record. */
+  lastActivityAt: string | null
+  /** The account's provider records, newest first. */
+  machines: Array<AccountGetProfileMachineView>
+  /** Job records in the account's repo. */
+  jobCount: number
+  /** Receipt records in the account's repo (work it served as a provider). */
+  receiptCount: number
+  /** Distinct accounts with a friend record naming this account. */
+  incomingFriendsCount: number
+  weekSeries: AccountGetProfileWeekSeries
+  latency: AccountGetProfileLatencyStats
+}
+
+/** One provider record of the account, the fields a profile page shows. */
+export interface AccountGetProfileMachineView {
+  rkey: string
+  machineLabel: string | null
+  chip: string | null
+  ramGB: number | null
+  supportedModels: Array<string>
+  active: boolean | null
+  createdAt: string | null
+  trustLevel: string | null
+}
+
+/** 52 UTC weeks (Monday to Monday), oldest first, the last one the current week; each record counts in the week of its own timestamp. */
+export interface AccountGetProfileWeekSeries {
+  /** UTC date (YYYY-MM-DD) of the Monday that starts the first week. */
+  oldestWeekStart: string
+  /** Job records of the account, per week. */
+  jobsDispatched: Array<number>
+  /** Receipt records of the account, per week. */
+  receiptsServed: Array<number>
+  /** Provider records of the account dated before each week's end. */
+  machinesIndexedCumulative: Array<number>
+  /** Tokens (in + out) of the account's receipts, per week. */
+  tokensIndexed: Array<number>
+  /** Accounts whose first friend record naming this account falls in the week. */
+  trustedByNew: Array<number>
+}
+
+/** Latency (completedAt - startedAt) over the account's last 100 receipts; nearest-rank percentiles; null without samples. */
+export interface AccountGetProfileLatencyStats {
+  sampleCount: number
+  p50Ms: number | null
+  p95Ms: number | null
+  avgMs: number | null
+  /** Latency of the newest receipt with a usable sample. */
+  lastMs: number | null
+}
+
+/** Directory of accounts that have published any dev.cocore record, with profile details and provider counts for card display; the handle is the one in the account's DID document, else the one on its profile record. */
 export interface AccountListAccountsParams {
   /** Maximum number of accounts to return. */
   limit?: number
@@ -111,13 +173,17 @@ export type AccountListAccountsOutput = {
   /** Matching accounts for this page. */
   accounts: Array<{
     did: string
-    handle?: string
-    displayName?: string
-    avatarUrl?: string
+    handle?: string | null
+    displayName?: string | null
+    avatarUrl?: string | null
     /** Number of providers the account operates. */
     providerCount?: number
     /** Time of the account's most recent activity. */
-    lastActivityAt?: string
+    lastActivityAt?: string | null
+    /** Time of the account's earliest dated record. */
+    joinedAt?: string | null
+    /** Whether the account operates at least one provider. */
+    isProvider?: boolean
   }>
   /** Number of accounts matching the filters. */
   total: number
@@ -158,6 +224,8 @@ export type AccountListFriendEdgesOutput = {
     friender: string
     /** Account being trusted. */
     subject: string
+    /** createdAt of the pair's oldest friend record. */
+    createdAt?: string
   }>
   /** Total number of edges. */
   total: number
