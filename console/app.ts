@@ -11,9 +11,10 @@ import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { isValidRecordKey } from '@atproto/syntax'
 import { consoleLogger as log } from '../src/logger.ts'
 import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
+import { contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
 import { authenticate, handlers } from './api/index.ts'
 import type { ApiDeps } from './api/context.ts'
-import type { KeyGate, RateLimiter } from './api-keys.ts'
+import { limitedAddress, type KeyGate, type RateLimiter } from './api-keys.ts'
 import { createKey, deleteKey, revokeKey, sessionCaller } from './api/key-actions.ts'
 import { InvalidRequestError, NotFoundError } from '../src/xrpc/errors.ts'
 import { OpenAiError } from './exchange/openai.ts'
@@ -52,7 +53,7 @@ export interface ConsoleDeps {
   onSignIn?: (did: string) => void
   /** The OpenAI-compatible inference API (`/v1/...`), when this console is an exchange. */
   inference?: Hono<any>
-  /** Test hook: the client address, where the HTTP server is not Node's. */
+  /** The client address every per-address limit uses (src/net/client-address.ts); default: the TCP peer. */
   clientIp?: (c: Context) => string | undefined
 }
 
@@ -73,18 +74,12 @@ async function readForm(c: Context, all = false): Promise<Record<string, string 
   }
 }
 
-/** The client address: the peer of the TCP connection (no forwarding header is trusted). */
-export function clientIpOf(c: Context): string | undefined {
-  const incoming = (c.env as { incoming?: { socket?: { remoteAddress?: string } } } | undefined)?.incoming
-  return incoming?.socket?.remoteAddress
-}
-
 export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   const app = new Hono<Env>()
   const origin = new URL(deps.consoleUrl).origin
   // The chat page reads provider keys from the AppView itself.
   const appviewOrigin = new URL(deps.appviewUrl).origin
-  const ip = (c: Context) => (deps.clientIp ?? clientIpOf)(c)
+  const ip = deps.clientIp ?? ((c: Context) => contextClientAddress(c, TrustedProxies.none))
   const cookieOpts = deps.secureCookies
     ? ({ prefix: 'host', secure: true, httpOnly: true, sameSite: 'Lax', path: '/' } as const)
     : ({ httpOnly: true, sameSite: 'Lax', path: '/' } as const)
@@ -160,7 +155,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
 
   app.post('/login', async (c) => {
     // Each sign-in makes the server call out to a PDS: limited per client address.
-    const wait = deps.loginLimiter.take(deps.sessions.hashIp(ip(c)) ?? 'unknown')
+    const wait = deps.loginLimiter.take(deps.sessions.hashIp(limitedAddress(ip(c))) ?? 'unknown')
     if (wait > 0) {
       c.header('Retry-After', String(wait))
       return c.html(signInPage(`Too many sign-in attempts from here; try again in ${wait} s.`), 429)

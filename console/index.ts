@@ -9,7 +9,8 @@ import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { openDb, type Db } from '../src/db/index.ts'
 import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import { consoleLogger as log } from '../src/logger.ts'
-import { clientIpOf, createConsoleApp } from './app.ts'
+import { createConsoleApp } from './app.ts'
+import { contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
 import { createOAuthClient } from './oauth/client.ts'
 import { stateStore } from './oauth/stores.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
@@ -25,6 +26,8 @@ import type { InferenceDeps } from './exchange/admission.ts'
 import type { ApiDeps } from './api/context.ts'
 import { Economy } from './exchange/economy.ts'
 import { DEFAULT_POLICY, type EconomyPolicy } from './exchange/policy.ts'
+import { DispatchBook } from './exchange/dispatch-book.ts'
+import { Ledger } from './exchange/ledger.ts'
 import pkg from '../package.json' with { type: 'json' }
 
 const SOFTWARE_VERSION = `cocore-appview/${pkg.version}`
@@ -64,6 +67,8 @@ export interface ConsoleOpts {
   settlementHooks?: { afterDecide?: (receiptUri: string) => void; afterPublish?: (ref: string) => void }
   /** Wipe retry timing (tests shorten it). */
   wipeRetry?: { firstMs: number; maxMs: number; giveUpAfterMs: number; attemptMs?: number }
+  /** CIDRs of reverse proxies whose X-Forwarded-For names the client (COCORE_TRUSTED_PROXIES). */
+  trustedProxies?: string[]
   /** Sign-in attempts per minute from one client address. */
   loginRatePerMinute?: number
   /** Requests per minute one API key may make (token bucket). */
@@ -101,6 +106,8 @@ export interface ConsoleService {
 
 export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   const db = openDb(opts.dbPath)
+  const trusted = new TrustedProxies(opts.trustedProxies ?? [])
+  const clientIp = (c: { env: unknown }) => contextClientAddress(c, trusted)
   const box = new SecretBox(loadKeyring(opts.secretKey, join(opts.dataDir, 'secret.key')))
   // The loopback client id must name the exact port, so bind first when the port is 0. Until the app
   // is built (the exchange policy may wait for its PDS), requests are answered 503.
@@ -133,8 +140,12 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     retry: opts.wipeRetry,
   })
   const usage = new UsageCounters(db)
+  const policy = { ...DEFAULT_POLICY, ...opts.policy }
+  // Holds and the admission floor apply where the ledger runs (the exchange account is configured).
+  const book = new DispatchBook({ db, policy, ledger: opts.exchangeAccount ? new Ledger(db) : null, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000 })
   let gateway: ProviderGateway | null = null
   let exchange: Exchange | null = null
+  let economy: Economy | null = null
   if (opts.exchangeDid && opts.index) {
     const index = opts.index
     gateway = new ProviderGateway({
@@ -147,18 +158,20 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     exchange = new Exchange({
       gateway,
       exchangeDid: opts.exchangeDid,
+      book,
+      beforeAdmit: (did) => void economy?.refresh(did),
       prepareJob: (did, spec) => publisher.prepareJob(did, spec),
       isFriend: (owner, subject) => index.isFriend(owner, subject),
       firstChunkTimeoutMs: opts.firstChunkTimeoutMs,
     })
   }
-  let economy: Economy | null = null
   if (opts.exchangeDid && opts.index && opts.exchangeAccount) {
     economy = await Economy.start({
       db,
       index: opts.index,
+      book,
       repo: opts.exchangeAccount,
-      policy: { ...DEFAULT_POLICY, ...opts.policy },
+      policy,
       signingKey: { env: opts.signingKey, file: join(opts.dataDir, 'exchange-signing-key.json') },
       softwareVersion: SOFTWARE_VERSION,
       settleEveryMs: opts.settleEveryMs,
@@ -169,7 +182,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   }
   const hasPdsSession$ = db.$client.prepare('SELECT 1 FROM oauth_sessions WHERE did = ?').pluck()
   const inference: InferenceDeps | undefined = exchange
-    ? { exchange, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined, economy }
+    ? { exchange, usage, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined, economy }
     : undefined
   const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference }
   // One gate for XRPC and /v1: a client address guessing keys is slowed on both.
@@ -190,7 +203,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     api,
     gate,
     onSignIn: economy ? (did) => void economy!.welcome(did) : undefined,
-    inference: inference ? new Hono().route('/', openAiRoutes({ ...inference, gate, clientIp: clientIpOf })).route('/', directoryRoutes(inference.exchange)) : undefined,
+    inference: inference ? new Hono().route('/', openAiRoutes({ ...inference, gate, clientIp })).route('/', directoryRoutes(inference.exchange)) : undefined,
     loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
     publisher,
@@ -200,6 +213,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     consoleUrl: url,
     secureCookies: opts.mode === 'production',
     demoAccounts: opts.demoAccounts,
+    clientIp,
   })
   // Wipes a previous process left running continue now.
   wiper.resumeAll()

@@ -44,6 +44,7 @@ const consoleSrv = await startConsole({
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   apiKeyIpRatePerMinute: config.apiKeyIpRatePerMinute,
   apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,
+  trustedProxies: config.trustedProxies,
   dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: config.exchangeDid || undefined,

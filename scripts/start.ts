@@ -86,6 +86,7 @@ const consoleSrv = await startConsole({
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   apiKeyIpRatePerMinute: config.apiKeyIpRatePerMinute,
   apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,
+  trustedProxies: config.trustedProxies,
   dailyTokenLimit: config.dailyTokenLimit,
   index: appview.consoleIndex(),
   exchangeDid: market.did,

@@ -3,6 +3,7 @@
  * default; the README's configuration table is this list.
  */
 import { join, resolve } from 'node:path'
+import { TrustedProxies } from './net/client-address.ts'
 
 type Parse<T> = (raw: string) => T
 
@@ -24,6 +25,12 @@ const list: Parse<string[]> = (s) =>
     .split(',')
     .map((x) => x.trim())
     .filter(Boolean)
+/** Comma-separated CIDRs, each checked here so a typo stops the start. */
+const cidrs: Parse<string[]> = (s) => {
+  const out = list(s)
+  new TrustedProxies(out)
+  return out
+}
 const mode: Parse<'dev' | 'production'> = (s) => {
   if (s !== 'dev' && s !== 'production') throw new ConfigError(`COCORE_MODE must be dev or production, got "${s}"`)
   return s
@@ -67,6 +74,7 @@ export const knobs = {
   apiKeyRatePerMinute: knob('COCORE_API_KEY_RATE_PER_MIN', 600, int, 'Requests per minute one API key may make (429 with Retry-After beyond)'),
   apiKeyIpRatePerMinute: knob('COCORE_API_KEY_IP_RATE_PER_MIN', 1200, int, 'API-key requests per minute from one client address (an IPv6 client by its /64), whatever keys it sends (429 with Retry-After beyond)'),
   apiKeyIpFailuresPerMinute: knob('COCORE_API_KEY_IP_FAILURES_PER_MIN', 30, int, 'Refused API keys (unknown, malformed, revoked, expired) per minute from one client address; beyond, its API-key requests get 429 with Retry-After before any key is looked up'),
+  trustedProxies: knob('COCORE_TRUSTED_PROXIES', [] as string[], cidrs, 'Comma-separated CIDRs (IPv4 or IPv6) of reverse proxies in front of the console: from a peer inside them, the client address is read from `X-Forwarded-For` (rightmost address that is not a trusted proxy); from any other peer the header is ignored. Empty: every limit per client address uses the TCP peer'),
   dailyTokenLimit: knob('COCORE_DAILY_TOKEN_LIMIT', 5_000_000, int, 'Tokens (prompt + completion) one account may use per UTC day on the inference API (429 insufficient_quota beyond)'),
   relayUrl: knob('COCORE_RELAY_URL', '', str, 'production: firehose relay, e.g. `wss://bsky.network`'),
   pdsUrls: knob('COCORE_PDS_URLS', [] as string[], list, 'Comma-separated PDS URLs to subscribe to directly (instead of, or besides, a relay)'),
