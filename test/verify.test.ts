@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { signDetached, signReceipt } from '../src/crypto/signing.ts'
+import { fakeCertChain, legacyAttestation } from './fixture/legacy-attestation.ts'
 import { canonicalJson } from '../src/crypto/canonical-json.ts'
 import { verifySettlement as verifySettlementFn } from '../appview/verify/settlement.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
@@ -133,6 +134,33 @@ describe('verifyReceipt', () => {
     const bad = await xrpc(ids.ComputeVerifyReceipt, { uri: 'not-a-uri' })
     expect(bad.status).toBe(400)
     expect(bad.body.error).toBe('InvalidRequest')
+  })
+})
+
+describe('verifyReceipt with attestations published before the 2026-06 fix', () => {
+  // Receipts of that time, settled late: completed inside the old attestation's window.
+  const oldReceipt = (att: { uri: string; cid: string }) =>
+    signReceipt({ ...receiptRecord(signer, { ...base(), attestation: att }), startedAt: '2026-06-20T11:59:58Z', completedAt: '2026-06-20T12:00:00Z' }, signer)
+  const forms: [string, Parameters<typeof legacyAttestation>[1]][] = [
+    ['no chain, microsecond times', { attestedAt: { at: '2026-06-20T09:14:03Z', nanos: 384_834_000 }, expiresAt: { at: '2026-06-21T09:14:03Z', nanos: 384_834_000 } }],
+    ['no chain, whole-second times', { attestedAt: { at: '2026-06-20T09:14:03Z', nanos: 0 }, expiresAt: { at: '2026-06-21T09:14:03Z', nanos: 0 } }],
+    ['a certificate chain, nanosecond times', { attestedAt: { at: '2026-06-20T09:14:03Z', nanos: 7 }, expiresAt: { at: '2026-06-21T09:14:03Z', nanos: 7 }, mdaCertChain: fakeCertChain() }],
+  ]
+  for (const [name, opts] of forms) {
+    it(`accepts a receipt citing one: ${name}`, async () => {
+      const att = await publish(provider, legacyAttestation(signer, opts).stored)
+      const r = await publish(provider, oldReceipt(att))
+      const { body } = await xrpc(ids.ComputeVerifyReceipt, { uri: r.uri })
+      expect(body.findings).toEqual([])
+      expect(body.ok).toBe(true)
+    })
+  }
+
+  it('still refuses one changed after signing', async () => {
+    const { stored } = legacyAttestation(signer, forms[0]![1])
+    const att = await publish(provider, { ...stored, osVersion: 'tampered' })
+    const r = await publish(provider, oldReceipt(att))
+    expect(codes((await xrpc(ids.ComputeVerifyReceipt, { uri: r.uri })).body)).toEqual(['attestation-selfsig-invalid'])
   })
 })
 

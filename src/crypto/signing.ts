@@ -4,7 +4,9 @@
  *  - receipt `enclaveSignature`: DER P-256 over canonical JSON of the record
  *    without `enclaveSignature`, `$type` and `brokerageCountersignature`.
  *  - attestation `selfSignature`: DER P-256 over canonical JSON without
- *    `selfSignature` and `$type`.
+ *    `selfSignature` and `$type` (or, for attestations the network's agent
+ *    published before its 2026-06 fix, over what that agent signed: see
+ *    `legacyAttestationBody`).
  *  - settlement / dispute / terms `sig`: ES256 raw R||S base64url over
  *    canonical JSON without `sig` (the reference signs some of these with
  *    `$type` present and some without; a verifier tries both).
@@ -33,9 +35,42 @@ export function verifyReceiptSignature(receipt: Rec, key: KeyObject): boolean {
   return !!sig && verifyDer(key, receiptSigningBytes(receipt), sig)
 }
 
+/**
+ * The body the network's provider agent signed, up to its 2026-06 fix, for an
+ * attestation as its PDS stores it. That agent signed one body and stored
+ * another (cocore provider/src/attestation.rs before commit 9220c60):
+ *  - it signed `mdaCertChain: []` but left an empty chain out of the stored
+ *    record, so an absent chain was signed as `[]` (a chain present was
+ *    signed as stored);
+ *  - it signed `attestedAt`/`expiresAt` at whole seconds but stored chrono's
+ *    default form, which adds the fraction (`...:08.384834Z`), so the
+ *    fraction is cut off again.
+ * Those records cannot be re-signed (the key stays in the machine), so the
+ * verifier rebuilds what was signed. This is the reference verifier's rule
+ * exactly (packages/sdk/src/p256.ts `legacyAttestationBody`), both changes at
+ * once and nothing else: a record that verifies only some other way is refused.
+ * What it tolerates is harmless: only the key holder signs, and the only
+ * freedom is a fraction of a second on the two times, or an empty chain left out.
+ */
+export function legacyAttestationBody(attestation: Rec): Rec {
+  const out = without(attestation, 'selfSignature', '$type')
+  if (!('mdaCertChain' in out)) out.mdaCertChain = []
+  for (const k of ['attestedAt', 'expiresAt']) {
+    const v = out[k]
+    if (typeof v === 'string') out[k] = v.replace(/\.\d+(Z|[+-]\d\d:\d\d)$/, '$1')
+  }
+  return out
+}
+
+/** `selfSignature` over the record as stored, or else over the body the pre-fix agent signed (legacyAttestationBody). */
 export function verifyAttestationSignature(attestation: Rec, key: KeyObject): boolean {
   const sig = toBytes(attestation.selfSignature)
-  return !!sig && verifyDer(key, attestationSigningBytes(attestation), sig)
+  if (!sig) return false
+  const stored = attestationSigningBytes(attestation)
+  if (verifyDer(key, stored, sig)) return true
+  const legacy = canonicalBytes(legacyAttestationBody(attestation))
+  // The same bytes again would only repeat the first answer.
+  return !Buffer.from(legacy).equals(stored) && verifyDer(key, legacy, sig)
 }
 
 export function signDetached<T extends Rec>(record: T, signer: P256Signer): T & { sig: string } {
