@@ -16,7 +16,9 @@ import type { ConsoleService } from '../console/index.ts'
 import type { LocalAccount, LocalNetwork } from '../src/dev/network.ts'
 import { friend, putRecord } from '../src/dev/records.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
-import { encodeInput, inputCommitment } from '../src/protocol/input.ts'
+import { openPrompt } from '../src/crypto/seal.ts'
+import { inputCommitment } from '../src/protocol/input.ts'
+import type { InferenceRequestFrame } from '../src/protocol/agent.ts'
 import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
 import { startStack, type Stack } from './fixture/stack.ts'
 import { connectScripted, publishScriptedRecord, scriptedReply, type Behaviour, type ScriptedProvider } from './fixture/scripted-provider.ts'
@@ -32,10 +34,16 @@ let bob: LocalAccount
 let market: LocalAccount
 let key: string
 const providers: Record<string, ScriptedProvider> = {}
+/** Each provider's X25519 secret key: the tests open what it was sent. */
+const secretKeys: Record<string, Uint8Array> = {}
+
+/** The commitment of the bytes a provider was sent (salted: not recomputable from the messages). */
+const commitmentOfSealed = (handle: string, req: InferenceRequestFrame) => inputCommitment(openPrompt(req.ciphertext, req.requester_pub_key, secretKeys[handle]!)!)
 
 async function provider(handle: string, model: string, behaviour: Behaviour, extra: Record<string, unknown> = {}, version?: string) {
   const acct = await net.createAccount(handle)
   const published = await publishScriptedRecord(acct, model, extra)
+  secretKeys[handle] = published.keys.secretKey
   await waitFor(() => av.db.$client.prepare('SELECT 1 FROM records WHERE uri = ?').get(published.ref.uri), `${handle} provider record indexed`)
   return { acct, published, connect: () => connectScripted(svc.localUrl.replace('http', 'ws'), acct, market.did, published, { behaviour, models: [model], version }) }
 }
@@ -103,7 +111,7 @@ describe('OpenAI-compatible API', () => {
     expect(carol.opened.get(req.session_id)).toEqual(messages)
 
     // The job and its payment authorization, on Alice's PDS, in the reference format, under the CID the provider was given.
-    const commitment = inputCommitment(encodeInput(messages))
+    const commitment = commitmentOfSealed('carol.test', req)
     expect(req.input_commitment).toBe(commitment)
     const rkey = req.job_uri.split('/').pop()!
     const job = await alice.agent.com.atproto.repo.getRecord({ repo: alice.did, collection: ids.ComputeJob, rkey })
@@ -281,7 +289,7 @@ describe('dev.cocore.inference.dispatch', () => {
     expect(carol.raw.join('\n')).not.toContain('sealed by the client')
     // The job record names the commitment of what the client sealed.
     const req = carol.requests.at(-1)!
-    expect(req.input_commitment).toBe(inputCommitment(encodeInput(ask('sealed by the client'))))
+    expect(req.input_commitment).toBe(commitmentOfSealed('carol.test', req))
     expect(req.max_tokens_out).toBe(40)
   })
 

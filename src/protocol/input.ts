@@ -1,12 +1,16 @@
 /**
  * The sealed job input, as requesters build it and providers read it. Two
  * formats, as on the network:
- *  - `messages-v1`: canonical JSON `{"messages":[{"content":..,"role":..}],"v":1}`;
+ *  - `messages-v1`: canonical JSON `{"messages":[{"content":..,"role":..}],"salt":..,"v":1}`;
  *  - `text`: UTF-8 of "role: content" lines joined by "\n" (older clients).
  * `inputCommitment` is the sha256 hex of the exact plaintext bytes sealed, so
  * the job record, the receipt and the sealed bytes can be matched later
- * without revealing the prompt. Browser-safe: no Node imports (Node's crypto is
- * used when the runtime has it).
+ * without revealing the prompt. The commitment is public (job and receipt
+ * records), so `salt` (16 random bytes, base64) keeps a short prompt from
+ * being confirmed by hashing guesses. Readers ignore top-level fields they do
+ * not know (the reference provider's `parse_messages_v1` reads only `v` and
+ * `messages`), and documents without a salt still decode. Browser-safe: no
+ * Node imports (Node's crypto is used when the runtime has it).
  */
 import { sha256 } from '@noble/hashes/sha2.js'
 import { bytesToHex } from '@noble/hashes/utils.js'
@@ -24,9 +28,16 @@ export class InputError extends Error {
   override name = 'InputError'
 }
 
+/** `text` cannot carry a salt: its commitment can be confirmed by guessing, so `messages-v1` is the default. */
 export function encodeInput(messages: ChatMessage[], format: InputFormat = 'messages-v1'): Uint8Array {
   if (format === 'text') return new TextEncoder().encode(messages.map((m) => `${m.role}: ${m.content}`).join('\n'))
-  return canonicalBytes({ v: 1, messages: messages.map((m) => ({ role: m.role, content: m.content })) })
+  return canonicalBytes({ v: 1, salt: randomSalt(), messages: messages.map((m) => ({ role: m.role, content: m.content })) })
+}
+
+/** 16 random bytes, base64 (Web Crypto: the same in Node and the browser). */
+function randomSalt(): string {
+  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16))
+  return btoa(String.fromCharCode(...bytes))
 }
 
 /** The messages of an opened input; throws InputError on anything malformed. */
