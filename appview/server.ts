@@ -42,6 +42,8 @@ export function createApp(deps: AppDeps): Hono {
   })
   app.get('/xrpc/_health', (c) => c.json(health()))
   app.get('/health', (c) => c.json(health()))
+  // The reference AppView's liveness probe, as its deploys and monitors call it.
+  app.get('/healthz', (c) => c.json({ ok: true }))
 
   // did:web for the AppView service, so clients can address it as a service DID.
   app.get('/.well-known/did.json', (c) => {

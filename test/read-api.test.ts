@@ -453,21 +453,52 @@ describe('accounts, profiles and friends', () => {
   const cmpStr = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0)
   const order = (sortBy: 'recent' | 'newest', xs = model) =>
     [...xs].sort((a, b) => (sortBy === 'recent' ? a.last - b.last : a.joined - b.joined) || cmpStr(a.did, b.did))
+  // Absent values are null, as the reference AppView answers.
   const view = (m: Model) => ({
     did: m.did,
-    ...(m.handle ? { handle: m.handle } : {}),
-    ...(m.displayName ? { displayName: m.displayName } : {}),
-    ...(m.avatarUrl ? { avatarUrl: m.avatarUrl } : {}),
-    providerCount: m.providerCount,
+    handle: m.handle ?? null,
+    displayName: m.displayName ?? null,
+    avatarUrl: m.avatarUrl ?? null,
+    joinedAt: ago(m.joined),
     lastActivityAt: ago(m.last),
+    providerCount: m.providerCount,
+    isProvider: m.providerCount > 0,
   })
   const dids = (xs: Json[]) => xs.map((x) => x.did as string)
 
-  it('getProfile returns the profile record body, or 404', async () => {
+  it('getProfile returns the profile page aggregate, nulls for absent values, or 404', async () => {
     const res = await w.get(ids.AccountGetProfile, { did: ALICE })
     expect(res.status).toBe(200)
-    expect(res.body.profile).toEqual({ $type: ids.AccountProfile, createdAt: ago(1000), displayName: 'Alice' })
-    expectError(await w.get(ids.AccountGetProfile, { did: CAROL }), 404, 'NotFound')
+    const { weekSeries, machines, ...rest } = res.body.profile
+    expect(rest).toEqual({
+      did: ALICE,
+      handle: 'alice.test',
+      displayName: 'Alice',
+      bio: null,
+      avatarUrl: null,
+      joinedAt: ago(1000),
+      lastActivityAt: ago(10),
+      jobCount: 0,
+      receiptCount: 0,
+      // Bob, Carol and the fillers; Dave is deactivated.
+      incomingFriendsCount: 59,
+      latency: { sampleCount: 0, p50Ms: null, p95Ms: null, avgMs: null, lastMs: null },
+    })
+    const machine = { machineLabel: 'test box', chip: 'x86_64', ramGB: 32, supportedModels: ['llama-3-8b'], active: null, trustLevel: 'self-attested' }
+    expect(machines).toEqual([
+      { rkey: expect.any(String), ...machine, createdAt: ago(400) },
+      { rkey: expect.any(String), ...machine, createdAt: ago(500) },
+    ])
+    expect(weekSeries.trustedByNew.reduce((a: number, b: number) => a + b, 0)).toBe(59)
+    expect(weekSeries.machinesIndexedCumulative[51]).toBe(2)
+
+    // An account with records but no profile record has a page of nulls; its handle comes from its DID document.
+    const carol = (await w.get(ids.AccountGetProfile, { did: CAROL })).body.profile
+    expect(carol).toMatchObject({ did: CAROL, handle: 'carol.test', displayName: null, bio: null, avatarUrl: null, joinedAt: ago(300), lastActivityAt: ago(15), machines: [], incomingFriendsCount: 0 })
+    // A profile's own handle is used when the DID document gave none.
+    expect((await w.get(ids.AccountGetProfile, { did: BOB })).body.profile).toMatchObject({ handle: 'Bob.Example', avatarUrl: 'https://example.com/b.png', incomingFriendsCount: 3 })
+    // Empty strings read as absent.
+    expect((await w.get(ids.AccountGetProfile, { did: ERIN })).body.profile).toMatchObject({ handle: null, displayName: null })
     expectError(await w.get(ids.AccountGetProfile, { did: DAVE }), 404, 'NotFound')
     expectError(await w.get(ids.AccountGetProfile, { did: plc('nobody') }), 404, 'NotFound')
     expectError(await w.get(ids.AccountGetProfile, { did: 'alice' }), 400, 'InvalidRequest')
@@ -603,12 +634,14 @@ describe('accounts, profiles and friends', () => {
 
   it('listFriendEdges returns distinct non-self edges between visible accounts, paged', async () => {
     const hidden = new Set([DAVE])
-    const edges = new Map<string, { friender: string; subject: string }>()
+    // Each pair once, with the createdAt of its oldest record.
+    const edges = new Map<string, { friender: string; subject: string; createdAt: string; minAgo: number }>()
     for (const f of friendRecs) {
       if (f.friender === f.subject || hidden.has(f.friender) || hidden.has(f.subject)) continue
-      edges.set(`${f.friender} ${f.subject}`, { friender: f.friender, subject: f.subject })
+      const key = `${f.friender} ${f.subject}`
+      if ((edges.get(key)?.minAgo ?? -1) < f.minAgo) edges.set(key, { friender: f.friender, subject: f.subject, createdAt: ago(f.minAgo), minAgo: f.minAgo })
     }
-    const want = [...edges.values()].sort((a, b) => cmpStr(a.friender, b.friender) || cmpStr(a.subject, b.subject))
+    const want = [...edges.values()].map(({ minAgo: _, ...e }) => e).sort((a, b) => cmpStr(a.friender, b.friender) || cmpStr(a.subject, b.subject))
     expect(want).toHaveLength(61)
     const all = await w.pageAll(ids.AccountListFriendEdges, 'edges', { limit: 10 })
     expect(all.items).toEqual(want)

@@ -1,6 +1,7 @@
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { AccountListAccountsOutput, AccountListAccountsParams } from '../../../../../src/lexicon/generated/types.ts'
-import { decodeCursor, encodeCursor, statement, visible, type ApiContext } from '../../../util.ts'
+import { ACCOUNT_DIRECTORY, ACCOUNT_DIRECTORY_PARAMS } from '../../../aggregates.ts'
+import { decodeCursor, encodeCursor, statement, type ApiContext } from '../../../util.ts'
 
 interface Row {
   did: string
@@ -9,6 +10,7 @@ interface Row {
   avatarUrl: string | null
   providerCount: number
   lastAt: string
+  joinedAt: string | null
   sortKey: string
   total: number
 }
@@ -17,21 +19,17 @@ interface Row {
 const textField = (path: string) => `CASE WHEN json_type(p.body, '${path}') = 'text' THEN NULLIF(json_extract(p.body, '${path}'), '') END`
 
 /**
- * Every visible DID with at least one indexed record: its latest activity, its
- * first record and its provider count from one pass over the (did, collection,
- * sort_at, uri) index; its handle and profile details. `p` is the account's
- * profile record (rkey self), `a` its accounts row.
+ * Every account of the directory (aggregates.ts) with its handle and profile
+ * details. `p` is the account's profile record (rkey self), `a` its accounts
+ * row. An account none of whose records is dated sorts last by `newest`.
  */
 const directory = (sortBy: 'recent' | 'newest') => `
-  SELECT d.did AS did, d.last_at AS lastAt, d.provider_count AS providerCount,
-    ${sortBy === 'newest' ? 'd.joined_at' : 'd.last_at'} AS sortKey,
+  SELECT d.did AS did, d.last_at AS lastAt, d.joined_at AS joinedAt, d.provider_count AS providerCount,
+    ${sortBy === 'newest' ? "COALESCE(d.joined_at, '')" : 'd.last_at'} AS sortKey,
     COALESCE(NULLIF(a.handle, ''), ${textField('$.handle')}) AS handle,
     ${textField('$.displayName')} AS displayName,
     ${textField('$.avatarUrl')} AS avatarUrl
-  FROM (
-    SELECT did, MAX(sort_at) AS last_at, MIN(sort_at) AS joined_at, SUM(collection = ?) AS provider_count
-    FROM records WHERE ${visible()} GROUP BY did
-  ) d
+  FROM (${ACCOUNT_DIRECTORY}) d
   LEFT JOIN accounts a ON a.did = d.did
   LEFT JOIN records p ON p.did = d.did AND p.collection = ? AND p.rkey = 'self'`
 
@@ -69,7 +67,7 @@ export default function listAccounts(ctx: ApiContext, params: AccountListAccount
   }
   const where = filters.length ? `WHERE ${filters.join(' AND ')}` : ''
   const dir = directory(sortBy)
-  const dirParams = [ids.ComputeProvider, ids.AccountProfile]
+  const dirParams = [...ACCOUNT_DIRECTORY_PARAMS, ids.AccountProfile]
 
   // The total is counted over the filtered set before the page's keyset/offset applies.
   const rows = statement(
@@ -86,13 +84,16 @@ export default function listAccounts(ctx: ApiContext, params: AccountListAccount
     (after || offset > 0 ? ((statement(ctx.db, `SELECT COUNT(*) AS n FROM (${dir}) dir ${where}`).get(...dirParams, ...filterParams) as { n: number } | undefined)?.n ?? 0) : 0)
   const last = page[page.length - 1]
   return {
+    // Absent values are null, not left out, as the reference AppView answers.
     accounts: page.map((r) => ({
       did: r.did,
-      ...(r.handle ? { handle: r.handle } : {}),
-      ...(r.displayName ? { displayName: r.displayName } : {}),
-      ...(r.avatarUrl ? { avatarUrl: r.avatarUrl } : {}),
+      handle: r.handle,
+      displayName: r.displayName,
+      avatarUrl: r.avatarUrl,
+      joinedAt: r.joinedAt,
+      lastActivityAt: r.lastAt || null,
       providerCount: r.providerCount,
-      ...(r.lastAt ? { lastActivityAt: r.lastAt } : {}),
+      isProvider: r.providerCount > 0,
     })),
     total,
     limit,

@@ -29,6 +29,13 @@ export function latencyStats(newestFirst: number[]): LatencyStats {
   }
 }
 
+/** A receipt's latency in ms (completedAt - startedAt), or null when either time is missing or they are out of order. */
+export function latencySample(startedAt: unknown, completedAt: unknown): number | null {
+  if (typeof startedAt !== 'string' || typeof completedAt !== 'string') return null
+  const ms = Date.parse(completedAt) - Date.parse(startedAt)
+  return Number.isFinite(ms) && ms >= 0 ? ms : null
+}
+
 function grouped(groups: Map<string, number[]>) {
   return [...groups.entries()].map(([key, samples]) => ({ key, stats: latencyStats(samples) })).sort((a, b) => b.stats.sampleCount - a.stats.sampleCount || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0))
 }
@@ -53,9 +60,8 @@ export default function latency(ctx: ApiContext, _params: ComputeLatencyParams):
     else m.set(key, [v])
   }
   for (const row of rows) {
-    if (typeof row.startedAt !== 'string' || typeof row.completedAt !== 'string') continue
-    const ms = Date.parse(row.completedAt) - Date.parse(row.startedAt)
-    if (!Number.isFinite(ms) || ms < 0) continue
+    const ms = latencySample(row.startedAt, row.completedAt)
+    if (ms === null) continue
     overall.push(ms)
     push(byProvider, row.provider, ms)
     push(byModel, row.model, ms)

@@ -1,6 +1,6 @@
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { ComputeModelActivityOutput, ComputeModelActivityParams, DefsActivityWindows } from '../../../../../src/lexicon/generated/types.ts'
-import { statement, visible, type ApiContext } from '../../../util.ts'
+import { RECEIPT_TOKENS, statement, visible, type ApiContext } from '../../../util.ts'
 
 const HOUR = 3600_000
 const WINDOWS = { hour: HOUR, day: 24 * HOUR, week: 7 * 24 * HOUR, month: 30 * 24 * HOUR } as const
@@ -15,8 +15,6 @@ const emptyWindows = (): DefsActivityWindows => ({
 
 const cmp = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0)
 
-/** Tokens of a receipt: integers by the receipt lexicon; CAST guards the sums against odd values. */
-const TOKENS = `(CAST(COALESCE(json_extract(body, '$.tokens.in'), 0) AS INTEGER) + CAST(COALESCE(json_extract(body, '$.tokens.out'), 0) AS INTEGER))`
 const reqs = `SUM(CASE WHEN sort_at >= ? THEN 1 ELSE 0 END)`
 const toks = `SUM(CASE WHEN sort_at >= ? THEN tokens ELSE 0 END)`
 /**
@@ -26,7 +24,7 @@ const toks = `SUM(CASE WHEN sort_at >= ? THEN tokens ELSE 0 END)`
  */
 const ACTIVITY = `
   WITH r AS MATERIALIZED (
-    SELECT model, provider_did, sort_at, ${TOKENS} AS tokens FROM records
+    SELECT model, provider_did, sort_at, ${RECEIPT_TOKENS} AS tokens FROM records
     WHERE collection = ? AND sort_at >= ? AND model IS NOT NULL AND ${visible()}
   )
   SELECT model, provider_did AS provider,
