@@ -12,7 +12,7 @@ import { consoleLogger as log } from '../src/logger.ts'
 import { createConsoleApp } from './app.ts'
 import { contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
 import { createOAuthClient } from './oauth/client.ts'
-import { stateStore } from './oauth/stores.ts'
+import { resealStale, stateStore, type ResealReport } from './oauth/stores.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
 import { ApiKeys, KeyGate, RateLimiter, UsageCounters } from './api-keys.ts'
 import { Publisher } from './publisher.ts'
@@ -45,8 +45,10 @@ export interface ConsoleOpts {
   appviewUrl: string
   /** Public URL; defaults to http://<host>:<port>. */
   publicUrl?: string
-  /** COCORE_SECRET_KEY, else a key file in dataDir. */
+  /** COCORE_SECRET_KEY, else the key file. */
   secretKey?: string
+  /** COCORE_SECRET_KEY_FILE; default `<dataDir>/secret.key` (refused in production). */
+  secretKeyFile?: string
   /** dev: the embedded network. */
   plcUrl?: string
   pdsUrl?: string
@@ -101,14 +103,29 @@ export interface ConsoleService {
   economy: Economy | null
   db: Db
   wiper: Wiper
+  /** Rows sealed under an older key, re-sealed under the current one after the start. */
+  resealed: Promise<ResealReport | null>
   close(): Promise<void>
 }
 
 export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
-  const db = openDb(opts.dbPath)
   const trusted = new TrustedProxies(opts.trustedProxies ?? [])
   const clientIp = (c: { env: unknown }) => contextClientAddress(c, trusted)
-  const box = new SecretBox(loadKeyring(opts.secretKey, join(opts.dataDir, 'secret.key')))
+  const box = new SecretBox(
+    loadKeyring({ env: opts.secretKey, file: opts.secretKeyFile ?? join(opts.dataDir, 'secret.key'), production: opts.mode === 'production' ? { dataDir: opts.dataDir } : undefined }),
+  )
+  const db = openDb(opts.dbPath)
+  // After a key rotation: the older key can leave the ring once this is done.
+  const resealed = resealStale(db, box).then(
+    (r) => {
+      if (r.resealed || r.unreadable) log.info('re-sealed rows under the current secret key', { ...r })
+      return r
+    },
+    (err) => {
+      log.error('re-sealing under the current secret key failed; it runs again at the next start', { err: err as Error })
+      return null
+    },
+  )
   // The loopback client id must name the exact port, so bind first when the port is 0. Until the app
   // is built (the exchange policy may wait for its PDS), requests are answered 503.
   let app: ReturnType<typeof createConsoleApp> | null = null
@@ -231,6 +248,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     publisher,
     db,
     wiper,
+    resealed,
     gateway,
     exchange,
     economy,
@@ -239,6 +257,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
       await economy?.stop()
       await gateway?.close()
       await wiper.stop()
+      await resealed
       await new Promise<void>((resolve) => {
         server.closeAllConnections()
         server.close(() => {

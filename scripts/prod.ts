@@ -41,6 +41,7 @@ const consoleSrv = await startConsole({
   plcUrl: config.plcUrl,
   publicUrl: config.consoleUrl,
   secretKey: config.secretKey || undefined,
+  secretKeyFile: config.secretKeyFile,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   apiKeyIpRatePerMinute: config.apiKeyIpRatePerMinute,
   apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,

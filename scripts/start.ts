@@ -83,6 +83,7 @@ const consoleSrv = await startConsole({
   dataDir: config.dataDir,
   mode: 'dev',
   secretKey: config.secretKey || undefined,
+  secretKeyFile: config.secretKeyFile,
   apiKeyRatePerMinute: config.apiKeyRatePerMinute,
   apiKeyIpRatePerMinute: config.apiKeyIpRatePerMinute,
   apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,

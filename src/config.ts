@@ -55,7 +55,8 @@ export const knobs = {
   appviewPublicUrl: knob('COCORE_APPVIEW_PUBLIC_URL', '', str, 'Public https URL of the AppView, used for its did:web (default `http://<host>:<appviewPort>`)'),
   consoleDb: knob('COCORE_CONSOLE_DB', '', str, 'Console SQLite file: OAuth sessions (sealed), console sessions, audit log (default `<dataDir>/console.sqlite`; dev: `<dataDir>/dev/console.sqlite`)'),
   consolePublicUrl: knob('COCORE_CONSOLE_PUBLIC_URL', '', str, 'production: public https URL of the console; its OAuth client metadata and JWKS are served there (default `http://<host>:<consolePort>`)'),
-  secretKey: knob('COCORE_SECRET_KEY', '', str, 'Keys sealing OAuth state and sessions at rest: `kid:base64(32 bytes)[,older...]`, current first. Default: a key file `<dataDir>/secret.key` created on first start with mode 0600'),
+  secretKey: knob('COCORE_SECRET_KEY', '', str, 'Keys sealing OAuth state and sessions at rest: `kid:base64(32 bytes)[,older...]`, current first; rows sealed under an older key are re-sealed under the current one at start. Default: the key file'),
+  secretKeyFile: knob('COCORE_SECRET_KEY_FILE', '', str, 'File holding the keys, in the same format (default `<dataDir>/secret.key`, which dev mode creates with mode 0600). Refused if group or others have any access; production mode refuses a key file inside the data directory and never creates one: set this or `COCORE_SECRET_KEY`'),
   exchangeDid: knob('COCORE_EXCHANGE_DID', '', str, "The exchange's own DID: enables the provider gateway at /v1/agent (dev: the demo exchange account)"),
   exchangeIdentifier: knob('COCORE_EXCHANGE_IDENTIFIER', '', str, "The exchange account's handle or DID: with the password, enables the ledger and settlements, published on its repo (dev: the demo exchange account)"),
   exchangePassword: knob('COCORE_EXCHANGE_PASSWORD', '', str, "An app password of the exchange account"),
@@ -91,7 +92,6 @@ export type Config = { -readonly [K in keyof Knobs]: Knobs[K]['default'] } & {
   appviewUrl: string
   consoleDbPath: string
   consoleUrl: string
-  secretKeyFile: string
   /** Firehose sources: relay and/or PDS URLs, as ws(s) URLs. */
   firehoseSources: string[]
 }
@@ -112,7 +112,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   c.appviewUrl = c.appviewPublicUrl || `http://${c.host}:${c.appviewPort}`
   c.consoleDbPath = c.consoleDb ? resolve(c.consoleDb) : join(c.dataDir, ...(c.mode === 'dev' ? ['dev'] : []), 'console.sqlite')
   c.consoleUrl = c.consolePublicUrl || `http://${c.host}:${c.consolePort}`
-  c.secretKeyFile = join(c.dataDir, 'secret.key')
+  c.secretKeyFile = c.secretKeyFile ? resolve(c.secretKeyFile) : join(c.dataDir, 'secret.key')
   c.firehoseSources = [...(c.relayUrl ? [c.relayUrl] : []), ...c.pdsUrls].map(toWs)
   if (c.mode === 'production' && c.firehoseSources.length === 0) {
     throw new ConfigError('production mode needs COCORE_RELAY_URL or COCORE_PDS_URLS')

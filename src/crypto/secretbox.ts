@@ -6,11 +6,12 @@
  * key of the ring seals, every key of the ring opens.
  *
  * Keys come from `COCORE_SECRET_KEY` (`kid:base64key[,kid:base64key...]`,
- * current first) or from a key file created on first start with mode 0600.
+ * current first) or from a key file (`COCORE_SECRET_KEY_FILE`), which dev
+ * mode creates on first start with mode 0600.
  */
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto'
-import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
-import { dirname } from 'node:path'
+import { existsSync, mkdirSync, readFileSync, realpathSync, statSync, writeFileSync } from 'node:fs'
+import { dirname, isAbsolute, relative, resolve, sep } from 'node:path'
 
 export class SecretBoxError extends Error {
   override name = 'SecretBoxError'
@@ -40,20 +41,48 @@ export function parseKeyring(spec: string): SecretKey[] {
   return keys
 }
 
+export interface KeyringSource {
+  /** `COCORE_SECRET_KEY`: when set, the key file is not read. */
+  env?: string
+  /** The key file (`COCORE_SECRET_KEY_FILE`, default `<dataDir>/secret.key`). */
+  file: string
+  /**
+   * Production: the keys must not sit with the data they protect (a copy of
+   * the data directory alone must not open its tokens), and a missing key
+   * file is an error, not a reason to make a new key nothing can open old rows with.
+   */
+  production?: { dataDir: string }
+}
+
 /**
- * The keyring from the environment value if set, else from `keyFile`,
- * creating it (mode 0600) with a fresh key on first start.
+ * The keyring from the environment value if set, else from the key file;
+ * dev mode creates the file (mode 0600) with a fresh key on first start.
+ * @throws SecretBoxError for a key file others may read, or (production) a key inside the data directory
  */
-export function loadKeyring(envValue: string | undefined, keyFile: string): SecretKey[] {
-  if (envValue) return parseKeyring(envValue)
-  if (!existsSync(keyFile)) {
-    mkdirSync(dirname(keyFile), { recursive: true })
+export function loadKeyring(src: KeyringSource): SecretKey[] {
+  if (src.env) return parseKeyring(src.env)
+  const file = resolve(src.file)
+  if (src.production) {
+    if (isInside(src.production.dataDir, file)) {
+      throw new SecretBoxError('production mode refuses a secret key inside the data directory: set COCORE_SECRET_KEY, or COCORE_SECRET_KEY_FILE to a file outside it')
+    }
+    if (!existsSync(file)) throw new SecretBoxError(`secret key file ${file} does not exist (production mode does not create one)`)
+  } else if (!existsSync(file)) {
+    mkdirSync(dirname(file), { recursive: true })
     const kid = new Date().toISOString().slice(0, 10).replace(/-/g, '') + randomBytes(3).toString('hex')
-    writeFileSync(keyFile, `${kid}:${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' })
+    writeFileSync(file, `${kid}:${randomBytes(32).toString('base64')}\n`, { mode: 0o600, flag: 'wx' })
   }
-  // Refuse a key file others can read: it protects every stored token.
-  if ((statSync(keyFile).mode & 0o077) !== 0) chmodSync(keyFile, 0o600)
-  return parseKeyring(readFileSync(keyFile, 'utf8'))
+  // Refused, not repaired: a key others could read may already have been copied.
+  const mode = statSync(file).mode & 0o777
+  if (mode & 0o077) throw new SecretBoxError(`secret key file ${file} has mode 0${mode.toString(8)}: group and others must have no access (chmod 600)`)
+  return parseKeyring(readFileSync(file, 'utf8'))
+}
+
+/** Whether `file` lies in `dir` (where they exist, with symbolic links followed). */
+function isInside(dir: string, file: string): boolean {
+  const where = (p: string) => (existsSync(p) ? realpathSync(p) : resolve(p))
+  const rel = relative(where(dir), where(file))
+  return rel.split(sep)[0] !== '..' && !isAbsolute(rel)
 }
 
 export class SecretBox {
@@ -101,8 +130,13 @@ export class SecretBox {
     return Buffer.from(hkdfSync('sha256', this.current.key, Buffer.alloc(0), `cocore ${label}`, 32))
   }
 
+  /** The start of every value sealed under the current key. */
+  get currentPrefix(): string {
+    return `v1.${this.current.kid}.`
+  }
+
   /** Whether a value was sealed with an older key (to re-seal on rotation). */
   isStale(sealed: string): boolean {
-    return sealed.split('.')[1] !== this.current.kid
+    return !sealed.startsWith(this.currentPrefix)
   }
 }
