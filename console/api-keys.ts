@@ -298,19 +298,37 @@ export class KeyGate {
    * client address as the console takes it; unknown addresses share one bucket.
    */
   admit(authorization: string | undefined, ip: string | undefined, now = Date.now()): ApiKey | KeyRefusal {
-    const address = this.hashIp(limitedAddress(ip)) ?? 'unknown'
     // @NOTE Order matters here: both address limits answer before the key is
     // looked up, so a blocked address gets the same answer for a live key as
     // for a guessed one.
-    const blocked = this.failures.peek(address, now) || this.perAddress.take(address, now)
+    const blocked = this.admitAddress(ip, now)
     if (blocked > 0) return { refused: 'address', retryAfterSec: blocked }
     const secret = /^Bearer (\S+)$/.exec(authorization ?? '')?.[1]
     const key = secret === undefined ? null : this.keys.authenticate(secret)
     if (!key) {
-      this.failures.take(address, now)
+      this.refused(ip, now)
       return { refused: 'invalid' }
     }
     const wait = this.perKey.take(key.id, now)
     return wait > 0 ? { refused: 'key', retryAfterSec: wait } : key
+  }
+
+  /**
+   * The address limits alone, for bearer credentials that are not API keys
+   * (service-auth tokens, whose checking may fetch a DID document): 0 when
+   * the request may go on (it is counted), else the seconds to wait.
+   */
+  admitAddress(ip: string | undefined, now = Date.now()): number {
+    const address = this.addressOf(ip)
+    return this.failures.peek(address, now) || this.perAddress.take(address, now)
+  }
+
+  /** Counts a refused credential against its address. */
+  refused(ip: string | undefined, now = Date.now()): void {
+    this.failures.take(this.addressOf(ip), now)
+  }
+
+  private addressOf(ip: string | undefined): string {
+    return this.hashIp(limitedAddress(ip)) ?? 'unknown'
   }
 }

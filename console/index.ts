@@ -32,6 +32,7 @@ import pkg from '../package.json' with { type: 'json' }
 
 const SOFTWARE_VERSION = `cocore-appview/${pkg.version}`
 import { createIdResolver } from '../src/identity/index.ts'
+import { ServiceAuth } from './service-auth.ts'
 import { XrpcError } from '../src/xrpc/errors.ts'
 import { knobs } from '../src/config.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
@@ -163,11 +164,12 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   let gateway: ProviderGateway | null = null
   let exchange: Exchange | null = null
   let economy: Economy | null = null
+  const idResolver = createIdResolver({ plcUrl: opts.plcUrl ?? 'https://plc.directory', cacheSize: 10_000, cacheTtlSec: 600, allowHttp: opts.mode === 'dev' })
   if (opts.exchangeDid && opts.index) {
     const index = opts.index
     gateway = new ProviderGateway({
       exchangeDid: opts.exchangeDid,
-      idResolver: createIdResolver({ plcUrl: opts.plcUrl ?? 'https://plc.directory', cacheSize: 10_000, cacheTtlSec: 600, allowHttp: opts.mode === 'dev' }),
+      idResolver,
       providerRecords: (did) => index.providerRecords(did),
       pingIntervalMs: opts.pingIntervalMs,
     })
@@ -201,7 +203,9 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   const inference: InferenceDeps | undefined = exchange
     ? { exchange, usage, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined, economy }
     : undefined
-  const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference }
+  // Service-auth tokens must name the exchange's DID: the one DID this console answers for.
+  const serviceAuth = opts.exchangeDid ? new ServiceAuth({ audience: opts.exchangeDid, idResolver }) : undefined
+  const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference, serviceAuth }
   // One gate for XRPC and /v1: a client address guessing keys is slowed on both.
   const gate = new KeyGate(
     api.keys,

@@ -4,11 +4,12 @@ import { ForbiddenError } from '../../src/xrpc/errors.ts'
 import type { ApiKeys, Scope, UsageCounters } from '../api-keys.ts'
 import type { AuditLog, ConsoleSessions } from '../sessions.ts'
 import type { InferenceDeps } from '../exchange/admission.ts'
+import type { ServiceAuth } from '../service-auth.ts'
 
 export interface Caller {
   did: string
-  /** A console session may do everything its owner may; a key only what its scopes say. */
-  via: 'session' | 'key'
+  /** A console session, or a service-auth token (for its one method), may do everything its owner may; a key only what its scopes say. */
+  via: 'session' | 'key' | 'service-auth'
   keyId?: string
   /** A key's own expiry: keys it creates cannot outlive it. */
   expiresAt?: string
@@ -23,6 +24,8 @@ export interface ApiDeps {
   sessions: ConsoleSessions
   /** The exchange, when this console is one. */
   inference?: InferenceDeps
+  /** Service-auth tokens addressed to this console's DID; absent, they are refused. */
+  serviceAuth?: ServiceAuth
 }
 
 export const callerOf = (c: Context): Caller => c.get('caller') as Caller

@@ -1,9 +1,10 @@
 /**
  * The console's XRPC methods (one handler file per NSID under dev/cocore/),
  * served at /xrpc/ and, for cocore clients, /api/xrpc/. Every call is
- * authenticated here first: a console session, or `Authorization: Bearer
- * <api key>` (rate-limited per client address and per key, and counted per
- * day; see KeyGate).
+ * authenticated here first: a console session, `Authorization: Bearer <api
+ * key>` (rate-limited per client address and per key, and counted per day;
+ * see KeyGate), or `Authorization: Bearer <service-auth JWT>` for the method
+ * it names (console/service-auth.ts).
  */
 import type { Context, MiddlewareHandler } from 'hono'
 import { getCookie } from 'hono/cookie'
@@ -12,6 +13,7 @@ import { lexicons } from '../../src/lexicon/validate.ts'
 import { AuthRequiredError, ForbiddenError, RateLimitExceededError } from '../../src/xrpc/errors.ts'
 import type { QueryHandler } from '../../src/xrpc/server.ts'
 import type { KeyGate } from '../api-keys.ts'
+import { isServiceAuthToken } from '../service-auth.ts'
 import { sessionCaller } from './key-actions.ts'
 import type { ApiDeps, Caller } from './context.ts'
 import createApiKey from './dev/cocore/account/createApiKey.ts'
@@ -50,6 +52,26 @@ export interface AuthOpts {
 /** One answer for every unusable key, so nothing tells whether a key exists, was revoked or expired. */
 const INVALID_KEY = 'Invalid API key'
 
+/**
+ * The caller a service-auth token authenticates: its issuer, acting as in a
+ * session, for the method the token names (`lxm`) and no other. Checking a
+ * token may fetch the issuer's DID document, so the address limits of API
+ * keys apply first, and a refused token counts as a refused key.
+ */
+async function serviceAuthCaller(opts: AuthOpts, c: Context, token: string, ip: string | undefined, ipHash: string | null): Promise<Caller> {
+  const blocked = opts.gate.admitAddress(ip)
+  if (blocked > 0) throw new RateLimitExceededError(blocked)
+  const serviceAuth = opts.deps.serviceAuth
+  try {
+    if (!serviceAuth) throw new AuthRequiredError('this console has no service DID: service-auth tokens are not accepted', 'AuthRequired')
+    const did = await serviceAuth.verify(token, c.req.path.split('/').pop() ?? '')
+    return { ...sessionCaller(did, ipHash), via: 'service-auth' }
+  } catch (err) {
+    opts.gate.refused(ip)
+    throw err
+  }
+}
+
 export function authenticate(opts: AuthOpts): MiddlewareHandler {
   return async (c, next) => {
     if (PUBLIC.has(c.req.path.split('/').pop() ?? '')) return next()
@@ -58,7 +80,10 @@ export function authenticate(opts: AuthOpts): MiddlewareHandler {
     const ipHash = deps.sessions.hashIp(ip)
     const header = c.req.header('authorization')
     let caller: Caller
-    if (header !== undefined) {
+    const jwt = /^Bearer (\S+)$/.exec(header ?? '')?.[1]
+    if (jwt !== undefined && isServiceAuthToken(jwt)) {
+      caller = await serviceAuthCaller(opts, c, jwt, ip, ipHash)
+    } else if (header !== undefined) {
       const key = opts.gate.admit(header, ip)
       if ('refused' in key) {
         if (key.refused === 'invalid') throw new AuthRequiredError(INVALID_KEY, 'AuthRequired')
