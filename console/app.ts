@@ -2,7 +2,7 @@
  * The console's routes: OAuth sign-in, console sessions, activity log.
  * Every cookie-authenticated state change goes through the CSRF origin check.
  */
-import { randomBytes, timingSafeEqual } from 'node:crypto'
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto'
 import { Hono, type Context } from 'hono'
 import { bodyLimit } from 'hono/body-limit'
 import { HTTPException } from 'hono/http-exception'
@@ -21,7 +21,7 @@ import { OpenAiError } from './exchange/openai.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
 import { browserModules, MODULES_PATH } from './browser-modules.ts'
-import { accountPage, auditPage, chatPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
+import { accountPage, auditPage, chatPage, continueToPdsPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
 import type { Wiper } from './wipe.ts'
 import { InvalidRecordError, type Publisher } from './publisher.ts'
 import { SESSION_TTL_MS, type AuditLog, type ConsoleSession, type ConsoleSessions } from './sessions.ts'
@@ -65,6 +65,11 @@ const formBodyLimit = bodyLimit({ maxSize: 64 * 1024, onError: (c) => c.html(err
 
 const BINDING_COOKIE = 'cocore_oauth_binding'
 
+/** Production is served over https only (as its Secure cookies assume): browsers are told never to try http. */
+export const HSTS = 'max-age=31536000; includeSubDomains'
+/** Where a sign-in leaves for the PDS (see POST /login). */
+const CONTINUE_PATH = '/login/continue'
+
 /** A form body that does not parse (a multipart body without its boundary, say) is the client's error: 400, not 500. */
 async function readForm(c: Context, all = false): Promise<Record<string, string | File | (string | File)[]>> {
   try {
@@ -80,6 +85,9 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   // The chat page reads provider keys from the AppView itself.
   const appviewOrigin = new URL(deps.appviewUrl).origin
   const ip = deps.clientIp ?? ((c: Context) => contextClientAddress(c, TrustedProxies.none))
+  // Per process: a sign-in in flight across a restart starts again anyway (its state is an hour old at most).
+  const continueKey = randomBytes(32)
+  const continueMac = (to: string) => createHmac('sha256', continueKey).update(to).digest('base64url')
   const cookieOpts = deps.secureCookies
     ? ({ prefix: 'host', secure: true, httpOnly: true, sameSite: 'Lax', path: '/' } as const)
     : ({ httpOnly: true, sameSite: 'Lax', path: '/' } as const)
@@ -105,7 +113,8 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   app.use(async (c, next) => {
     await next()
     // Nothing from other origins: no analytics, no third-party assets, no framing.
-    c.header('Content-Security-Policy', `default-src 'self'; connect-src 'self' ${appviewOrigin}; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self' http: https:; base-uri 'none'`)
+    c.header('Content-Security-Policy', `default-src 'self'; connect-src 'self' ${appviewOrigin}; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'`)
+    if (deps.secureCookies) c.header('Strict-Transport-Security', HSTS)
     c.header('X-Content-Type-Options', 'nosniff')
     c.header('Referrer-Policy', 'same-origin')
     c.header('Cache-Control', 'no-store')
@@ -178,7 +187,22 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
       return c.html(signInPage(message, identifier), 400)
     }
     setCookie(c, BINDING_COOKIE, binding, { ...cookieOpts, maxAge: 600 })
-    return c.redirect(url.toString(), 303)
+    // form-action 'self' covers every redirect of a form submission, so the form's answer stays on this
+    // origin; the page there sends the browser on, by a navigation that is not a form submission.
+    const to = url.toString()
+    return c.redirect(`${origin}${CONTINUE_PATH}?${new URLSearchParams({ to, mac: continueMac(to) })}`, 303)
+  })
+
+  // Only to an address POST /login gave out (its MAC): never an open redirect.
+  app.get(CONTINUE_PATH, (c) => {
+    const to = c.req.query('to') ?? ''
+    const mac = Buffer.from(c.req.query('mac') ?? '')
+    const expected = Buffer.from(continueMac(to))
+    if (!to || mac.length !== expected.length || !timingSafeEqual(mac, expected)) {
+      return c.html(errorPage('Sign-in refused', 'This sign-in link was not made by this console, or it expired. Start again from the sign-in page.', 'sign-in'), 400)
+    }
+    c.header('Refresh', `0; url=${to}`)
+    return c.html(continueToPdsPage(to))
   })
 
   app.get(CALLBACK_PATH, async (c) => {

@@ -9,7 +9,7 @@ import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { openDb, type Db } from '../src/db/index.ts'
 import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import { consoleLogger as log } from '../src/logger.ts'
-import { createConsoleApp } from './app.ts'
+import { createConsoleApp, HSTS } from './app.ts'
 import { contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
 import { createOAuthClient } from './oauth/client.ts'
 import { resealStale, stateStore, type ResealReport } from './oauth/stores.ts'
@@ -132,7 +132,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   let app: ReturnType<typeof createConsoleApp> | null = null
   let server: Server
   const port = await new Promise<number>((resolve) => {
-    server = serveHttp({ fetch: (req, env) => (app ? app.fetch(req, env) : starting(req)), port: opts.port, hostname: opts.host, refusalBody }, resolve)
+    server = serveHttp({ fetch: (req, env) => (app ? app.fetch(req, env) : starting(req, opts.mode === 'production')), port: opts.port, hostname: opts.host, refusalBody }, resolve)
   })
   const url = opts.publicUrl ?? `http://${opts.host}:${port}`
   const oauth = await createOAuthClient({
@@ -283,10 +283,10 @@ function refusalBody(r: Refusal): object {
 }
 
 /** The answer while the console starts: 503 with Retry-After, as an XRPC or OpenAI error where one is expected. */
-function starting(req: Request): Response {
+function starting(req: Request, production: boolean): Response {
   const path = new URL(req.url).pathname
   const message = 'the console is starting; retry in a moment'
   const body = path.startsWith('/xrpc/') ? new XrpcError(503, 'ServiceUnavailable', message).toJSON() : path.startsWith('/v1/') ? new OpenAiError(503, 'server_error', 'service_starting', message).toJSON() : null
-  const headers = { 'retry-after': '1', 'cache-control': 'no-store' }
+  const headers = { 'retry-after': '1', 'cache-control': 'no-store', ...(production ? { 'strict-transport-security': HSTS } : {}) }
   return body ? Response.json(body, { status: 503, headers }) : new Response(message, { status: 503, headers: { ...headers, 'content-type': 'text/plain; charset=utf-8' } })
 }

@@ -58,6 +58,11 @@ export function signInPage(error?: string, value = '', demo?: { handle: string; 
   )
 }
 
+/** The hop from the sign-in form to the PDS: the response's Refresh header moves on; the link is for when it does not. */
+export function continueToPdsPage(to: string): Html {
+  return layout('Continue to your PDS', html`<h2>Continue to your PDS</h2><p><a id="continue" href="${to}">Continue to your PDS to approve access</a>.</p>`)
+}
+
 export function errorPage(title: string, message: string, status: 'sign-in' | 'home' = 'home'): Html {
   return layout(title, html`<h2>${title}</h2><p class="err" role="alert">${message}</p><p><a href="/">${status === 'sign-in' ? 'Try again' : 'Back'}</a></p>`)
 }

@@ -202,6 +202,9 @@ describe('export, activity and accounts kept apart', () => {
     for (const path of ['/', '/sessions', '/audit', '/keys', '/account', '/oauth/client-metadata.json', '/wipe/nope']) {
       const res = await page(path, aliceCookie)
       expect(res.headers.get('content-security-policy'), path).toContain("default-src 'self'")
+      expect(res.headers.get('content-security-policy'), path).toMatch(/(^|; )form-action 'self'(;|$)/)
+      // Plain http in dev: no HSTS, which would pin the host to https.
+      expect(res.headers.get('strict-transport-security'), path).toBeNull()
       expect(await res.text(), path).not.toMatch(/(src|href)="https?:\/\//)
     }
   })

@@ -66,3 +66,27 @@ it('uses a __Host- cookie with Secure, HttpOnly and SameSite=Lax', async () => {
   const forged = await fetch(`${svc.localUrl}/logout`, { method: 'POST', redirect: 'manual', headers: { origin: 'https://evil.example', 'content-type': 'application/x-www-form-urlencoded' } })
   expect(forged.status).toBe(403)
 })
+
+it('sends HSTS on every response, and a CSP that lets forms post to this origin only', async () => {
+  const origin = 'https://console.example.net'
+  const form = { 'content-type': 'application/x-www-form-urlencoded' }
+  const requests: [string, RequestInit][] = [
+    ['/', {}],
+    ['/no-such-page', {}],
+    ['/keys', {}],
+    ['/oauth/jwks.json', {}],
+    ['/health', {}],
+    [`/xrpc/dev.cocore.account.listApiKeys`, {}],
+    ['/xrpc/no.such.method', {}],
+    ['/v1/no-such-endpoint', {}],
+    ['/login/continue?to=https%3A%2F%2Fevil.example&mac=x', {}],
+    ['/logout', { method: 'POST', headers: { origin: 'https://evil.example', ...form } }],
+    ['/login', { method: 'POST', headers: { origin, ...form }, body: 'identifier=' }],
+  ]
+  for (const [path, init] of requests) {
+    const res = await fetch(`${svc.localUrl}${path}`, { ...init, redirect: 'manual' })
+    expect(res.headers.get('strict-transport-security'), path).toBe('max-age=31536000; includeSubDomains')
+    const csp = res.headers.get('content-security-policy') ?? ''
+    expect(csp, path).toMatch(/(^|; )form-action 'self'(;|$)/)
+  }
+})
