@@ -45,7 +45,7 @@ const SIGMA = u32le(new TextEncoder().encode('expand 32-byte k'))
 type NodeCrypto = typeof import('node:crypto')
 type KeyObject = import('node:crypto').KeyObject
 /** Node's crypto, looked up without an import so this module still loads in a browser. */
-const native = (globalThis as { process?: { getBuiltinModule?: (id: string) => unknown } }).process?.getBuiltinModule?.('node:crypto') as NodeCrypto | undefined
+export const native = (globalThis as { process?: { getBuiltinModule?: (id: string) => unknown } }).process?.getBuiltinModule?.('node:crypto') as NodeCrypto | undefined
 /** Node's Buffer, for base64 (several times faster than atob/btoa over strings); absent in a browser. */
 const NodeBuffer = (globalThis as { Buffer?: typeof Buffer }).Buffer
 
@@ -56,14 +56,14 @@ const NodeBuffer = (globalThis as { Buffer?: typeof Buffer }).Buffer
  */
 const B64_CHARS = /^[A-Za-z0-9+/]*={0,2}$/
 const isStrictB64 = (s: string) => s.length % 4 === 0 && B64_CHARS.test(s)
-function toB64(b: Uint8Array): string {
+export function toB64(b: Uint8Array): string {
   if (NodeBuffer) return NodeBuffer.from(b.buffer, b.byteOffset, b.byteLength).toString('base64')
   let s = ''
   for (const x of b) s += String.fromCharCode(x)
   return btoa(s)
 }
 /** Throws on what atob refuses; Buffer (lenient) only decodes strict, padded base64. */
-function fromB64(s: string): Uint8Array {
+export function fromB64(s: string): Uint8Array {
   if (NodeBuffer && isStrictB64(s)) {
     const b = NodeBuffer.from(s, 'base64')
     return new Uint8Array(b.buffer, b.byteOffset, b.byteLength)
@@ -165,14 +165,15 @@ function boxKey(theirPublic: Uint8Array, mySecret: Uint8Array): Uint8Array {
 const NONCE_POOL_BYTES = 4096
 const noncePool = new Uint8Array(NONCE_POOL_BYTES)
 let noncePoolAt = NONCE_POOL_BYTES
-function randomNonce(): Uint8Array {
-  if (noncePoolAt + NONCE_BYTES > NONCE_POOL_BYTES) {
+/** `n` (at most 4096) random bytes for a nonce or an IV, from the pool. */
+export function randomNonce(n = NONCE_BYTES): Uint8Array {
+  if (noncePoolAt + n > NONCE_POOL_BYTES) {
     crypto.getRandomValues(noncePool)
     noncePoolAt = 0
   }
-  const nonce = noncePool.slice(noncePoolAt, noncePoolAt + NONCE_BYTES)
-  noncePool.fill(0, noncePoolAt, noncePoolAt + NONCE_BYTES)
-  noncePoolAt += NONCE_BYTES
+  const nonce = noncePool.slice(noncePoolAt, noncePoolAt + n)
+  noncePool.fill(0, noncePoolAt, noncePoolAt + n)
+  noncePoolAt += n
   return nonce
 }
 
@@ -205,15 +206,24 @@ export function openBox(framed: Uint8Array, senderPublic: Uint8Array, recipientS
   return openWithKey(boxKey(senderPublic, recipientSecret), framed)
 }
 
+/** One job's channel, either end, in any scheme: seals and opens base64 messages under the job's one key. */
+export interface SealChannel {
+  seal(chunk: Uint8Array): string
+  /** null when the message does not authenticate (or is not base64). */
+  open(sealed: string): Uint8Array | null
+  /** Zeroes the key. */
+  wipe(): void
+}
+
 export interface SealedPrompt {
-  /** base64 of `nonce || box`. */
+  /** base64 of the sealed prompt (`nonce || box` here). */
   sealed: string
   /** base64 of the ephemeral public key the provider seals its reply to. */
   ephemeralPublicKey: string
   /** Kept by the requester only, to open the reply; never sent. */
   ephemeralSecretKey: Uint8Array
-  /** The requester's end of the reply channel (the same box key): opens the reply without another X25519. */
-  reply: ReplyChannel
+  /** The requester's end of the reply channel (the same key): opens the reply without another key agreement. */
+  reply: SealChannel
 }
 
 
@@ -235,7 +245,7 @@ export function openPrompt(sealed: string, ephemeralPublicKey: string, providerS
  * chunk costs only XSalsa20-Poly1305, not an X25519 multiplication. Both
  * ends derive the same key; the wire form is the same `nonce || box`.
  */
-export class ReplyChannel {
+export class ReplyChannel implements SealChannel {
   private readonly key: Uint8Array
   private constructor(key: Uint8Array) {
     this.key = key
