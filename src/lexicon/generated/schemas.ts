@@ -2647,7 +2647,7 @@ export const schemas: LexiconDoc[] = [
             },
             "encryptionPubKey": {
               "type": "string",
-              "description": "Base64 X25519 key used to encrypt requests for this machine.",
+              "description": "Base64 key that requests to this machine are sealed to: 32 bytes X25519 (scheme x25519), or a 64-byte P-256 point X || Y (scheme p256-ecies-se, a Secure Enclave key on the network's agent). The record names no scheme: the key's length does.",
               "maxLength": 128
             },
             "attestationPubKey": {
@@ -3781,7 +3781,7 @@ export const schemas: LexiconDoc[] = [
               "sealed": {
                 "type": "ref",
                 "ref": "#sealedInput",
-                "description": "Additive: the prompt sealed by the client (scheme x25519) to the published keys of one or more providers, tried in order of the router's choice. The exchange relays ciphertext only; `chunk` events then carry `ciphertext` (sealed to the envelope's ephemeral key) instead of `text`."
+                "description": "Additive: the prompt sealed by the client to the published keys of one or more providers, each in the scheme its key takes, tried in order of the router's choice. The exchange relays ciphertext only; `chunk` events then carry `ciphertext` (sealed with the envelope's key pair, in its scheme) instead of `text`."
               }
             }
           }
@@ -3816,8 +3816,10 @@ export const schemas: LexiconDoc[] = [
         "properties": {
           "scheme": {
             "type": "string",
+            "description": "Scheme of the envelopes that do not name their own.",
             "knownValues": [
-              "x25519"
+              "x25519",
+              "p256-ecies-se"
             ]
           },
           "inputFormat": {
@@ -3867,12 +3869,20 @@ export const schemas: LexiconDoc[] = [
           "ephemeralPubKey": {
             "type": "string",
             "maxLength": 128,
-            "description": "base64 X25519 public key the reply is sealed to."
+            "description": "base64 public key of the requester's ephemeral key, with which the reply is sealed: 32 bytes X25519, or 64 bytes P-256 X || Y."
           },
           "ciphertext": {
             "type": "string",
             "maxLength": 200000,
-            "description": "base64 of nonce(24) || box."
+            "description": "base64 of nonce(24) || box (x25519), or of iv(12) || AES-256-GCM ciphertext || tag(16) (p256-ecies-se)."
+          },
+          "scheme": {
+            "type": "string",
+            "description": "This envelope's scheme, when it is not the sealedInput's: the one the provider's key takes (p256-ecies-se for a 64-byte P-256 key).",
+            "knownValues": [
+              "x25519",
+              "p256-ecies-se"
+            ]
           }
         }
       }

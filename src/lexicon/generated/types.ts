@@ -801,7 +801,7 @@ export interface ComputeProvider {
   desiredModels?: Array<string>
   /** Advertised per-model prices. Informational only, because the settling exchange's tokenRate governs receipt prices, but still required for older readers. */
   priceList: Array<ComputeDefsModelPrice>
-  /** Base64 X25519 key used to encrypt requests for this machine. */
+  /** Base64 key that requests to this machine are sealed to: 32 bytes X25519 (scheme x25519), or a 64-byte P-256 point X || Y (scheme p256-ecies-se, a Secure Enclave key on the network's agent). The record names no scheme: the key's length does. */
   encryptionPubKey: string
   /** Base64 P-256 key that checks this machine's attestations and receipts. It changes when the signing key rotates, so records are matched by machineFingerprint when present and by this key otherwise. */
   attestationPubKey: string
@@ -1164,13 +1164,14 @@ export type InferenceDispatchInput = {
   toolChoice?: "auto" | "none" | "required" | (string & {})
   /** Name of the one function the model must call; only meaningful when `toolChoice` is `required`. */
   toolChoiceFunction?: string
-  /** Additive: the prompt sealed by the client (scheme x25519) to the published keys of one or more providers, tried in order of the router's choice. The exchange relays ciphertext only; `chunk` events then carry `ciphertext` (sealed to the envelope's ephemeral key) instead of `text`. */
+  /** Additive: the prompt sealed by the client to the published keys of one or more providers, each in the scheme its key takes, tried in order of the router's choice. The exchange relays ciphertext only; `chunk` events then carry `ciphertext` (sealed with the envelope's key pair, in its scheme) instead of `text`. */
   sealed?: InferenceDispatchSealedInput
 }
 
 /** A prompt sealed before it left the requester. */
 export interface InferenceDispatchSealedInput {
-  scheme: "x25519" | (string & {})
+  /** Scheme of the envelopes that do not name their own. */
+  scheme: "x25519" | "p256-ecies-se" | (string & {})
   /** Format of the sealed plaintext; messages-v1 when absent. */
   inputFormat?: "messages-v1" | "text" | (string & {})
   /** sha256 hex of the sealed plaintext, as the job record carries it. */
@@ -1183,10 +1184,12 @@ export interface InferenceDispatchEnvelope {
   providerDid: string
   /** The provider key sealed to, as read from its indexed provider record. */
   encryptionPubKey: string
-  /** base64 X25519 public key the reply is sealed to. */
+  /** base64 public key of the requester's ephemeral key, with which the reply is sealed: 32 bytes X25519, or 64 bytes P-256 X || Y. */
   ephemeralPubKey: string
-  /** base64 of nonce(24) || box. */
+  /** base64 of nonce(24) || box (x25519), or of iv(12) || AES-256-GCM ciphertext || tag(16) (p256-ecies-se). */
   ciphertext: string
+  /** This envelope's scheme, when it is not the sealedInput's: the one the provider's key takes (p256-ecies-se for a 64-byte P-256 key). */
+  scheme?: "x25519" | "p256-ecies-se" | (string & {})
 }
 
 /** Report the progress of a submitted job: `pending` until its receipt is indexed, `received` after that, and `settled` after a settlement is indexed too. */
