@@ -1,7 +1,7 @@
 /**
  * Serves the few source modules the console's pages run in the browser, so
  * the browser seals with the very code the TypeScript client and the
- * provider use (src/crypto/seal.ts), not a copy: `.ts` files with their
+ * provider use (src/crypto/seal.ts, seal-ecies.ts), not a copy: `.ts` files with their
  * types stripped by Node, and the @noble packages they import, with bare
  * specifiers rewritten to this route. Only the listed files and packages are
  * served; nothing is bundled or built.
@@ -20,6 +20,8 @@ const ALLOWED = [
   'console/browser/',
   'src/client/',
   'src/crypto/seal.ts',
+  'src/crypto/seal-ecies.ts',
+  'src/crypto/enc-scheme.ts',
   'src/crypto/canonical-json.ts',
   'src/protocol/input.ts',
   'src/lexicon/generated/ids.ts',

@@ -1,28 +1,28 @@
 /**
  * For callers that send plaintext (the OpenAI-compatible API, and dispatch
  * without `sealed`): the prompt is sealed here, on receipt, to each provider
- * tried, and reply chunks are opened with the reply channel of the machine
- * that answered (the box key computed when sealing; no second X25519). The
- * plaintext and the keys live in this object only, for one request, and are
- * zeroed by `wipe()`.
+ * tried, in the scheme of its key (x25519, or p256-ecies-se for a P-256 key:
+ * src/crypto/enc-scheme.ts), and reply chunks are opened with the reply
+ * channel of the machine that answered (the key computed when sealing; no
+ * second key agreement). The plaintext and the keys live in this object
+ * only, for one request, and are zeroed by `wipe()`.
  *
  * Each prompt is sealed from a fresh ephemeral key used for nothing else.
- * What a seal costs besides the cipher (generating that key, and the X25519
- * with the provider's key: a few hundred microseconds on a small machine) is
- * done ahead where it can be: when a request that sealed to a provider key
- * ends, the key pair and box key for the next prompt to that key are
- * prepared, and later handed to one prompt only. A prepared seal not used
- * within a minute is wiped instead.
+ * What a seal costs besides the cipher (generating that key, and the key
+ * agreement with the provider's key: a few hundred microseconds on a small
+ * machine) is done ahead where it can be: when a request that sealed to a
+ * provider key ends, the key pair and channel key for the next prompt to
+ * that key are prepared, and later handed to one prompt only. A prepared
+ * seal not used within a minute is wiped instead.
  */
-import { generateX25519KeyPair, ReplyChannel, type X25519KeyPair } from '../../src/crypto/seal.ts'
+import { encSchemeOf, requesterSeal, type EncKeyAnnouncement, type RequesterSeal } from '../../src/crypto/enc-scheme.ts'
+import { SealError } from '../../src/crypto/seal.ts'
 import type { Envelope } from './exchange.ts'
 import { ExchangeError } from './exchange.ts'
 import { machineId, type ConnectedProvider } from './gateway.ts'
 
-/** An ephemeral key pair and its box key with one provider key, for one prompt. */
-interface Prepared {
-  eph: X25519KeyPair
-  reply: ReplyChannel
+/** An ephemeral key pair and its channel with one provider key, for one prompt. */
+interface Prepared extends RequesterSeal {
   at: number
 }
 
@@ -32,40 +32,45 @@ const PREPARED_KEYS = 64
 const prepared = new Map<string, Prepared>()
 
 const wipePrepared = (p: Prepared) => {
-  p.eph.secretKey.fill(0)
+  p.ephemeralSecretKey.fill(0)
   p.reply.wipe()
 }
 
-const newSeal = (providerEncryptionPubKey: string): Prepared => {
-  const eph = generateX25519KeyPair()
-  return { eph, reply: ReplyChannel.requester(providerEncryptionPubKey, eph.secretKey), at: Date.now() }
-}
+/** What a provider connection announces: its key, and the scheme its record names, if any. */
+const announcement = (p: ConnectedProvider): EncKeyAnnouncement => ({ encryptionPubKey: p.encryptionPubKey, encScheme: p.record?.body.encScheme })
+/** Prepared seals are kept by scheme and key. */
+const slot = (a: EncKeyAnnouncement) => `${encSchemeOf(a)} ${String(a.encryptionPubKey)}`
+
+const newSeal = (a: EncKeyAnnouncement): Prepared => ({ ...requesterSeal(a), at: Date.now() })
 
 /** The prepared seal for a provider key, taken (no other prompt gets it), or a new one. */
-function takeSeal(providerEncryptionPubKey: string): Prepared {
+function takeSeal(a: EncKeyAnnouncement): Prepared {
   const now = Date.now()
   for (const [k, p] of prepared) {
     if (now - p.at < PREPARED_TTL_MS) continue
     prepared.delete(k)
     wipePrepared(p)
   }
-  const hit = prepared.get(providerEncryptionPubKey)
-  prepared.delete(providerEncryptionPubKey)
-  return hit ?? newSeal(providerEncryptionPubKey)
+  const key = slot(a)
+  const hit = prepared.get(key)
+  prepared.delete(key)
+  return hit ?? newSeal(a)
 }
 
 /** Prepares the next seal to each key, once the current turn is over (off any request's path). */
-function prepareSeals(providerEncryptionPubKeys: Iterable<string>): void {
-  const keys = [...providerEncryptionPubKeys]
-  if (keys.length === 0) return
+function prepareSeals(announced: Iterable<EncKeyAnnouncement>): void {
+  const list = [...announced]
+  if (list.length === 0) return
   setImmediate(() => {
-    for (const key of keys) {
-      if (prepared.has(key)) continue
+    for (const a of list) {
+      let key: string
       let next: Prepared
       try {
-        next = newSeal(key)
+        key = slot(a)
+        if (prepared.has(key)) continue
+        next = newSeal(a)
       } catch {
-        // A key X25519 refuses: nothing prepared; a seal to it fails on its request's path, as before.
+        // A key its scheme refuses: nothing prepared; a seal to it fails on its request's path, as before.
         continue
       }
       prepared.set(key, next)
@@ -80,23 +85,31 @@ function prepareSeals(providerEncryptionPubKeys: Iterable<string>): void {
 
 export class ReceiptSealer {
   private readonly plaintext: Uint8Array
-  /** The reply channel per machine sealed to, its ephemeral secret (to wipe), and the provider key. */
-  private readonly sealedTo = new Map<string, { reply: ReplyChannel; secret: Uint8Array; providerKey: string }>()
+  /** The seal per machine sealed to: its reply channel and ephemeral secret (to wipe), and what the provider announced. */
+  private readonly sealedTo = new Map<string, { seal: Prepared; announced: EncKeyAnnouncement }>()
   private readonly decoder = new TextDecoder()
 
   constructor(plaintext: Uint8Array) {
     this.plaintext = plaintext
   }
 
-  seal = (p: ConnectedProvider): Envelope => {
-    const { eph, reply } = takeSeal(p.encryptionPubKey)
-    this.sealedTo.set(p.machine, { reply, secret: eph.secretKey, providerKey: p.encryptionPubKey })
-    return { ciphertext: reply.seal(this.plaintext), requesterPubKey: Buffer.from(eph.publicKey).toString('base64') }
+  /** The prompt sealed to `p`; null (the provider is skipped) when its key makes no scheme this exchange seals in. */
+  seal = (p: ConnectedProvider): Envelope | null => {
+    const announced = announcement(p)
+    let seal: Prepared
+    try {
+      seal = takeSeal(announced)
+    } catch (err) {
+      if (err instanceof SealError) return null
+      throw err
+    }
+    this.sealedTo.set(p.machine, { seal, announced })
+    return { ciphertext: seal.reply.seal(this.plaintext), requesterPubKey: seal.ephemeralPublicKey }
   }
 
   /** A reply chunk from the machine that answered, as text. */
   open(provider: { did: string; key: string }, ciphertext: string): string {
-    const bytes = this.sealedTo.get(machineId(provider.did, provider.key))?.reply.open(ciphertext)
+    const bytes = this.sealedTo.get(machineId(provider.did, provider.key))?.seal.reply.open(ciphertext)
     if (!bytes) throw new ExchangeError('provider_failed', 502, 'a reply chunk from the provider did not decrypt')
     return this.decoder.decode(bytes, { stream: true })
   }
@@ -104,10 +117,7 @@ export class ReceiptSealer {
   /** Zeroes the prompt and this request's keys; then the next seals to the same providers are prepared. */
   wipe(): void {
     this.plaintext.fill(0)
-    for (const s of this.sealedTo.values()) {
-      s.secret.fill(0)
-      s.reply.wipe()
-    }
-    prepareSeals(new Set([...this.sealedTo.values()].map((s) => s.providerKey)))
+    for (const s of this.sealedTo.values()) wipePrepared(s.seal)
+    prepareSeals([...this.sealedTo.values()].map((s) => s.announced))
   }
 }

@@ -8,9 +8,15 @@
  *   const client = new CocoreClient({ consoleUrl, appviewUrl, apiKey })
  *   for await (const e of client.chat({ model, messages })) if (e.type === 'text') write(e.text)
  *
+ * Each prompt is sealed in the scheme of the key it is sealed to
+ * (src/crypto/enc-scheme.ts): x25519, or p256-ecies-se for a provider whose
+ * published key is a P-256 point (a Secure Enclave key); a key that makes
+ * neither is not sealed to.
+ *
  * Browser-safe: fetch, Web Crypto and Uint8Array only.
  */
-import { sealPrompt, type ReplyChannel } from '../crypto/seal.ts'
+import { encSchemeOf, sealPromptTo } from '../crypto/enc-scheme.ts'
+import { SealError, type SealChannel } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../protocol/input.ts'
 
@@ -92,6 +98,17 @@ async function* sse(body: ReadableStream<Uint8Array>): AsyncGenerator<{ event: s
   }
 }
 
+/** Whether the provider's key makes a scheme this client seals in. */
+function sealable(p: ConnectedProviderView): boolean {
+  try {
+    encSchemeOf(p)
+    return true
+  } catch (err) {
+    if (err instanceof SealError) return false
+    throw err
+  }
+}
+
 export class CocoreClient {
   private readonly opts: CocoreClientOpts
   private readonly fetch: typeof fetch
@@ -126,17 +143,18 @@ export class CocoreClient {
     let candidates = await this.connectedProviders(o.model)
     if (o.targetProviderDid) candidates = candidates.filter((p) => p.did === o.targetProviderDid)
     if (candidates.length === 0) throw new CocoreError('no_providers_for_model', `no provider connected now serves "${o.model}"`)
-    const checked = await Promise.all(candidates.slice(0, 8).map(async (p) => ((await this.publishedKeys(p.did)).has(p.encryptionPubKey) ? p : null)))
+    const checked = await Promise.all(candidates.slice(0, 8).map(async (p) => ((await this.publishedKeys(p.did)).has(p.encryptionPubKey) && sealable(p) ? p : null)))
     const chosen = checked.filter((p): p is ConnectedProviderView => p !== null).slice(0, o.providers ?? 3)
-    if (chosen.length === 0) throw new CocoreError('unverified_provider_keys', 'no connected provider announces a key its published, indexed record carries: nothing was sent')
+    if (chosen.length === 0) throw new CocoreError('unverified_provider_keys', 'no connected provider announces a key its published, indexed record carries (in a scheme this client seals in): nothing was sent')
 
     const plaintext = encodeInput(o.messages)
     /** Per machine sealed to (DID and key): the reply channel its reply opens with, and the ephemeral secret. */
-    const keys = new Map<string, { reply: ReplyChannel; secret: Uint8Array }>()
+    const keys = new Map<string, { reply: SealChannel; secret: Uint8Array }>()
     const envelopes = chosen.map((p) => {
-      const s = sealPrompt(plaintext, p.encryptionPubKey)
+      const s = sealPromptTo(plaintext, p)
       keys.set(`${p.did} ${p.encryptionPubKey}`, { reply: s.reply, secret: s.ephemeralSecretKey })
-      return { providerDid: p.did, encryptionPubKey: p.encryptionPubKey, ephemeralPubKey: s.ephemeralPublicKey, ciphertext: s.sealed }
+      // The request's scheme is x25519; an envelope in another names its own.
+      return { providerDid: p.did, encryptionPubKey: p.encryptionPubKey, ephemeralPubKey: s.ephemeralPublicKey, ciphertext: s.sealed, ...(s.scheme !== 'x25519' ? { scheme: s.scheme } : {}) }
     })
     const input = {
       model: o.model,
@@ -147,7 +165,7 @@ export class CocoreClient {
       sealed: { scheme: 'x25519', inputFormat: 'messages-v1', inputCommitment: inputCommitment(plaintext), envelopes },
     }
     plaintext.fill(0)
-    let opener: ReplyChannel | undefined
+    let opener: SealChannel | undefined
     try {
       const res = await this.fetch(`${this.opts.consoleUrl}/xrpc/${ids.InferenceDispatch}`, { method: 'POST', headers: this.headers(true), body: JSON.stringify(input), signal: o.signal })
       if (!res.ok || !res.body) {
