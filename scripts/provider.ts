@@ -5,6 +5,7 @@
  * environment (COCORE_PROVIDER_<NAME>); the command line wins.
  */
 import { parseArgs } from 'node:util'
+import { ENC_SCHEMES, isEncScheme } from '../src/crypto/enc-scheme.ts'
 import { ProviderAgent } from '../src/provider/agent.ts'
 import { BuiltinEngine, chatCompletionsUrl, OpenAIUpstreamEngine, type Engine } from '../src/provider/engine.ts'
 import { setLogLevel } from '../src/logger.ts'
@@ -21,6 +22,8 @@ Required:
 
 Optional:
   --key-file PATH        keys and record keys, created with mode 0600 (default data/provider-key.json)
+  --enc-scheme SCHEME    the encryption key prompts are sealed to: x25519 (default) or p256-ecies-se
+                         (a P-256 key, in the key file: the codec of Secure Enclave providers, not an enclave)
   --models M1,M2         models served (default: the upstream's /v1/models, or "builtin")
   --upstream URL         an OpenAI-compatible server to run the jobs
   --upstream-key KEY     its API key, if it needs one
@@ -41,6 +44,7 @@ const OPTIONS = {
   exchange: { type: 'string' },
   'exchange-did': { type: 'string' },
   'key-file': { type: 'string' },
+  'enc-scheme': { type: 'string' },
   models: { type: 'string' },
   upstream: { type: 'string' },
   'upstream-key': { type: 'string' },
@@ -80,11 +84,13 @@ function parse() {
   const tokenDelayMs = get('token-delay-ms') === undefined ? undefined : Number(get('token-delay-ms'))
   if (tokenDelayMs !== undefined && !(Number.isSafeInteger(tokenDelayMs) && tokenDelayMs >= 0)) throw new UsageError('--token-delay-ms must be a non-negative integer')
   if (tokenDelayMs !== undefined && engine !== 'builtin') throw new UsageError('--token-delay-ms is for the builtin engine')
+  const encScheme = get('enc-scheme')
+  if (encScheme !== undefined && !isEncScheme(encScheme)) throw new UsageError(`--enc-scheme must be ${ENC_SCHEMES.join(' or ')}, got "${encScheme}"`)
   const models = get('models')
     ?.split(',')
     .map((m) => m.trim())
     .filter(Boolean)
-  return { get, engine, maxConcurrent, tokenDelayMs, models }
+  return { get, engine, maxConcurrent, tokenDelayMs, models, encScheme }
 }
 
 /** The models an upstream serves, from its /v1/models. */
@@ -120,6 +126,7 @@ async function main(): Promise<void> {
     exchangeUrl: get('exchange')!,
     exchangeDid: get('exchange-did')!,
     keyFile: get('key-file') ?? 'data/provider-key.json',
+    encScheme: opts.encScheme,
     engine,
     models,
     label: get('label'),

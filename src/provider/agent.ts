@@ -4,7 +4,7 @@
  * `/v1/agent` and serves the jobs it is sent (src/provider/jobs.ts).
  *
  * Registration proves the DID with a fresh service-auth token for the
- * exchange, and announces the X25519 key of the published provider record;
+ * exchange, and announces the encryption key of the published provider record;
  * the exchange refuses it until its AppView has indexed that record, so the
  * agent keeps retrying (as after any lost connection) with capped
  * exponential backoff.
@@ -16,6 +16,7 @@ import { TID } from '@atproto/common-web'
 import { WebSocket, type RawData } from 'ws'
 import pkg from '../../package.json' with { type: 'json' }
 import { canonicalBytes } from '../crypto/canonical-json.ts'
+import type { EncScheme } from '../crypto/enc-scheme.ts'
 import type { P256Signer } from '../crypto/p256.ts'
 import { ids } from '../lexicon/generated/ids.ts'
 import {
@@ -58,6 +59,8 @@ export interface ProviderAgentOpts {
   /** The exchange's DID: the audience of the registration token. */
   exchangeDid: string
   keyFile: string
+  /** The scheme of a new encryption key (default x25519); an existing key file must hold one of this scheme. */
+  encScheme?: EncScheme
   engine: Engine
   models: string[]
   /** Prices of some models; the others get DEFAULT_PRICE. */
@@ -121,7 +124,7 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     super()
     if (opts.models.length === 0) throw new ProviderAgentError('at least one model is needed')
     this.opts = opts
-    this.keys = loadOrCreateKeys(opts.keyFile)
+    this.keys = loadOrCreateKeys(opts.keyFile, { encScheme: opts.encScheme })
   }
 
   private need(): Live {

@@ -1,10 +1,11 @@
 /**
  * The provider's job handler: one `inference_request` in, its frames out
- * through `send`. It opens the sealed prompt with the machine's X25519 key,
- * checks it against the job's input commitment, runs the engine, seals each
- * piece back to the requester's ephemeral key, and completes with the URI of
- * a signed receipt, written right after (the rkey is chosen up front, so the
- * exchange need not wait for the PDS).
+ * through `send`. It opens the sealed prompt with the machine's key (in its
+ * scheme, x25519 or p256-ecies-se), checks it against the job's input
+ * commitment, runs the engine, seals each piece back to the requester's
+ * ephemeral key, and completes with the URI of a signed receipt, written
+ * right after (the rkey is chosen up front, so the exchange need not wait for
+ * the PDS).
  *
  * Content stays in this module's memory for the length of a job: it is never
  * logged, stored or put in an event; only its hashes leave, in the receipt.
@@ -12,7 +13,8 @@
 import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { TID } from '@atproto/common-web'
-import { ReplyChannel } from '../crypto/seal.ts'
+import { providerChannel } from '../crypto/enc-scheme.ts'
+import type { SealChannel } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
 import { PROTOCOL_VERSION, type FinishReason, type InferenceErrorCode, type InferenceRequestFrame, type ProviderFrame } from '../protocol/agent.ts'
 import { decodeInput, inputCommitment, InputError, type ChatMessage } from '../protocol/input.ts'
@@ -59,8 +61,8 @@ export interface JobEvents {
 
 interface CheckedRequest extends InferenceRequestFrame {
   messages: ChatMessage[]
-  /** The box key of this job (one X25519 for the prompt and every reply chunk). */
-  channel: ReplyChannel
+  /** The channel key of this job (one key agreement for the prompt and every reply chunk). */
+  channel: SealChannel
 }
 
 const HEX64 = /^[0-9a-f]{64}$/
@@ -134,13 +136,14 @@ export class JobRunner extends EventEmitter<JobEvents> {
     if (typeof f.input_commitment !== 'string' || !HEX64.test(f.input_commitment)) return bad('input_commitment must be 64 lowercase hex characters')
     if (typeof f.ciphertext !== 'string' || typeof f.requester_pub_key !== 'string') return { code: 'decrypt_failed', message: 'ciphertext and requester_pub_key must be base64 strings' }
     let plaintext: Uint8Array | null
-    let channel: ReplyChannel | null = null
+    let channel: SealChannel | null = null
     try {
-      // The prompt's box key is the reply's: the same X25519 pair, both ways.
-      channel = ReplyChannel.provider(f.requester_pub_key, this.opts.keys.encryption.secretKey)
+      // The prompt's key is the reply's: the same key pair, both ways.
+      const { scheme, secretKey } = this.opts.keys.encryption
+      channel = providerChannel(scheme, f.requester_pub_key, secretKey)
       plaintext = channel.open(f.ciphertext)
     } catch {
-      // A malformed or low-order requester key.
+      // A malformed requester key, or one of another scheme (low-order X25519, not on P-256, the wrong length).
       plaintext = null
     }
     if (!plaintext || !channel) return { code: 'decrypt_failed', message: "the prompt does not open with this machine's key" }

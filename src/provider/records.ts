@@ -72,7 +72,9 @@ function attestedState(keys: ProviderKeys, facts: MachineFacts, did: string) {
     publicKey: b64(keys.signer.rawPublicKey()),
     encryptionPubKey: b64(keys.encryption.publicKey),
     sigScheme: 'p256',
-    encScheme: 'x25519',
+    // The scheme of encryptionPubKey, which requesters seal by. A P-256 key here is a software key in the key
+    // file, not a Secure Enclave one, and secureEnclaveAvailable below still says so.
+    encScheme: keys.encryption.scheme,
     chipName: facts.chip,
     hardwareModel: facts.hardwareModel,
     serialNumberHash: machineFingerprint(facts, did),
