@@ -663,3 +663,33 @@ describe('accounts, profiles and friends', () => {
     w.store.setStatus(DAVE, false, 'deactivated')
   })
 })
+
+describe('query plans', () => {
+  it('getProfile reads only the account’s own index ranges (EXPLAIN QUERY PLAN), never a network-wide range', async () => {
+    const w = world()
+    const did = plc('planner')
+    w.put(did, { $type: ids.AccountProfile, createdAt: ago(5) }, 'self')
+    const client = w.db.$client
+    const prepare = client.prepare.bind(client)
+    const prepared: string[] = []
+    client.prepare = ((sql: string) => {
+      prepared.push(sql)
+      return prepare(sql)
+    }) as typeof client.prepare
+    try {
+      expect((await w.get(ids.AccountGetProfile, { did })).status).toBe(200)
+    } finally {
+      client.prepare = prepare
+    }
+    const reads = prepared.filter((sql) => /FROM records/.test(sql))
+    expect(reads.length).toBeGreaterThanOrEqual(6)
+    for (const sql of reads) {
+      const holes = (sql.match(/\?/g) ?? []).length
+      const plan = (prepare(`EXPLAIN QUERY PLAN ${sql}`).all(...Array(holes).fill('x')) as { detail: string }[]).map((p) => p.detail)
+      const onRecords = plan.filter((d) => / records /.test(`${d} `))
+      expect(onRecords.length, sql).toBeGreaterThan(0)
+      // A SEARCH bounded by the account (did=? or subject_did=?), not a SCAN nor a range of a whole collection.
+      for (const d of onRecords) expect(d, sql).toMatch(/^SEARCH records USING (COVERING )?INDEX \w+ \(.*\b(did|subject_did)=\?/)
+    }
+  })
+})
