@@ -187,7 +187,7 @@ describe('sealed to it through the exchange', () => {
 
   it('by the exchange on receipt (the OpenAI-compatible API), streamed and not', async () => {
     const openai = new OpenAI({ baseURL: `${consoleUrl}/v1`, apiKey, maxRetries: 0 })
-    const messages: ChatMessage[] = [{ role: 'user', content: 'Seal this on receipt.' }]
+    const messages = [{ role: 'user' as const, content: 'Seal this on receipt.' }]
     const res = await openai.chat.completions.create({ model: MODEL, messages, max_tokens: 16 })
     expect(res.choices[0]!.message.content).toBe(expectedReply(messages, 16))
     const receipt = (res as unknown as { cocore: { receipt: string } }).cocore.receipt
