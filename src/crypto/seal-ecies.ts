@@ -25,7 +25,7 @@ import { gcm } from '@noble/ciphers/aes.js'
 import { p256 } from '@noble/curves/nist.js'
 import { hkdf } from '@noble/hashes/hkdf.js'
 import { sha256 } from '@noble/hashes/sha2.js'
-import { fromB64, native, randomNonce, SealError, toB64, type SealChannel } from './seal.ts'
+import { fromB64, KeyedChannel, native, randomNonce, SealError } from './seal.ts'
 
 export const ECIES_SCHEME = 'p256-ecies-se'
 export const IV_BYTES = 12
@@ -176,11 +176,7 @@ export function eciesOpen(key: Uint8Array, blob: Uint8Array, b: EciesBackend = b
 }
 
 /** One job's channel in this scheme (see the module comment): one ECDH, then AES-GCM per message. */
-export class EciesChannel implements SealChannel {
-  private readonly key: Uint8Array
-  private constructor(key: Uint8Array) {
-    this.key = key
-  }
+export class EciesChannel extends KeyedChannel {
   /** The provider's end: the requester's ephemeral public key (base64) and its own secret key. */
   static provider(ephemeralPublicKey: string, providerSecretKey: Uint8Array): EciesChannel {
     return new EciesChannel(eciesKey(providerSecretKey, fromB64(ephemeralPublicKey)))
@@ -189,19 +185,10 @@ export class EciesChannel implements SealChannel {
   static requester(providerEncryptionPubKey: string, ephemeralSecretKey: Uint8Array): EciesChannel {
     return new EciesChannel(eciesKey(ephemeralSecretKey, fromB64(providerEncryptionPubKey)))
   }
-  seal(chunk: Uint8Array): string {
-    return toB64(eciesSealWithIv(this.key, randomNonce(IV_BYTES), chunk))
+  protected sealBytes(chunk: Uint8Array): Uint8Array {
+    return eciesSealWithIv(this.key, randomNonce(IV_BYTES), chunk)
   }
-  open(sealed: string): Uint8Array | null {
-    let blob: Uint8Array
-    try {
-      blob = fromB64(sealed)
-    } catch {
-      return null
-    }
+  protected openBytes(blob: Uint8Array): Uint8Array | null {
     return eciesOpen(this.key, blob)
-  }
-  wipe(): void {
-    this.key.fill(0)
   }
 }

@@ -215,6 +215,31 @@ export interface SealChannel {
   wipe(): void
 }
 
+/** A SealChannel over one key: a scheme gives the framing of one message. */
+export abstract class KeyedChannel implements SealChannel {
+  protected readonly key: Uint8Array
+  protected constructor(key: Uint8Array) {
+    this.key = key
+  }
+  protected abstract sealBytes(chunk: Uint8Array): Uint8Array
+  protected abstract openBytes(framed: Uint8Array): Uint8Array | null
+  seal(chunk: Uint8Array): string {
+    return toB64(this.sealBytes(chunk))
+  }
+  open(sealed: string): Uint8Array | null {
+    let framed: Uint8Array
+    try {
+      framed = fromB64(sealed)
+    } catch {
+      return null
+    }
+    return this.openBytes(framed)
+  }
+  wipe(): void {
+    this.key.fill(0)
+  }
+}
+
 export interface SealedPrompt {
   /** base64 of the sealed prompt (`nonce || box` here). */
   sealed: string
@@ -245,11 +270,7 @@ export function openPrompt(sealed: string, ephemeralPublicKey: string, providerS
  * chunk costs only XSalsa20-Poly1305, not an X25519 multiplication. Both
  * ends derive the same key; the wire form is the same `nonce || box`.
  */
-export class ReplyChannel implements SealChannel {
-  private readonly key: Uint8Array
-  private constructor(key: Uint8Array) {
-    this.key = key
-  }
+export class ReplyChannel extends KeyedChannel {
   /** The provider's end: the requester's ephemeral public key (base64) and its own secret key. */
   static provider(ephemeralPublicKey: string, providerSecretKey: Uint8Array): ReplyChannel {
     return new ReplyChannel(boxKey(fromB64(ephemeralPublicKey), providerSecretKey))
@@ -258,21 +279,11 @@ export class ReplyChannel implements SealChannel {
   static requester(providerEncryptionPubKey: string, ephemeralSecretKey: Uint8Array): ReplyChannel {
     return new ReplyChannel(boxKey(fromB64(providerEncryptionPubKey), ephemeralSecretKey))
   }
-  seal(chunk: Uint8Array): string {
-    return toB64(sealWithKey(this.key, chunk))
+  protected sealBytes(chunk: Uint8Array): Uint8Array {
+    return sealWithKey(this.key, chunk)
   }
-  /** null when the chunk does not authenticate (or is not base64). */
-  open(sealed: string): Uint8Array | null {
-    let framed: Uint8Array
-    try {
-      framed = fromB64(sealed)
-    } catch {
-      return null
-    }
+  protected openBytes(framed: Uint8Array): Uint8Array | null {
     return openWithKey(this.key, framed)
-  }
-  wipe(): void {
-    this.key.fill(0)
   }
 }
 
