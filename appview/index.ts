@@ -22,6 +22,8 @@ export interface IndexedProvider {
 export interface ConsoleIndex {
   purge(did: string): number
   records(did: string): unknown[]
+  /** The account's index rows besides its records (status, sync state), for its export. */
+  accountRows(did: string): { account: unknown; repo: unknown }
   /** The account's indexed (validated, signed) provider records, newest first. */
   providerRecords(did: string): IndexedProvider[]
   /** Whether `owner` lists `subject` as a friend (the private tier). */
@@ -107,6 +109,7 @@ export class AppView implements AsyncDisposable {
     return {
       purge: (did) => this.store.tx(() => this.store.purge(did)),
       records: (did) => this.store.recordsOf(did),
+      accountRows: (did) => this.store.accountRows(did),
       providerRecords: (did) => this.store.providerRecords(did),
       isFriend: (owner, subject) => this.store.isFriend(owner, subject),
       receiptsAfter: (rowid, limit) => this.store.receiptsAfter(rowid, limit),

@@ -15,11 +15,11 @@ import type { ConsoleService } from '../console/index.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { lexicons } from '../src/lexicon/validate.ts'
-import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
-import { signReceipt } from '../src/crypto/signing.ts'
-import { attestationRecord, authorizationRecord, hex32, jobRecord, providerRecord, putRecord } from '../src/dev/records.ts'
+import { P256Signer } from '../src/crypto/p256.ts'
+import { attestationRecord, authorizationRecord, jobRecord, providerRecord, putRecord } from '../src/dev/records.ts'
 import { startAppView, tempDbPath, waitCaughtUp } from './fixture/appview.ts'
 import { startTestConsole } from './fixture/console.ts'
+import { signedReceipt, usd } from './fixture/records.ts'
 
 type Json = Record<string, any>
 
@@ -38,9 +38,6 @@ const inWeek = (w: number, hour = 0) => new Date(w === 51 ? currentMonday + (hou
 /** 52 zeros with the given weeks set. */
 const weeks = (set: Record<number, number>) => Array.from({ length: 52 }, (_, i) => set[i] ?? 0)
 
-/** The fixture builders use currency 'CC', shorter than the lexicon's 3-character minimum: use USD. */
-const usd = <T,>(v: T): T =>
-  Array.isArray(v) ? (v.map(usd) as T) : v && typeof v === 'object' ? (Object.fromEntries(Object.entries(v).map(([k, x]) => [k, k === 'currency' && x === 'CC' ? 'USD' : usd(x)])) as T) : v
 
 let net: LocalNetwork
 let av: AppView
@@ -72,25 +69,7 @@ beforeAll(async () => {
   for (const [w, hour] of [[-1, 0], [0, 0], [48, 0], [48, 5], [51, 2]] as const) refs[`job${w}.${hour}`] = await put(alice, { ...usd(jobRecord(auth)), createdAt: inWeek(w, hour) })
   const receipt = async (w: number, hour: number, ms: number, tokens: { in: number; out: number }) => {
     const completedAt = inWeek(w, hour)
-    return put(
-      alice,
-      signReceipt(
-        {
-          $type: ids.ComputeReceipt,
-          job: refs['job48.0']!,
-          requester: alice.did,
-          model: 'llama-3-8b',
-          inputCommitment: hex32(),
-          outputCommitment: sha256Hex('out'),
-          tokens,
-          startedAt: new Date(Date.parse(completedAt) - ms).toISOString(),
-          completedAt,
-          price: { amount: 1, currency: 'USD' },
-          attestation: refs.attestation!,
-        },
-        signer,
-      ),
-    )
+    return put(alice, signedReceipt(signer, { job: refs['job48.0']!, requester: alice.did, attestation: refs.attestation!, completedAt, ms, tokens }))
   }
   await receipt(-3, 0, 50, { in: 1000, out: 1000 })
   await receipt(40, 0, 300, { in: 100, out: 1 })

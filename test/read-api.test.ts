@@ -13,9 +13,9 @@ import { IndexStore } from '../appview/indexer/store.ts'
 import { openDb } from '../src/db/index.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { validateRecord } from '../src/lexicon/validate.ts'
-import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
-import { signReceipt } from '../src/crypto/signing.ts'
-import { attestationRecord, authorizationRecord, hex32, jobRecord, providerRecord } from '../src/dev/records.ts'
+import { P256Signer } from '../src/crypto/p256.ts'
+import { attestationRecord, authorizationRecord, jobRecord, providerRecord } from '../src/dev/records.ts'
+import { signedReceipt, usd } from './fixture/records.ts'
 
 const CID = 'bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm'
 const T0 = Date.now()
@@ -28,9 +28,6 @@ const letters = (i: number) => String.fromCharCode(97 + Math.floor(i / 26)) + St
 type Ref = { uri: string; cid: string }
 type Json = Record<string, any>
 
-/** The fixture builders use currency 'CC', shorter than the lexicon's 3-character minimum: use USD. */
-const usd = <T,>(v: T): T =>
-  Array.isArray(v) ? (v.map(usd) as T) : v && typeof v === 'object' ? (Object.fromEntries(Object.entries(v).map(([k, x]) => [k, k === 'currency' && x === 'CC' ? 'USD' : usd(x)])) as T) : v
 
 function world() {
   const db = openDb(join(mkdtempSync(join(tmpdir(), 'read-api-')), 'index.sqlite'))
@@ -138,22 +135,7 @@ describe('compute record lists', () => {
   }
   const addReceipt = (provider: string, requester: string, job: Ref) => {
     const completedAt = tick()
-    const record = signReceipt(
-      {
-        $type: ids.ComputeReceipt,
-        job,
-        requester,
-        model: 'llama-3-8b',
-        inputCommitment: hex32(),
-        outputCommitment: sha256Hex('out'),
-        tokens: { in: 1, out: 2 },
-        startedAt: new Date(Date.parse(completedAt) - 1000).toISOString(),
-        completedAt,
-        price: { amount: 42, currency: 'USD' },
-        attestation: attestation[provider]!,
-      },
-      signer,
-    )
+    const record = signedReceipt(signer, { job, requester, attestation: attestation[provider]!, completedAt, ms: 1000, price: 42 })
     const ref = { ...w.put(provider, record), sortAt: completedAt, provider, requester, job: job.uri }
     receipts.push(ref)
     return ref
@@ -296,25 +278,7 @@ describe('latency and model activity', () => {
 
   const receipt = (provider: string, model: string, completedMinAgo: number, durationMs: number, tokens = { in: 10, out: 5 }) => {
     const completedAt = ago(completedMinAgo)
-    w.put(
-      provider,
-      signReceipt(
-        {
-          $type: ids.ComputeReceipt,
-          job,
-          requester: REQ,
-          model,
-          inputCommitment: hex32(),
-          outputCommitment: sha256Hex('out'),
-          tokens,
-          startedAt: new Date(Date.parse(completedAt) - durationMs).toISOString(),
-          completedAt,
-          price: { amount: 1, currency: 'USD' },
-          attestation: att,
-        },
-        signer,
-      ),
-    )
+    w.put(provider, signedReceipt(signer, { job, requester: REQ, attestation: att, completedAt, ms: durationMs, model, tokens }))
   }
   const H = 60
   const D = 24 * H

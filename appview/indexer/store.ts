@@ -369,6 +369,18 @@ export class IndexStore {
     return !!this.db.$client.prepare('SELECT 1 FROM records WHERE did = ? AND collection = ? AND subject_did = ? LIMIT 1').get(owner, ids.AccountFriend, subject)
   }
 
+  /** The account's own index rows besides its records, for its data export: hosting status and sync state. */
+  accountRows(did: string): { account: { handle: string | null; active: boolean; status: string | null } | null; repo: { rev: string; needsResync: boolean; head: string | null; headData: string | null } | null } {
+    const account = this.db.$client.prepare('SELECT handle, active, status FROM accounts WHERE did = ?').get(did) as { handle: string | null; active: number; status: string | null } | undefined
+    const repo = this.db.$client.prepare('SELECT rev, needs_resync AS needsResync, head, head_data AS headData FROM repos WHERE did = ?').get(did) as
+      | { rev: string; needsResync: number; head: string | null; headData: string | null }
+      | undefined
+    return {
+      account: account ? { ...account, active: account.active === 1 } : null,
+      repo: repo ? { ...repo, needsResync: repo.needsResync === 1 } : null,
+    }
+  }
+
   /** Every indexed record of an account (for its data export). */
   recordsOf(did: string): { uri: string; cid: string; collection: string; indexedAt: string; body: unknown }[] {
     return (this.db.$client.prepare('SELECT uri, cid, collection, indexed_at AS indexedAt, body FROM records WHERE did = ? ORDER BY collection, uri').all(did) as { uri: string; cid: string; collection: string; indexedAt: string; body: string }[]).map(
