@@ -47,8 +47,8 @@ export interface ConsoleDeps {
   oauthStateGc: () => void
   publisher: Publisher
   wiper: Wiper
-  /** The account's rows in the AppView index, for the export; absent without an in-process AppView. */
-  indexedRecords?: (did: string) => Promise<unknown[]> | unknown[]
+  /** Everything held about the account (console/export.ts). */
+  exportData: (did: string, handle: string | null) => Promise<Record<string, unknown>>
   /** After each completed sign-in (the exchange's welcome grant, once per account). */
   onSignIn?: (did: string) => void
   /** The OpenAI-compatible inference API (`/v1/...`), when this console is an exchange. */
@@ -234,6 +234,10 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
       log.info('sign-in callback failed', { err: err as Error })
       return c.html(errorPage('Sign-in failed', 'Your PDS did not confirm the sign-in. Start again from the sign-in page.', 'sign-in'), 400)
     }
+    // The account is frozen while its data is wiped: no console session acts for it meanwhile.
+    if (deps.wiper.activeJob(did)) {
+      return c.html(errorPage('Wipe under way', 'Your data is being wiped; the console does not sign you in until that is finished. Follow it at the address the wipe gave you, then sign in again if you like.', 'sign-in'), 409)
+    }
     const { token, session } = deps.sessions.create(did, c.req.header('user-agent'), ip(c))
     deps.audit.record(did, 'sign-in', session.ipHash, { session: session.id })
     deps.onSignIn?.(did)
@@ -417,24 +421,7 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     const s = c.get('session')!
     const ipHash = deps.sessions.hashIp(ip(c))
     deps.audit.record(s.did, 'export', ipHash)
-    const data = {
-      exportedAt: new Date().toISOString(),
-      did: s.did,
-      handle: (await who(c)).handle,
-      howToGetYourRepo: `Every record you published is on your own PDS. Download the whole repository with com.atproto.sync.getRepo?did=${s.did} on your PDS, at any time, without this service.`,
-      apiKeys: deps.api.keys.list(s.did),
-      sessions: deps.sessions.list(s.did),
-      usage: deps.api.usage.list(s.did),
-      activity: deps.audit.list(s.did, 10_000),
-      indexedRecords: deps.indexedRecords ? await deps.indexedRecords(s.did) : [],
-      ledger: deps.api.inference?.economy
-        ? {
-            balance: deps.api.inference.economy.ledger.balance(s.did),
-            entries: deps.api.inference.economy.ledger.history(s.did, 1_000_000),
-            settlements: deps.api.inference.economy.settlementsOf(s.did),
-          }
-        : null,
-    }
+    const data = await deps.exportData(s.did, (await who(c)).handle)
     c.header('Content-Disposition', `attachment; filename="cocore-export-${s.did.replace(/[^a-z0-9]/gi, '_')}.json"`)
     return c.json(data)
   })

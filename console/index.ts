@@ -12,7 +12,8 @@ import { consoleLogger as log } from '../src/logger.ts'
 import { createConsoleApp, HSTS } from './app.ts'
 import { contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
 import { createOAuthClient } from './oauth/client.ts'
-import { resealStale, stateStore, type ResealReport } from './oauth/stores.ts'
+import { oauthSessionInfo, resealStale, stateStore, type ResealReport } from './oauth/stores.ts'
+import { exportAccount } from './export.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
 import { ApiKeys, KeyGate, RateLimiter, UsageCounters } from './api-keys.ts'
 import { Publisher } from './publisher.ts'
@@ -229,7 +230,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
     publisher,
     wiper,
-    indexedRecords: opts.index ? (did) => opts.index!.records(did) : undefined,
+    exportData: (did, handle) => exportAccount({ api, sessions, audit, index: opts.index, oauthSession: (d) => oauthSessionInfo(db, box, d) }, did, handle),
     appviewUrl: opts.appviewUrl,
     consoleUrl: url,
     secureCookies: opts.mode === 'production',

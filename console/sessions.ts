@@ -92,7 +92,10 @@ export class AuditLog {
       .prepare('INSERT INTO audit_log (did, action, detail, ip_hash, at) VALUES (?, ?, ?, ?, ?)')
       .run(did, action, detail ? JSON.stringify(detail) : null, ipHash, new Date().toISOString())
   }
-  list(did: string, limit = 200): { action: string; detail: string | null; ipHash: string | null; at: string }[] {
-    return this.db.$client.prepare('SELECT action, detail, ip_hash AS ipHash, at FROM audit_log WHERE did = ? ORDER BY id DESC LIMIT ?').all(did, limit) as never
+  /** Newest first, `limit` per page; `before`: the id of the last entry of the previous page. */
+  list(did: string, limit = 200, before?: number): { id: number; action: string; detail: string | null; ipHash: string | null; at: string }[] {
+    return this.db.$client
+      .prepare('SELECT id, action, detail, ip_hash AS ipHash, at FROM audit_log WHERE did = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?')
+      .all(did, before ?? null, before ?? null, limit) as never
   }
 }

@@ -1,8 +1,10 @@
 /**
- * "Wipe all my data": a durable job that deletes every dev.cocore record of
- * the account from its PDS (the source of truth first), checks that none is
- * left, then removes everything this service holds about the account, and
- * revokes the OAuth session last (the deletes need it). Each step is
+ * "Wipe all my data": a durable job that first freezes the account here (its
+ * API keys revoked, its console sessions ended, so nothing acts for it
+ * meanwhile), deletes every dev.cocore record of the account from its PDS
+ * (the source of truth first), checks that none is left, then removes
+ * everything this service holds about the account, and revokes the OAuth
+ * session last (the deletes need it). Each step is
  * idempotent and its progress is saved, so a restarted process resumes where
  * it stopped. Never "done" on a partial run.
  */
@@ -85,9 +87,14 @@ export class Wiper {
     if (existing) return existing
     const now = new Date().toISOString()
     const job: WipeJob = { id: randomBytes(16).toString('base64url'), did, status: 'running', phase: 'pds', report: { removed: {}, failed: {}, local: {}, remaining: {}, kept: KEPT }, createdAt: now, updatedAt: now }
-    this.deps.db.$client
-      .prepare('INSERT INTO wipe_jobs (id, did, status, phase, report, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)')
-      .run(job.id, did, job.status, job.phase, JSON.stringify(job.report), now, now)
+    const c = this.deps.db.$client
+    // @NOTE Order matters here: the freeze commits with the job, before any PDS call, so no key or
+    // console session can act for the account during the wipe (sign-in is refused while it runs).
+    c.transaction(() => {
+      c.prepare('UPDATE api_keys SET revoked_at = ? WHERE did = ? AND revoked_at IS NULL').run(now, did)
+      job.report.local.consoleSessions = c.prepare('DELETE FROM console_sessions WHERE did = ?').run(did).changes
+      c.prepare('INSERT INTO wipe_jobs (id, did, status, phase, report, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)').run(job.id, did, job.status, job.phase, JSON.stringify(job.report), now, now)
+    })()
     this.run(job.id)
     return job
   }
@@ -288,7 +295,8 @@ export class Wiper {
     const c = this.deps.db.$client
     c.transaction(() => {
       job.report.local.apiKeys = c.prepare('DELETE FROM api_keys WHERE did = ?').run(did).changes
-      job.report.local.consoleSessions = c.prepare('DELETE FROM console_sessions WHERE did = ?').run(did).changes
+      // Ended when the wipe started; none since (sign-in is refused during a wipe).
+      job.report.local.consoleSessions = (job.report.local.consoleSessions ?? 0) + c.prepare('DELETE FROM console_sessions WHERE did = ?').run(did).changes
       job.report.local.usageCounters = c.prepare('DELETE FROM usage_daily WHERE did = ?').run(did).changes
       job.report.local.auditEntries = c.prepare('DELETE FROM audit_log WHERE did = ?').run(did).changes
     })()

@@ -3,12 +3,18 @@
  * key, shown once, stored only hashed, scoped, rate-limited, counted, and
  * refused identically when unknown, revoked, expired or malformed.
  */
+import { generateKeyPairSync, createHash } from 'node:crypto'
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import type { NodeSavedSession } from '@atproto/oauth-client-node'
+import { AppView } from '../appview/index.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { startTestConsole } from './fixture/console.ts'
+import { sessionStore } from '../console/oauth/stores.ts'
+import { parseKeyring, SecretBox } from '../src/crypto/secretbox.ts'
+import { startTestConsole, testSecretKey } from './fixture/console.ts'
+import { tempDbPath } from './fixture/appview.ts'
 import { ConsoleSessions } from '../console/sessions.ts'
 import { generateKey, hashKey, wellFormed } from '../console/api-keys.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
@@ -16,14 +22,18 @@ import { ids } from '../src/lexicon/generated/ids.ts'
 const ALICE = 'did:plc:aliceaaaaaaaaaaaaaaaaaaa'
 const BOB = 'did:plc:bobbbbbbbbbbbbbbbbbbbbbb'
 let svc: ConsoleService
+let av: AppView
 let dbPath: string
+const secretKey = testSecretKey()
 let aliceCookie: string
 let bobCookie: string
 
 beforeAll(async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'cocore-keys-'))
   dbPath = join(dataDir, 'console.sqlite')
-  svc = await startTestConsole(null, 'http://127.0.0.1:1', { dbPath, dataDir, apiKeyRatePerMinute: 30, loginRatePerMinute: 5 })
+  // An AppView index in the same process (no firehose): the export lists the account's rows in it.
+  av = new AppView({ dbPath: tempDbPath(), sources: [], plcUrl: 'http://127.0.0.1:1', index: false })
+  svc = await startTestConsole(null, 'http://127.0.0.1:1', { dbPath, dataDir, secretKey, index: av.consoleIndex(), apiKeyRatePerMinute: 30, loginRatePerMinute: 5 })
   // Console sessions as a sign-in would create them (the sign-in itself is tested in a browser).
   const sessions = new ConsoleSessions(svc.db, Buffer.alloc(32))
   aliceCookie = `cocore_session=${sessions.create(ALICE, 'test', undefined).token}`
@@ -31,6 +41,7 @@ beforeAll(async () => {
 })
 afterAll(async () => {
   await svc?.close()
+  await av?.stop()
 })
 
 type Auth = { cookie: string } | { key: string } | Record<string, never>
@@ -186,6 +197,55 @@ describe('export, activity and accounts kept apart', () => {
     expect(text).not.toContain(aliceCookie.split('=')[1])
     const bobs = JSON.parse(await (await page('/account/export', bobCookie, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' } })).text())
     expect(JSON.stringify(bobs)).not.toContain(ALICE)
+  })
+
+  it('exports all of the activity log, the OAuth session without its secrets, and the account\'s index rows', async () => {
+    const CAROL = 'did:plc:carolccccccccccccccccccc'
+    const carolCookie = `cocore_session=${new ConsoleSessions(svc.db, Buffer.alloc(32)).create(CAROL, 'test', undefined).token}`
+    // More activity than any one page (and than the 10,000 the export used to stop at).
+    const add = svc.db.$client.prepare("INSERT INTO audit_log (did, action, detail, ip_hash, at) VALUES (?, 'sign-in', ?, NULL, ?)")
+    svc.db.$client.transaction(() => {
+      for (let i = 0; i < 10_050; i++) add.run(CAROL, JSON.stringify({ n: i }), new Date(Date.UTC(2025, 0, 1, 0, 0, i)).toISOString())
+    })()
+    // Her OAuth session, as the OAuth client stores it (sealed): tokens and the DPoP private key.
+    const dpopJwk = { ...generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' }), kid: 'dpop-1' }
+    const saved = {
+      dpopJwk,
+      authMethod: { method: 'none' },
+      tokenSet: { iss: 'https://pds.example', sub: CAROL, aud: 'https://pds.example', scope: 'atproto repo:dev.cocore.account.profile', access_token: 'AT-secret-access', refresh_token: 'RT-secret-refresh', token_type: 'DPoP', expires_at: '2030-01-01T00:00:00.000Z' },
+    } as unknown as NodeSavedSession
+    await sessionStore(svc.db, new SecretBox(parseKeyring(secretKey))).set(CAROL, saved)
+    // Her rows in the AppView index besides records: hosting status and sync state.
+    av.db.$client.prepare("INSERT INTO accounts (did, handle, active, status) VALUES (?, 'carol.test', 1, NULL)").run(CAROL)
+    av.db.$client.prepare("INSERT INTO repos (did, rev, needs_resync, head, head_data) VALUES (?, '3lrev', 0, '3lhead', 'bafyhead')").run(CAROL)
+
+    const res = await page('/account/export', carolCookie, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' } })
+    const text = await res.text()
+    const data = JSON.parse(text)
+    // Every entry, newest first: the export's own entry, then all 10,050.
+    expect(data.activity).toHaveLength(10_051)
+    expect(data.activity[0].action).toBe('export')
+    expect(data.activity.at(-1).detail).toBe(JSON.stringify({ n: 0 }))
+    expect(new Set(data.activity.map((a: { id: number }) => a.id)).size).toBe(10_051)
+
+    // RFC 7638: SHA-256 of the required public members, in lexicographic order.
+    const thumbprint = createHash('sha256').update(JSON.stringify({ crv: dpopJwk.crv, kty: dpopJwk.kty, x: dpopJwk.x, y: dpopJwk.y })).digest('base64url')
+    const updatedAt = svc.db.$client.prepare('SELECT updated_at FROM oauth_sessions WHERE did = ?').pluck().get(CAROL)
+    expect(data.oauthSession).toEqual({
+      scope: 'atproto repo:dev.cocore.account.profile',
+      issuer: 'https://pds.example',
+      pds: 'https://pds.example',
+      authMethod: 'none',
+      accessTokenExpiresAt: '2030-01-01T00:00:00.000Z',
+      dpopKeyThumbprint: thumbprint,
+      updatedAt,
+    })
+    for (const secret of ['AT-secret-access', 'RT-secret-refresh', dpopJwk.d!]) expect(text).not.toContain(secret)
+    expect(data.indexedAccount).toEqual({ account: { handle: 'carol.test', active: true, status: null }, repo: { rev: '3lrev', needsResync: false, head: '3lhead', headData: 'bafyhead' } })
+    // Alice has no OAuth session nor index rows here: said so, not left out.
+    const alices = JSON.parse(await (await page('/account/export', aliceCookie, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' } })).text())
+    expect(alices.oauthSession).toBeNull()
+    expect(alices.indexedAccount).toEqual({ account: null, repo: null })
   })
 
   it("bob cannot revoke alice's sessions nor read her activity", async () => {

@@ -7,6 +7,7 @@
  */
 import type { NodeSavedSession, NodeSavedSessionStore, NodeSavedState, NodeSavedStateStore } from '@atproto/oauth-client-node'
 import type { Statement } from 'better-sqlite3'
+import { calculateJwkThumbprint, type JWK } from 'jose'
 import type { Db } from '../../src/db/index.ts'
 import { SecretBoxError, type SecretBox } from '../../src/crypto/secretbox.ts'
 
@@ -93,4 +94,33 @@ export async function resealStale(db: Db, box: SecretBox, batch = 200): Promise<
     }
   }
   return report
+}
+
+/** What the account's export shows of its OAuth session: no token, no private key. */
+export interface OAuthSessionInfo {
+  scope: string
+  /** The authorization server that issued the tokens, and the PDS they are for. */
+  issuer: string
+  pds: string
+  authMethod: string
+  accessTokenExpiresAt: string | null
+  /** RFC 7638 thumbprint of the DPoP public key the tokens are bound to. */
+  dpopKeyThumbprint: string | null
+  updatedAt: string
+}
+
+export async function oauthSessionInfo(db: Db, box: SecretBox, did: string): Promise<OAuthSessionInfo | null> {
+  const updatedAt = db.$client.prepare('SELECT updated_at FROM oauth_sessions WHERE did = ?').pluck().get(did) as string | undefined
+  const session = await sessionStore(db, box).get(did)
+  if (!session || !updatedAt) return null
+  const t = session.tokenSet
+  return {
+    scope: t.scope,
+    issuer: t.iss,
+    pds: t.aud,
+    authMethod: session.authMethod?.method ?? 'unknown',
+    accessTokenExpiresAt: t.expires_at ?? null,
+    dpopKeyThumbprint: await calculateJwkThumbprint(session.dpopJwk as JWK, 'sha256').catch(() => null),
+    updatedAt,
+  }
 }
