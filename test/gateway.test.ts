@@ -12,7 +12,7 @@ import { P256Signer } from '../src/crypto/p256.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { providerRecord, putRecord } from '../src/dev/records.ts'
 import { canonicalBytes } from '../src/crypto/canonical-json.ts'
-import { attestationChallengePayload } from '../src/protocol/agent.ts'
+import { attestationChallengePayload, REGISTER_LXM } from '../src/protocol/agent.ts'
 import { connectScripted, publishScriptedRecord } from './fixture/scripted-provider.ts'
 import type { ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
@@ -45,7 +45,8 @@ afterAll(async () => {
   await net?.close()
 })
 
-const token = async (acct: LocalAccount, aud = exchange.did) => (await acct.agent.com.atproto.server.getServiceAuth({ aud })).data.token
+/** A service-auth token from the account's PDS; `lxm: null` asks for one without. */
+const token = async (acct: LocalAccount, aud = exchange.did, lxm: string | null = REGISTER_LXM) => (await acct.agent.com.atproto.server.getServiceAuth({ aud, lxm: lxm ?? undefined })).data.token
 
 /** Opens /v1/agent, sends the frames, and collects what comes back until the socket closes or `until` matches. */
 async function session(frames: unknown[], until?: (f: { type: string }) => boolean): Promise<{ frames: { type: string; code?: string }[]; closed: boolean; ws: WebSocket }> {
@@ -120,9 +121,11 @@ describe('provider gateway', () => {
     expect(s.closed).toBe(true)
   })
 
-  it('refuses a token for another audience, from another DID, or forged', async () => {
+  it('refuses a token for another audience or method, from another DID, or forged', async () => {
     for (const [name, serviceAuth] of [
       ['another audience', await token(rig, bob.did)],
+      ['no lxm', await token(rig, exchange.did, null)],
+      ['another lxm', await token(rig, exchange.did, 'dev.cocore.compute.control')],
       ["bob's token claiming rig's DID", await token(bob)],
       ['garbage', 'not.a.jwt'],
     ] as const) {

@@ -33,6 +33,7 @@ import {
   AGENT_PATH,
   attestationChallengePayload,
   PROTOCOL_VERSION,
+  REGISTER_LXM,
   type ExchangeFrame,
   type InferenceCompleteFrame,
   type InferenceErrorCode,
@@ -270,7 +271,7 @@ export class ProviderGateway {
       return { refusal: 'bad_frame', message: 'register needs did, serviceAuth, encryptionPubKey and models (strings)' }
     }
     try {
-      const payload = await verifyJwt(serviceAuth, this.opts.exchangeDid, null, async (iss, force) => {
+      const payload = await verifyJwt(serviceAuth, this.opts.exchangeDid, REGISTER_LXM, async (iss, force) => {
         if (iss !== did) throw new Error('token issuer is not the registering DID')
         return this.opts.idResolver.did.resolveAtprotoKey(iss, force)
       })

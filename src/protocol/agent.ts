@@ -15,6 +15,8 @@
 
 export const AGENT_PATH = '/v1/agent'
 export const PROTOCOL_VERSION = 1
+/** The `lxm` of the register frame's service-auth token, as on the network (a method with no lexicon of its own). */
+export const REGISTER_LXM = 'dev.cocore.compute.register'
 
 /** Sampling parameters passed through to the provider's engine (in clear: they carry no content). */
 export interface GenerationParams {
@@ -30,7 +32,7 @@ export interface RegisterFrame {
   type: 'register'
   v: number
   did: string
-  /** A service-auth JWT from the provider's PDS, audience = the exchange's DID. */
+  /** A service-auth JWT from the provider's PDS, audience = the exchange's DID, lxm = REGISTER_LXM. */
   serviceAuth: string
   /** base64 X25519 key; must be the `encryptionPubKey` of one of its indexed provider records. */
   encryptionPubKey: string

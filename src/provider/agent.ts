@@ -23,6 +23,7 @@ import {
   AGENT_PATH,
   attestationChallengePayload,
   PROTOCOL_VERSION,
+  REGISTER_LXM,
   type AttestationChallengeFrame,
   type AttestationResponseFrame,
   type ExchangeFrame,
@@ -293,7 +294,7 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     const live = this.need()
     let token: string
     try {
-      token = (await live.atp.com.atproto.server.getServiceAuth({ aud: this.opts.exchangeDid })).data.token
+      token = (await live.atp.com.atproto.server.getServiceAuth({ aud: this.opts.exchangeDid, lxm: REGISTER_LXM })).data.token
     } catch (err) {
       log.warn('could not get a service-auth token from the PDS', { err: err as Error })
       return void ws.terminate()
