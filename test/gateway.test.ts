@@ -2,9 +2,12 @@
  * The provider gateway (/v1/agent): registration is bound to the provider's
  * DID by a service-auth token its own PDS minted for this exchange, and the
  * announced encryption key must be the one its signed, indexed provider record
- * publishes. Real PDS, real tokens, real AppView index.
+ * publishes. Real PDS, real tokens, real AppView index. The hardening tests
+ * run a gateway of their own on a plain HTTP server, to set its limits.
  */
 import { randomBytes } from 'node:crypto'
+import { createServer, type IncomingMessage } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { WebSocket } from 'ws'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
@@ -12,8 +15,10 @@ import { P256Signer } from '../src/crypto/p256.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { providerRecord, putRecord } from '../src/dev/records.ts'
 import { canonicalBytes } from '../src/crypto/canonical-json.ts'
+import { createIdResolver } from '../src/identity/index.ts'
 import { attestationChallengePayload, REGISTER_LXM } from '../src/protocol/agent.ts'
 import { connectScripted, publishScriptedRecord } from './fixture/scripted-provider.ts'
+import { ProviderGateway, type GatewayOpts } from '../console/exchange/gateway.ts'
 import type { ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
@@ -48,50 +53,70 @@ afterAll(async () => {
 /** A service-auth token from the account's PDS; `lxm: null` asks for one without. */
 const token = async (acct: LocalAccount, aud = exchange.did, lxm: string | null = REGISTER_LXM) => (await acct.agent.com.atproto.server.getServiceAuth({ aud, lxm: lxm ?? undefined })).data.token
 
-/** Opens /v1/agent, sends the frames, and collects what comes back until the socket closes or `until` matches. */
-async function session(frames: unknown[], until?: (f: { type: string }) => boolean): Promise<{ frames: { type: string; code?: string }[]; closed: boolean; ws: WebSocket }> {
-  const ws = new WebSocket(`${svc.localUrl.replace('http', 'ws')}/v1/agent`)
-  const got: { type: string; code?: string }[] = []
+type Got = { type: string; code?: string; message?: string; nonce?: string; timestamp?: string; t?: number }
+
+/** Opens /v1/agent and collects every frame that comes back. */
+async function agentSocket(url = svc.localUrl.replace('http', 'ws')): Promise<{ frames: Got[]; closed: boolean; ws: WebSocket }> {
+  const ws = new WebSocket(`${url}/v1/agent`)
   await new Promise<void>((resolve, reject) => {
     ws.once('open', () => resolve())
     ws.once('error', reject)
   })
-  let closed = false
+  const s = { frames: [] as Got[], closed: false, ws }
+  ws.on('message', (d) => s.frames.push(JSON.parse(d.toString())))
+  ws.on('close', () => (s.closed = true))
+  return s
+}
+
+/** Sends the frames, and waits until the socket closes or a frame matches `until` (5 s at most). */
+async function session(frames: unknown[], until?: (f: Got) => boolean, url?: string) {
+  const s = await agentSocket(url)
   const done = new Promise<void>((resolve) => {
-    ws.on('message', (d) => {
-      const f = JSON.parse(d.toString())
-      got.push(f)
-      if (until?.(f)) resolve()
-    })
-    ws.on('close', () => {
-      closed = true
-      resolve()
-    })
+    s.ws.on('message', () => until?.(s.frames.at(-1)!) && resolve())
+    s.ws.on('close', () => resolve())
   })
-  for (const f of frames) ws.send(typeof f === 'string' ? f : JSON.stringify(f))
+  for (const f of frames) s.ws.send(typeof f === 'string' ? f : JSON.stringify(f))
   await Promise.race([done, new Promise((r) => setTimeout(r, 5_000))])
-  return { frames: got, closed, ws }
+  return s
 }
 
 const register = (extra: Record<string, unknown>) => ({ type: 'register', v: 1, did: rig.did, encryptionPubKey: encKey, models: ['llama-3-8b'], version: '0.1.0', ...extra })
 
+const answer = (signer: P256Signer) => (f: Got) => {
+  const payload = attestationChallengePayload({ nonce: f.nonce!, timestamp: f.timestamp!, sip_enabled: false })
+  return { type: 'attestation_response', v: 1, nonce: f.nonce, timestamp: f.timestamp, sip_enabled: false, signature: Buffer.from(signer.signDer(canonicalBytes(payload))).toString('base64') }
+}
+
+/**
+ * Registers rig's machine and answers the challenge; resolves once the gateway has handled the answer
+ * (it handles a socket's frames in order, so the pong to the ping sent after it comes after).
+ */
+async function attested(url?: string) {
+  const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'attestation_challenge', url)
+  s.ws.send(JSON.stringify(answer(attestationKey)(s.frames.find((f) => f.type === 'attestation_challenge')!)))
+  s.ws.send(JSON.stringify({ type: 'ping', v: 1, t: 7 }))
+  await waitFor(() => s.frames.some((f) => f.type === 'pong' && f.t === 7) || s.closed, 'the answer handled')
+  return s
+}
+
 describe('provider gateway', () => {
-  it('registers a provider that proves its DID and announces its published key', async () => {
-    const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'registered')
+  it('registers a provider that proves its DID and announces its published key, and routes to it once attested', async () => {
+    const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'attestation_challenge')
     expect(s.frames[0]).toMatchObject({ type: 'registered', did: rig.did, exchange: exchange.did })
-    expect(svc.gateway!.connected('llama-3-8b').map((p) => p.did)).toEqual([rig.did])
+    // Registered, not yet routable: the challenge is unanswered.
+    expect(svc.gateway!.machinesOf(rig.did)).toMatchObject([{ attested: false, attestationKey: null }])
+    expect(svc.gateway!.connected('llama-3-8b')).toEqual([])
+    s.ws.send(JSON.stringify(answer(attestationKey)(s.frames[1]!)))
+    await waitFor(() => svc.gateway!.connected('llama-3-8b').length, 'routable once attested')
+    expect(svc.gateway!.connected('llama-3-8b')).toMatchObject([{ did: rig.did, attested: true, attestationKey: Buffer.from(attestationKey.rawPublicKey()).toString('base64') }])
     // Liveness: a ping is answered, and the provider stays registered.
     s.ws.send(JSON.stringify({ type: 'ping', v: 1, t: 1 }))
-    await waitFor(() => svc.gateway!.machinesOf(rig.did)[0]?.lastSeen, 'ping seen')
+    await waitFor(() => s.frames.some((f) => f.type === 'pong' && f.t === 1), 'pong')
     s.ws.close()
     await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'removed on close')
   })
 
   it('challenges the attestation key of the provider record, and refuses an answer signed by another key', async () => {
-    const answer = (signer: P256Signer) => (f: { type: string; nonce?: string; timestamp?: string }) => {
-      const payload = attestationChallengePayload({ nonce: f.nonce!, timestamp: f.timestamp!, sip_enabled: false })
-      return { type: 'attestation_response', v: 1, nonce: f.nonce, timestamp: f.timestamp, sip_enabled: false, signature: Buffer.from(signer.signDer(canonicalBytes(payload))).toString('base64') }
-    }
     for (const [signer, ok] of [
       [attestationKey, true],
       [P256Signer.generate(), false],
@@ -173,5 +198,177 @@ describe('provider gateway', () => {
     const s = await session([register({ did: bob.did, serviceAuth: await token(bob) })])
     expect(s.frames[0]).toMatchObject({ type: 'error', code: 'encryption_key_mismatch' })
     expect(JSON.stringify(s.frames[0])).toContain(ids.ComputeProvider)
+  })
+})
+
+/** A gateway of its own on a plain HTTP server, with the limits a test sets. */
+async function standalone(opts: Partial<GatewayOpts> = {}) {
+  const gateway = new ProviderGateway({
+    exchangeDid: exchange.did,
+    idResolver: createIdResolver({ plcUrl: net.plcUrl, cacheSize: 100, cacheTtlSec: 60, allowHttp: true }),
+    providerRecords: (did) => av.consoleIndex().providerRecords(did),
+    ...opts,
+  })
+  const server = createServer((_req, res) => res.end())
+  gateway.attach(server)
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const close = async () => {
+    await gateway.close()
+    server.closeAllConnections()
+    await new Promise((resolve) => server.close(resolve))
+  }
+  return { gateway, url: `ws://127.0.0.1:${(server.address() as AddressInfo).port}`, close }
+}
+
+/** Provider records that wait for `release()`: a registration held in the middle of its verification. */
+function heldRecords() {
+  let entered!: () => void
+  let release!: () => void
+  const inside = new Promise<void>((resolve) => (entered = resolve))
+  const gate = new Promise<void>((resolve) => (release = resolve))
+  const providerRecords = async (did: string) => {
+    entered()
+    await gate
+    return av.consoleIndex().providerRecords(did)
+  }
+  return { providerRecords, inside, release }
+}
+
+/** What the rest of the registration runs as once its records are read: microtasks, all done by the next macrotask. */
+const settled = () => new Promise((resolve) => setImmediate(resolve))
+
+describe('provider gateway hardening', () => {
+  it('closes a socket that has not registered and answered its challenge in time', async () => {
+    const g = await standalone({ registerTimeoutMs: 1500 })
+    try {
+      const silent = await session([], undefined, g.url)
+      expect(silent.frames).toMatchObject([{ type: 'error', code: 'register_timeout' }])
+      expect(silent.closed).toBe(true)
+      // Registered, but the challenge left unanswered: no slot held for it either.
+      const unanswered = await session([register({ serviceAuth: await token(rig) })], undefined, g.url)
+      expect(unanswered.frames.map((f) => f.code ?? f.type)).toEqual(['registered', 'attestation_challenge', 'register_timeout'])
+      expect(unanswered.closed).toBe(true)
+      await waitFor(() => g.gateway.machinesOf(rig.did).length === 0 && g.gateway.connections === 0, 'released')
+    } finally {
+      await g.close()
+    }
+  })
+
+  it('refuses upgrades beyond the connection caps, in all and per client address, and counts a closed socket out', async () => {
+    const g = await standalone({ maxConnections: 3, maxConnectionsPerAddress: 2, clientAddress: (req: IncomingMessage) => req.headers['x-test-client'] as string | undefined })
+    const open: WebSocket[] = []
+    const connect = (client: string) =>
+      new Promise<{ ws: WebSocket } | { status: number; retryAfter?: string; body: unknown }>((resolve, reject) => {
+        const ws = new WebSocket(`${g.url}/v1/agent`, { headers: { 'x-test-client': client } })
+        ws.once('open', () => {
+          open.push(ws)
+          resolve({ ws })
+        })
+        ws.once('unexpected-response', (_req, res) => {
+          let body = ''
+          res.on('data', (d: Buffer) => (body += d))
+          res.on('end', () => resolve({ status: res.statusCode!, retryAfter: res.headers['retry-after'], body: JSON.parse(body) }))
+        })
+        ws.once('error', reject)
+      })
+    try {
+      expect(await connect('a')).toHaveProperty('ws')
+      const second = await connect('a')
+      expect(await connect('a')).toMatchObject({ status: 429, retryAfter: '30', body: { error: 'RateLimitExceeded' } })
+      expect(await connect('b')).toHaveProperty('ws')
+      expect(await connect('c')).toMatchObject({ status: 503, retryAfter: '30', body: { error: 'NotEnoughResources' } })
+      expect(g.gateway.connections).toBe(3)
+      ;(second as { ws: WebSocket }).ws.close()
+      await waitFor(() => g.gateway.connections === 2, 'the closed socket counted out')
+      expect(await connect('a')).toHaveProperty('ws')
+    } finally {
+      open.forEach((ws) => ws.terminate())
+      await g.close()
+    }
+  })
+
+  it('refuses a second register while the first is being verified, and does not add the first once its socket is gone', async () => {
+    const held = heldRecords()
+    const g = await standalone({ providerRecords: held.providerRecords })
+    try {
+      const s = await agentSocket(g.url)
+      const frame = JSON.stringify(register({ serviceAuth: await token(rig) }))
+      s.ws.send(frame)
+      await held.inside
+      s.ws.send(frame)
+      await waitFor(() => s.closed, 'closed')
+      expect(s.frames).toMatchObject([{ type: 'error', code: 'already_registered' }])
+      held.release()
+      await settled()
+      expect(g.gateway.machinesOf(rig.did)).toEqual([])
+    } finally {
+      held.release()
+      await g.close()
+    }
+  })
+
+  it('does not add a machine whose socket closed while its registration was verified', async () => {
+    const held = heldRecords()
+    const g = await standalone({ providerRecords: held.providerRecords })
+    try {
+      const s = await agentSocket(g.url)
+      s.ws.send(JSON.stringify(register({ serviceAuth: await token(rig) })))
+      await held.inside
+      s.ws.terminate()
+      await waitFor(() => g.gateway.connections === 0, 'the socket closed on the gateway')
+      held.release()
+      await settled()
+      expect(g.gateway.machinesOf(rig.did)).toEqual([])
+    } finally {
+      held.release()
+      await g.close()
+    }
+  })
+
+  it('refuses a register on a socket already registered, and lets its machine go', async () => {
+    const s = await attested()
+    expect(svc.gateway!.machinesOf(rig.did)).toHaveLength(1)
+    s.ws.send(JSON.stringify(register({ serviceAuth: await token(rig) })))
+    await waitFor(() => s.closed, 'closed')
+    expect(s.frames.at(-1)).toMatchObject({ type: 'error', code: 'already_registered' })
+    await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'its machine gone with the socket')
+  })
+
+  it('never routes to a socket that is no longer open, though its machine is listed until it closes', async () => {
+    await attested()
+    const ids = (ps: { machine: string }[]) => ps.map((p) => p.machine)
+    const p = svc.gateway!.machinesOf(rig.did)[0]!
+    expect(ids(svc.gateway!.connected('llama-3-8b'))).toEqual([p.machine])
+    p.socket.close(1001, 'closing')
+    expect(ids(svc.gateway!.machinesOf(rig.did))).toEqual([p.machine])
+    expect(ids(svc.gateway!.connected('llama-3-8b'))).toEqual([])
+    await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'removed on close')
+  })
+
+  it('refuses models its provider record does not publish', async () => {
+    const s = await session([register({ serviceAuth: await token(rig), models: ['llama-3-8b', 'gpt-9'] })])
+    expect(s.frames).toMatchObject([{ type: 'error', code: 'model_not_published' }])
+    expect(s.frames[0]!.message).toContain('gpt-9')
+    expect(s.closed).toBe(true)
+  })
+
+  it('follows its record: a model no longer published is no longer routed, a changed attestation key needs a new connection', async () => {
+    const g = await standalone({ pingIntervalMs: 200 })
+    const owner = await net.createAccount('hal.test')
+    try {
+      const pub = await publishScriptedRecord(owner, 'm-a', { supportedModels: ['m-a', 'm-b'] })
+      const rkey = pub.ref.uri.split('/').pop()
+      await waitFor(() => av.consoleIndex().providerRecords(owner.did).length, 'record indexed')
+      const sp = await connectScripted(g.url, owner, exchange.did, pub, { models: ['m-a', 'm-b'] })
+      expect(g.gateway.connected('m-b').map((p) => p.did)).toEqual([owner.did])
+      await putRecord(owner.agent, owner.did, { ...pub.record, supportedModels: ['m-a'] }, rkey)
+      await waitFor(() => g.gateway.connected('m-b').length === 0, 'm-b no longer routed')
+      expect(g.gateway.connected('m-a').map((p) => p.did)).toEqual([owner.did])
+      await putRecord(owner.agent, owner.did, { ...pub.record, supportedModels: ['m-a'], attestationPubKey: Buffer.from(P256Signer.generate().rawPublicKey()).toString('base64') }, rkey)
+      await waitFor(() => g.gateway.machinesOf(owner.did).length === 0, 'let go')
+      expect(sp.raw.some((f) => f.includes('attestation_failed'))).toBe(true)
+    } finally {
+      await g.close()
+    }
   })
 })

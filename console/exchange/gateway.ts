@@ -10,7 +10,11 @@
  * key its owner published, never to one the connection made up. That record
  * is what routing reads (tier, region, pro bono policy); a live attestation
  * challenge, answered with the record's attestation key, proves the machine
- * still holds it.
+ * still holds it. Only an attested machine on an open socket is routed to.
+ *
+ * Limits: one register per socket; a socket not registered and attested
+ * within `registerTimeoutMs` is closed; upgrades beyond `maxConnections`
+ * (503) or `maxConnectionsPerAddress` (429) are refused before the handshake.
  *
  * Jobs: `startJob` sends a sealed `inference_request`; the provider's chunk,
  * complete and error frames for that session reach the job's sink, and only
@@ -46,9 +50,11 @@ function isAgentUpgrade(req: IncomingMessage): boolean {
   return (req.url ?? '').split('?')[0] === AGENT_PATH
 }
 
+const upgradeErrors: Record<number, string> = { 405: 'MethodNotAllowed', 429: 'RateLimitExceeded', 503: 'NotEnoughResources' }
+
 /** Refuses an upgrade with an XRPC error body (what every other refusal of the console's server carries). */
 function refuseUpgrade(socket: Duplex, message: string, status = 400, headers: string[] = []): void {
-  refuseSocket(socket, status, new XrpcError(status, status === 405 ? 'MethodNotAllowed' : 'InvalidRequest', message).toJSON(), headers)
+  refuseSocket(socket, status, new XrpcError(status, upgradeErrors[status] ?? 'InvalidRequest', message).toJSON(), headers)
 }
 
 /** Largest frame a provider may send (a sealed reply chunk is far smaller). */
@@ -67,6 +73,8 @@ export interface ConnectedProvider {
   record: IndexedProvider
   /** Answered the attestation challenge with the record's attestation key. */
   attested: boolean
+  /** The record's `attestationPubKey` (base64 raw P-256) that answered the challenge; null until then. */
+  attestationKey: string | null
   /** Jobs running on this connection now. */
   jobs: Map<string, JobSink>
   /** When it was last given a job (0: never), for round-robin among equals. */
@@ -90,17 +98,43 @@ export interface GatewayOpts {
   providerRecords: (did: string) => IndexedProvider[] | Promise<IndexedProvider[]>
   /** Heartbeat: a ping this often; a provider silent for 3 intervals is dropped. */
   pingIntervalMs?: number
+  /** A socket that has not registered and answered its attestation challenge by then is closed (default 10 s). */
+  registerTimeoutMs?: number
+  /** Provider sockets open at once (default 2000); an upgrade beyond it is refused with 503. */
+  maxConnections?: number
+  /** Provider sockets open at once per client address (default 32); an upgrade beyond it is refused with 429. */
+  maxConnectionsPerAddress?: number
+  /** The client's address for the per-address cap (default: the TCP peer); undefined leaves only the total cap. */
+  clientAddress?: (req: IncomingMessage) => string | undefined
 }
 
 type Frame = Record<string, unknown> & { type: string }
 
 /** Refusal codes sent in `{ type: 'error', code, message }` before closing. */
-export type RefusalCode = 'bad_frame' | 'unsupported_version' | 'not_registered' | 'auth_failed' | 'encryption_key_mismatch' | 'frame_too_large' | 'attestation_failed'
+export type RefusalCode =
+  | 'bad_frame'
+  | 'unsupported_version'
+  | 'not_registered'
+  | 'already_registered'
+  | 'register_timeout'
+  | 'auth_failed'
+  | 'encryption_key_mismatch'
+  | 'model_not_published'
+  | 'frame_too_large'
+  | 'attestation_failed'
 
 const send = (ws: WebSocket, frame: ExchangeFrame) => ws.send(JSON.stringify(frame))
 
+/** Tells the provider why, then closes. */
+function refuse(ws: WebSocket, code: RefusalCode, message: string): void {
+  send(ws, { type: 'error', v: PROTOCOL_VERSION, code, message })
+  ws.close(1008, code)
+}
+
 /** A machine is a DID and the encryption key of one of its provider records. */
 export const machineId = (did: string, encryptionPubKey: string) => `${did} ${encryptionPubKey}`
+
+const supportedModels = (record: IndexedProvider): unknown[] => (Array.isArray(record.body.supportedModels) ? record.body.supportedModels : [])
 
 export class ProviderGateway {
   private readonly opts: GatewayOpts
@@ -108,6 +142,9 @@ export class ProviderGateway {
   /** Connected machines, by `machineId(did, encryptionPubKey)`. */
   readonly providers = new Map<string, ConnectedProvider>()
   private readonly timer: NodeJS.Timeout
+  private open = 0
+  /** Open sockets per client address; an address leaves with its last socket. */
+  private readonly perAddress = new Map<string, number>()
 
   constructor(opts: GatewayOpts) {
     this.opts = opts
@@ -132,16 +169,22 @@ export class ProviderGateway {
       // Elsewhere this listener gets every upgrade: one it ignored would hold its socket open forever,
       // and a target that is no URL must not throw here (an 'upgrade' listener's throw ends the process).
       if (!isAgentUpgrade(req)) return refuseUpgrade(socket, `WebSocket upgrades are served at ${AGENT_PATH} only`)
+      if (!this.admit(req, socket)) return
       this.wss.handleUpgrade(req, socket, head, (ws) => this.wss.emit('connection', ws, req))
     })
   }
 
-  /** Providers connected now that serve `model` (all when undefined). */
-  connected(model?: string): ConnectedProvider[] {
-    return [...this.providers.values()].filter((p) => !model || p.models.includes(model))
+  /** Provider sockets open now, registered or not. */
+  get connections(): number {
+    return this.open
   }
 
-  /** The DID's connected machines. */
+  /** Routable providers that serve `model` (all when undefined): attested, on a socket still open. */
+  connected(model?: string): ConnectedProvider[] {
+    return [...this.providers.values()].filter((p) => p.attested && p.socket.readyState === p.socket.OPEN && (!model || p.models.includes(model)))
+  }
+
+  /** The DID's registered machines, attested or not. */
   machinesOf(did: string): ConnectedProvider[] {
     return [...this.providers.values()].filter((p) => p.did === did)
   }
@@ -170,13 +213,43 @@ export class ProviderGateway {
     await new Promise<void>((resolve) => this.wss.close(() => resolve()))
   }
 
+  /**
+   * Counts the upgrade against the caps, or refuses it (before the handshake: a refused client holds
+   * nothing). The count is released when the TCP socket closes, however the connection ends.
+   */
+  private admit(req: IncomingMessage, socket: Duplex): boolean {
+    const { maxConnections = 2000, maxConnectionsPerAddress = 32, clientAddress = (r: IncomingMessage) => r.socket.remoteAddress } = this.opts
+    const retry = ['Retry-After: 30']
+    if (this.open >= maxConnections) {
+      refuseUpgrade(socket, 'this exchange takes no more provider connections now', 503, retry)
+      return false
+    }
+    const address = clientAddress(req)
+    const mine = address === undefined ? 0 : (this.perAddress.get(address) ?? 0)
+    if (mine >= maxConnectionsPerAddress) {
+      refuseUpgrade(socket, `at most ${maxConnectionsPerAddress} provider connections per address`, 429, retry)
+      return false
+    }
+    this.open++
+    if (address !== undefined) this.perAddress.set(address, mine + 1)
+    socket.once('close', () => {
+      this.open--
+      if (address === undefined) return
+      const left = (this.perAddress.get(address) ?? 1) - 1
+      if (left > 0) this.perAddress.set(address, left)
+      else this.perAddress.delete(address)
+    })
+    return true
+  }
+
   private onConnection(ws: WebSocket): void {
+    // One register per socket: a socket never holds two machines, nor races two verifications.
+    let registerSeen = false
     let machine: string | null = null
     let challenge: { nonce: string; timestamp: string } | null = null
-    const refuse = (code: RefusalCode, message: string) => {
-      send(ws, { type: 'error', v: PROTOCOL_VERSION, code, message })
-      ws.close(1008, code)
-    }
+    const timeoutMs = this.opts.registerTimeoutMs ?? 10_000
+    const deadline = setTimeout(() => refuse(ws, 'register_timeout', `register and answer the attestation challenge within ${timeoutMs} ms`), timeoutMs)
+    deadline.unref()
     ws.on('message', (data, isBinary) => {
       void (async () => {
         let frame: Frame
@@ -184,17 +257,21 @@ export class ProviderGateway {
           frame = JSON.parse(isBinary ? '' : data.toString()) as Frame
           if (!frame || typeof frame.type !== 'string') throw new Error('no type')
         } catch {
-          return refuse('bad_frame', 'frames are JSON objects with a string "type"')
+          return refuse(ws, 'bad_frame', 'frames are JSON objects with a string "type"')
         }
-        if (!machine) {
-          if (frame.type !== 'register') return refuse('not_registered', 'the first frame must be "register"')
+        if (frame.type === 'register') {
+          if (registerSeen) return refuse(ws, 'already_registered', 'one register per connection: another machine needs a connection of its own')
+          registerSeen = true
           const result = await this.register(frame, ws)
-          if ('refusal' in result) return refuse(result.refusal, result.message)
+          // Its socket closed while it was verified: nothing was added.
+          if (!result) return
+          if ('refusal' in result) return refuse(ws, result.refusal, result.message)
           machine = result.machine
           challenge = { nonce: randomBytes(16).toString('hex'), timestamp: new Date().toISOString().replace(/\.\d{3}Z$/, 'Z') }
           send(ws, { type: 'attestation_challenge', v: PROTOCOL_VERSION, ...challenge })
           return
         }
+        if (!machine) return refuse(ws, 'not_registered', 'the first frame must be "register"')
         const p = this.providers.get(machine)
         if (p?.socket !== ws) return
         p.lastSeen = Date.now()
@@ -202,11 +279,13 @@ export class ProviderGateway {
           case 'ping':
             return send(ws, { type: 'pong', v: PROTOCOL_VERSION, ...(typeof frame.t === 'number' ? { t: frame.t } : {}) })
           case 'attestation_response': {
-            if (!challenge || frame.nonce !== challenge.nonce || frame.timestamp !== challenge.timestamp) return refuse('attestation_failed', 'the attestation response does not answer the challenge sent')
+            if (!challenge || frame.nonce !== challenge.nonce || frame.timestamp !== challenge.timestamp) return refuse(ws, 'attestation_failed', 'the attestation response does not answer the challenge sent')
             const ok = this.verifyAttestation(p, frame)
             challenge = null
-            if (!ok) return refuse('attestation_failed', `the attestation signature does not verify with the attestationPubKey of ${p.record.uri}`)
+            if (!ok) return refuse(ws, 'attestation_failed', `the attestation signature does not verify with the attestationPubKey of ${p.record.uri}`)
             p.attested = true
+            p.attestationKey = p.record.body.attestationPubKey as string
+            clearTimeout(deadline)
             return
           }
           case 'inference_chunk':
@@ -219,13 +298,14 @@ export class ProviderGateway {
     })
     ws.on('error', () => ws.terminate())
     ws.on('close', () => {
-      if (!machine) return
-      const p = this.providers.get(machine)
-      if (p?.socket !== ws) return
-      this.providers.delete(machine)
-      for (const [sessionId, sink] of p.jobs) {
-        p.jobs.delete(sessionId)
-        sink.fail('lost', 'the provider disconnected')
+      clearTimeout(deadline)
+      for (const [id, p] of this.providers) {
+        if (p.socket !== ws) continue
+        this.providers.delete(id)
+        for (const [sessionId, sink] of p.jobs) {
+          p.jobs.delete(sessionId)
+          sink.fail('lost', 'the provider disconnected')
+        }
       }
     })
   }
@@ -264,7 +344,8 @@ export class ProviderGateway {
     }
   }
 
-  private async register(frame: Frame, ws: WebSocket): Promise<{ machine: string } | { refusal: RefusalCode; message: string }> {
+  /** The machine registered; a refusal; or null when the socket closed while it was verified. */
+  private async register(frame: Frame, ws: WebSocket): Promise<{ machine: string } | { refusal: RefusalCode; message: string } | null> {
     if (frame.v !== PROTOCOL_VERSION) return { refusal: 'unsupported_version', message: `this exchange speaks protocol version ${PROTOCOL_VERSION}` }
     const { did, serviceAuth, encryptionPubKey, models, version } = frame as Record<string, unknown>
     if (typeof did !== 'string' || typeof serviceAuth !== 'string' || typeof encryptionPubKey !== 'string' || !Array.isArray(models) || !models.every((m) => typeof m === 'string')) {
@@ -290,6 +371,12 @@ export class ProviderGateway {
           : `no ${ids.ComputeProvider} record of yours is indexed yet: publish it first`,
       }
     }
+    const published = supportedModels(record)
+    const unpublished = (models as string[]).filter((m) => !published.includes(m))
+    if (unpublished.length) {
+      return { refusal: 'model_not_published', message: `not in the supportedModels of ${record.uri}: ${unpublished.slice(0, 5).join(', ')}` }
+    }
+    if (ws.readyState !== ws.OPEN) return null
     // The same machine reconnecting replaces its old connection; another machine of the DID is another entry.
     const machine = machineId(did, encryptionPubKey)
     const previous = this.providers.get(machine)
@@ -308,6 +395,7 @@ export class ProviderGateway {
       lastSeen: Date.now(),
       record,
       attested: false,
+      attestationKey: null,
       jobs: new Map(),
       lastJobAt: 0,
       socket: ws,
@@ -348,10 +436,13 @@ export class ProviderGateway {
       }
       for (const p of this.machinesOf(did)) {
         const record = records.find((r) => r.body.encryptionPubKey === p.encryptionPubKey)
-        if (record) p.record = record
+        if (!record) refuse(p.socket, 'encryption_key_mismatch', `your ${ids.ComputeProvider} record with this key is no longer published`)
+        // Receipts are bound to the key that answered the challenge: a new key needs a new connection to prove it.
+        else if (p.attestationKey !== null && record.body.attestationPubKey !== p.attestationKey) refuse(p.socket, 'attestation_failed', `the attestationPubKey of ${record.uri} changed: reconnect to answer a challenge with it`)
         else {
-          send(p.socket, { type: 'error', v: PROTOCOL_VERSION, code: 'encryption_key_mismatch', message: `your ${ids.ComputeProvider} record with this key is no longer published` })
-          p.socket.close(1008, 'encryption_key_mismatch')
+          p.record = record
+          // A model the owner no longer publishes is no longer routed to this machine (until it reconnects).
+          p.models = p.models.filter((m) => supportedModels(record).includes(m))
         }
       }
     }
