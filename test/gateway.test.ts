@@ -11,13 +11,16 @@ import type { AddressInfo } from 'node:net'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { WebSocket } from 'ws'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
-import { P256Signer } from '../src/crypto/p256.ts'
+import { P256Signer, p256PublicKey } from '../src/crypto/p256.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { providerRecord, putRecord } from '../src/dev/records.ts'
 import { canonicalBytes } from '../src/crypto/canonical-json.ts'
+import { sealPrompt } from '../src/crypto/seal.ts'
+import { verifyAttestationSignature, verifyReceiptSignature } from '../src/crypto/signing.ts'
 import { createIdResolver } from '../src/identity/index.ts'
-import { attestationChallengePayload, REGISTER_LXM } from '../src/protocol/agent.ts'
-import { connectScripted, publishScriptedRecord } from './fixture/scripted-provider.ts'
+import { encodeInput, sha256HexOf } from '../src/protocol/input.ts'
+import { attestationChallengePayload, REGISTER_LXM, type InferenceCompleteFrame, type InferenceRequestFrame } from '../src/protocol/agent.ts'
+import { connectScripted, publishScriptedRecord, writeReceipt } from './fixture/scripted-provider.ts'
 import { ProviderGateway, type GatewayOpts } from '../console/exchange/gateway.ts'
 import type { ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
@@ -367,6 +370,51 @@ describe('provider gateway hardening', () => {
       await putRecord(owner.agent, owner.did, { ...pub.record, supportedModels: ['m-a'], attestationPubKey: Buffer.from(P256Signer.generate().rawPublicKey()).toString('base64') }, rkey)
       await waitFor(() => g.gateway.machinesOf(owner.did).length === 0, 'let go')
       expect(sp.raw.some((f) => f.includes('attestation_failed'))).toBe(true)
+    } finally {
+      await g.close()
+    }
+  })
+
+  it('relays a flooding provider in order with the counts it reports; its fixture writes the attestation and receipt it signs', async () => {
+    const g = await standalone()
+    const owner = await net.createAccount('fay.test')
+    try {
+      const pub = await publishScriptedRecord(owner, 'm-f', {}, { attestation: true })
+      await waitFor(() => av.consoleIndex().providerRecords(owner.did).length, 'record indexed')
+      const sp = await connectScripted(g.url, owner, exchange.did, pub, { behaviour: 'flood', floodChunks: 300, reported: { tokens_in: 1, tokens_out: 1_000_000 }, models: ['m-f'] })
+      const plaintext = encodeInput([{ role: 'user', content: 'hi' }])
+      const sealed = sealPrompt(plaintext, pub.record.encryptionPubKey)
+      const seqs: number[] = []
+      const done = await new Promise<InferenceCompleteFrame>((resolve, reject) => {
+        const job: Omit<InferenceRequestFrame, 'type' | 'v' | 'session_id'> = {
+          job_uri: `at://${bob.did}/${ids.ComputeJob}/3kjob`,
+          job_cid: pub.ref.cid,
+          requester_did: bob.did,
+          requester_pub_key: sealed.ephemeralPublicKey,
+          model: 'm-f',
+          max_tokens_out: 16,
+          ciphertext: sealed.sealed,
+          input_format: 'messages-v1',
+          input_commitment: sha256HexOf(plaintext),
+          params: {},
+        }
+        g.gateway.startJob(g.gateway.connected('m-f')[0]!, job, { chunk: (seq) => seqs.push(seq), complete: resolve, fail: (code, message) => reject(new Error(`${code}: ${message}`)) })
+      })
+      expect(seqs).toEqual([...Array(300).keys()])
+      expect(done).toMatchObject({ tokens_in: 1, tokens_out: 1_000_000, final_seq: 299 })
+
+      const key = p256PublicKey(pub.signer.rawPublicKey())
+      const get = async (uri: string) => {
+        const [, , repo, collection, rkey] = uri.split('/')
+        return (await owner.agent.com.atproto.repo.getRecord({ repo: repo!, collection: collection!, rkey: rkey! })).data.value as Record<string, unknown>
+      }
+      const att = await get(pub.attestation!.uri)
+      expect(att).toMatchObject({ publicKey: pub.record.attestationPubKey, encryptionPubKey: pub.record.encryptionPubKey })
+      expect(verifyAttestationSignature(att, key)).toBe(true)
+      const req = sp.requests[0]!
+      const receipt = await get((await writeReceipt(owner, pub, req, { tokens: { in: 1, out: 1_000_000 }, price: 999, proBono: false })).uri)
+      expect(receipt).toMatchObject({ job: { uri: req.job_uri, cid: req.job_cid }, requester: bob.did, model: 'm-f', inputCommitment: req.input_commitment, tokens: { in: 1, out: 1_000_000 }, price: { amount: 999 }, proBono: false, attestation: pub.attestation })
+      expect(verifyReceiptSignature(receipt, key)).toBe(true)
     } finally {
       await g.close()
     }
