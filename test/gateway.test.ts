@@ -223,22 +223,39 @@ async function standalone(opts: Partial<GatewayOpts> = {}) {
   return { gateway, url: `ws://127.0.0.1:${(server.address() as AddressInfo).port}`, close }
 }
 
-/** Provider records that wait for `release()`: a registration held in the middle of its verification. */
-function heldRecords() {
+type Socket = Awaited<ReturnType<typeof agentSocket>>
+
+/**
+ * Sends rig's register to a gateway whose record lookup is held, runs `meanwhile` while the registration
+ * waits there, then lets it finish; resolves to the gateway's machines of rig once it has.
+ */
+async function whileVerifying(meanwhile: (s: Socket, gateway: ProviderGateway, register: string) => Promise<void>) {
   let entered!: () => void
   let release!: () => void
   const inside = new Promise<void>((resolve) => (entered = resolve))
   const gate = new Promise<void>((resolve) => (release = resolve))
-  const providerRecords = async (did: string) => {
-    entered()
-    await gate
-    return av.consoleIndex().providerRecords(did)
+  const g = await standalone({
+    providerRecords: async (did) => {
+      entered()
+      await gate
+      return av.consoleIndex().providerRecords(did)
+    },
+  })
+  try {
+    const s = await agentSocket(g.url)
+    const frame = JSON.stringify(register({ serviceAuth: await token(rig) }))
+    s.ws.send(frame)
+    await inside
+    await meanwhile(s, g.gateway, frame)
+    release()
+    // The rest of the registration runs as microtasks: all done by the next macrotask.
+    await new Promise((resolve) => setImmediate(resolve))
+    return g.gateway.machinesOf(rig.did)
+  } finally {
+    release()
+    await g.close()
   }
-  return { providerRecords, inside, release }
 }
-
-/** What the rest of the registration runs as once its records are read: microtasks, all done by the next macrotask. */
-const settled = () => new Promise((resolve) => setImmediate(resolve))
 
 describe('provider gateway hardening', () => {
   it('closes a socket that has not registered and answered its challenge in time', async () => {
@@ -291,41 +308,20 @@ describe('provider gateway hardening', () => {
   })
 
   it('refuses a second register while the first is being verified, and does not add the first once its socket is gone', async () => {
-    const held = heldRecords()
-    const g = await standalone({ providerRecords: held.providerRecords })
-    try {
-      const s = await agentSocket(g.url)
-      const frame = JSON.stringify(register({ serviceAuth: await token(rig) }))
-      s.ws.send(frame)
-      await held.inside
+    const after = await whileVerifying(async (s, _gateway, frame) => {
       s.ws.send(frame)
       await waitFor(() => s.closed, 'closed')
       expect(s.frames).toMatchObject([{ type: 'error', code: 'already_registered' }])
-      held.release()
-      await settled()
-      expect(g.gateway.machinesOf(rig.did)).toEqual([])
-    } finally {
-      held.release()
-      await g.close()
-    }
+    })
+    expect(after).toEqual([])
   })
 
   it('does not add a machine whose socket closed while its registration was verified', async () => {
-    const held = heldRecords()
-    const g = await standalone({ providerRecords: held.providerRecords })
-    try {
-      const s = await agentSocket(g.url)
-      s.ws.send(JSON.stringify(register({ serviceAuth: await token(rig) })))
-      await held.inside
+    const after = await whileVerifying(async (s, gateway) => {
       s.ws.terminate()
-      await waitFor(() => g.gateway.connections === 0, 'the socket closed on the gateway')
-      held.release()
-      await settled()
-      expect(g.gateway.machinesOf(rig.did)).toEqual([])
-    } finally {
-      held.release()
-      await g.close()
-    }
+      await waitFor(() => gateway.connections === 0, 'the socket closed on the gateway')
+    })
+    expect(after).toEqual([])
   })
 
   it('refuses a register on a socket already registered, and lets its machine go', async () => {
