@@ -20,7 +20,7 @@ import { RECEIPT_TOKENS, statement, visible } from './util.ts'
 
 const DAY_MS = 24 * 3600_000
 const WEEK_MS = 7 * DAY_MS
-export const WEEKS = 52
+const WEEKS = 52
 /** Receipts the profile's latency is computed over, newest first (the reference's window). */
 const LATENCY_RECEIPTS = 100
 
@@ -67,7 +67,7 @@ export function accountTotals(db: Db, did: string): AccountTotals {
 }
 
 /** The 52 week boundaries ending with the current UTC week (weeks start on Monday). */
-export function weekWindow(now: number): { oldestWeekStart: string; start: string; end: string } {
+function weekWindow(now: number): { oldestWeekStart: string; start: string; end: string } {
   const midnight = Math.floor(now / DAY_MS) * DAY_MS
   const sinceMonday = (new Date(midnight).getUTCDay() + 6) % 7
   const currentMonday = midnight - sinceMonday * DAY_MS
