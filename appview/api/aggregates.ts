@@ -1,12 +1,13 @@
 /**
  * Per-account aggregates of the read API (the directory of listAccounts, the
  * counts, series and latency of getProfile), computed from `records` on each
- * call. Every query here is a range of one index: the account's rows in
- * (did, collection, sort_at, uri), or the rows naming it in (collection,
- * subject_did, sort_at, uri); none scans the table for one account. Their
- * cost still grows with the account's own rows, so tables kept up to date
- * by the indexer are meant to replace this module, behind these same
- * functions.
+ * call. Each of getProfile's queries is a range of one index: the account's
+ * rows in (did, collection, sort_at, uri), or the rows naming it in
+ * (collection, subject_did, sort_at, uri), never a network-wide range
+ * (test/read-api.test.ts checks the plans); the directory is one pass over
+ * an index for all accounts. Their cost still grows with the rows read, so
+ * tables kept up to date by the indexer are meant to replace this module,
+ * behind these same exports.
  *
  * Times are the records' own (`sort_at`: createdAt, completedAt...), not the
  * time this AppView indexed them: a backfilled AppView answers as one that
