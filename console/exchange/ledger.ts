@@ -5,7 +5,8 @@
  * whose counterpart is `@issuance`, so every balance plus the issuance
  * account always sums to zero. Each transaction has a unique `ref`: the same
  * movement asked twice (a retry, a second delivery) is found and not made
- * again.
+ * again. No account but the system ones (`@...`) ever goes below zero, nor
+ * below what is held for its jobs: a CHECK on `ledger_balances` refuses it.
  */
 import type { Db } from '../../src/db/index.ts'
 
@@ -32,6 +33,21 @@ export class LedgerError extends Error {
   override name = 'LedgerError'
 }
 
+/** A movement or hold refused because it would take an account's available tokens below zero. */
+export class InsufficientFundsError extends LedgerError {
+  override name = 'InsufficientFundsError'
+}
+
+/** Runs `f`, turning the balance table's CHECK refusal into an InsufficientFundsError. */
+function guarded<T>(what: string, f: () => T): T {
+  try {
+    return f()
+  } catch (err) {
+    if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_CHECK') throw new InsufficientFundsError(`${what}: it would take an account's available tokens below zero`)
+    throw err
+  }
+}
+
 export class Ledger {
   private readonly db: Db
   constructor(db: Db) {
@@ -48,21 +64,76 @@ export class Ledger {
     for (const e of moving) if (!Number.isSafeInteger(e.amount)) throw new LedgerError(`amounts are integers: ${e.amount}`)
     if (moving.reduce((s, e) => s + e.amount, 0) !== 0) throw new LedgerError(`transaction ${ref} does not balance`)
     const c = this.db.$client
-    return c.transaction(() => {
-      const res = c.prepare('INSERT INTO ledger_txns (kind, ref, meta, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (ref) DO NOTHING').run(kind, ref, meta ? JSON.stringify(meta) : null, new Date().toISOString())
-      if (res.changes === 0) return false
-      const add = c.prepare('INSERT INTO ledger_entries (txn_id, account, amount) VALUES (?, ?, ?)')
-      for (const e of moving) add.run(res.lastInsertRowid, e.account, e.amount)
-      return true
-    })()
+    // Credits first, so an account paid and charged in one movement is never below zero in between.
+    const ordered = [...moving].sort((a, b) => b.amount - a.amount)
+    return guarded(`transaction ${ref}`, () =>
+      c.transaction(() => {
+        const res = c.prepare('INSERT INTO ledger_txns (kind, ref, meta, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (ref) DO NOTHING').run(kind, ref, meta ? JSON.stringify(meta) : null, new Date().toISOString())
+        if (res.changes === 0) return false
+        const add = c.prepare('INSERT INTO ledger_entries (txn_id, account, amount) VALUES (?, ?, ?)')
+        for (const e of ordered) add.run(res.lastInsertRowid, e.account, e.amount)
+        return true
+      })(),
+    )
   }
 
   has(ref: string): boolean {
     return this.db.$client.prepare('SELECT 1 FROM ledger_txns WHERE ref = ?').get(ref) !== undefined
   }
 
+  /** The sum of the account's entries (kept in `ledger_balances` by a trigger). */
   balance(account: string): number {
-    return (this.db.$client.prepare('SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account = ?').pluck().get(account) as number) ?? 0
+    return this.row(account).balance
+  }
+
+  /** Tokens held for the account's jobs in flight. */
+  held(account: string): number {
+    return this.row(account).held
+  }
+
+  /** What the account may still commit: its balance less what is held. */
+  available(account: string): number {
+    const r = this.row(account)
+    return r.balance - r.held
+  }
+
+  private row(account: string): { balance: number; held: number } {
+    return (this.db.$client.prepare('SELECT balance, held FROM ledger_balances WHERE account = ?').get(account) as { balance: number; held: number } | undefined) ?? { balance: 0, held: 0 }
+  }
+
+  /**
+   * Holds `amount` of the account's tokens (a job's ceiling), inside the
+   * caller's transaction. @throws InsufficientFundsError when its available
+   * tokens are fewer.
+   */
+  hold(account: string, amount: number): void {
+    if (!Number.isSafeInteger(amount) || amount < 0) throw new LedgerError(`a hold is a non-negative integer: ${amount}`)
+    if (amount === 0) return
+    const res = guarded(`a hold of ${amount}`, () => this.db.$client.prepare('UPDATE ledger_balances SET held = held + ? WHERE account = ?').run(amount, account))
+    // No row: the account never had a token.
+    if (res.changes === 0) throw new InsufficientFundsError(`a hold of ${amount}: the account has no balance`)
+  }
+
+  /** Gives back `amount` held (a job settled, refused or expired), inside the caller's transaction. */
+  release(account: string, amount: number): void {
+    if (amount === 0) return
+    guarded(`a release of ${amount}`, () => this.db.$client.prepare('UPDATE ledger_balances SET held = held - ? WHERE account = ?').run(amount, account))
+  }
+
+  /** Tokens held over every account (equal to the holds of the jobs in flight, always). */
+  heldTotal(): number {
+    return this.db.$client.prepare('SELECT COALESCE(SUM(held), 0) FROM ledger_balances').pluck().get() as number
+  }
+
+  /** Accounts whose kept balance differs from the sum of their entries (none, always). */
+  drift(): string[] {
+    return this.db.$client
+      .prepare(
+        `SELECT b.account FROM ledger_balances b LEFT JOIN (SELECT account, SUM(amount) AS s FROM ledger_entries GROUP BY account) e ON e.account = b.account
+         WHERE b.balance != COALESCE(e.s, 0)`,
+      )
+      .pluck()
+      .all() as string[]
   }
 
   /** The account's movements, newest first, `limit` per page after the `before` transaction id. */
@@ -94,6 +165,6 @@ export class Ledger {
 
   /** Accounts with their balances (for periodic refresh and patronage). */
   accounts(): { account: string; balance: number }[] {
-    return this.db.$client.prepare("SELECT account, SUM(amount) AS balance FROM ledger_entries WHERE account NOT LIKE '@%' GROUP BY account").all() as { account: string; balance: number }[]
+    return this.db.$client.prepare("SELECT account, balance FROM ledger_balances WHERE account NOT LIKE '@%'").all() as { account: string; balance: number }[]
   }
 }

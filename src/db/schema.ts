@@ -5,7 +5,7 @@
  * `npm run db:generate` and applied at start.
  */
 import { sql } from 'drizzle-orm'
-import { index, integer, primaryKey, sqliteTable, text, uniqueIndex } from 'drizzle-orm/sqlite-core'
+import { check, index, integer, primaryKey, sqliteTable, text, uniqueIndex } from 'drizzle-orm/sqlite-core'
 
 /**
  * Every indexed `dev.cocore.*` record, keyed by AT URI. `body` is the record
@@ -242,6 +242,73 @@ export const ledgerEntries = sqliteTable(
 )
 
 /**
+ * Each account's balance (the sum of its entries, kept by a trigger on
+ * `ledger_entries`) and the tokens held for its jobs in flight. The CHECK is
+ * the rule, not a convention: no movement or hold can take an account's
+ * available tokens (balance - held) below zero; only system accounts (`@...`,
+ * such as `@issuance`) may be negative.
+ */
+export const ledgerBalances = sqliteTable(
+  'ledger_balances',
+  {
+    account: text('account').primaryKey(),
+    balance: integer('balance').notNull().default(0),
+    held: integer('held').notNull().default(0),
+  },
+  (t) => [check('ledger_balances_held', sql`${t.held} >= 0`), check('ledger_balances_available', sql`substr(${t.account}, 1, 1) = '@' OR ${t.balance} - ${t.held} >= 0`)],
+)
+
+/**
+ * The exchange's record of each job it admitted: the contract settlement is
+ * judged against. The job and authorization as published, who asked, which
+ * machine it was sent to and the attestation key that answered that
+ * connection's challenge, the ceiling and the hold placed for it, the daily
+ * tokens reserved, and what the exchange itself relayed.
+ */
+export const exchangeJobs = sqliteTable(
+  'exchange_jobs',
+  {
+    jobUri: text('job_uri').primaryKey(),
+    jobCid: text('job_cid').notNull(),
+    authUri: text('auth_uri').notNull(),
+    authCid: text('auth_cid').notNull(),
+    /** The records' JSON as published on the requester's PDS. */
+    jobRecord: text('job_record').notNull(),
+    authRecord: text('auth_record').notNull(),
+    requesterDid: text('requester_did').notNull(),
+    model: text('model').notNull(),
+    /** The machine it was sent to (the last one, after failovers), and the key that answered its challenge. */
+    providerDid: text('provider_did'),
+    machine: text('machine'),
+    providerRecordUri: text('provider_record_uri'),
+    attestationKey: text('attestation_key'),
+    proBono: integer('pro_bono').notNull(),
+    inputBytes: integer('input_bytes').notNull(),
+    maxTokensOut: integer('max_tokens_out').notNull(),
+    ceiling: integer('ceiling').notNull(),
+    /** Tokens held on the requester's balance now (0 once released). */
+    hold: integer('hold').notNull(),
+    /** Daily-limit tokens reserved now (0 once reconciled). */
+    reserved: integer('reserved').notNull(),
+    /** admitted | running | completed | cancelled | failed | unstarted | settled | refused | expired */
+    state: text('state').notNull(),
+    /** 1 once the job records are on the requester's PDS. */
+    recorded: integer('recorded').notNull().default(0),
+    /** The provider's counts in `inference_complete`, as relayed. */
+    reportedIn: integer('reported_in'),
+    reportedOut: integer('reported_out'),
+    /** Reply chunks relayed, and their plaintext bytes (ciphertext less the box's overhead). */
+    relayedChunks: integer('relayed_chunks').notNull().default(0),
+    relayedBytes: integer('relayed_bytes').notNull().default(0),
+    /** After this the hold is released and a receipt is too late. */
+    deadline: text('deadline').notNull(),
+    createdAt: text('created_at').notNull(),
+    updatedAt: text('updated_at').notNull(),
+  },
+  (t) => [index('exchange_jobs_state').on(t.state, t.deadline), index('exchange_jobs_requester').on(t.requesterDid, t.createdAt)],
+)
+
+/**
  * Records the exchange publishes on its own repo (settlements, grants,
  * patronage, policy): written here first, in the transaction that decides
  * them, then published with retries; a crash between the two resumes here.
@@ -281,6 +348,8 @@ export const settlements = sqliteTable(
     providerDid: text('provider_did').notNull(),
     /** `<requester DID> <authorization nonce>`, unique among settled rows. */
     authorizationKey: text('authorization_key'),
+    /** The dispatched job the receipt claims (null for a job this exchange never dispatched); paid once. */
+    jobUri: text('job_uri'),
     /** settled | refused */
     outcome: text('outcome').notNull(),
     amount: integer('amount').notNull().default(0),
@@ -292,6 +361,7 @@ export const settlements = sqliteTable(
   },
   (t) => [
     uniqueIndex('settlements_authorization').on(t.authorizationKey).where(sql`outcome = 'settled'`),
+    uniqueIndex('settlements_job').on(t.jobUri).where(sql`outcome = 'settled'`),
     index('settlements_requester').on(t.requesterDid),
     index('settlements_provider').on(t.providerDid),
   ],
