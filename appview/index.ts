@@ -30,6 +30,8 @@ export interface ConsoleIndex {
   isFriend(owner: string, subject: string): boolean
   /** Indexed receipts after an index position, in index order (the settlement feed). */
   receiptsAfter(rowid: number, limit: number): (IndexedProvider & { rowid: number; did: string })[]
+  /** Indexed receipts that name a job (settlement looks for them once the job is ready). */
+  receiptsForJob(jobUri: string): (IndexedProvider & { did: string })[]
   /** One indexed record, or undefined. */
   record(uri: string): (IndexedProvider & { did: string; collection: string }) | undefined
 }
@@ -113,6 +115,7 @@ export class AppView implements AsyncDisposable {
       providerRecords: (did) => this.store.providerRecords(did),
       isFriend: (owner, subject) => this.store.isFriend(owner, subject),
       receiptsAfter: (rowid, limit) => this.store.receiptsAfter(rowid, limit),
+      receiptsForJob: (jobUri) => this.store.receiptsForJob(jobUri),
       record: (uri) => this.store.record(uri),
     }
   }

@@ -133,6 +133,9 @@ export interface JobSpec {
 export interface JobRecords {
   auth: { uri: string; cid: string }
   job: { uri: string; cid: string }
+  /** The records as they are published (the exchange keeps them: settlement never depends on the requester keeping them). */
+  authRecord: Record<string, unknown>
+  jobRecord: Record<string, unknown>
   /**
    * Writes both records on the requester's PDS (one commit), once however
    * often it is called; rejects if they could not be written. The exchange
@@ -248,7 +251,7 @@ export class Publisher {
       }
       return written
     }
-    return { auth, job, publish }
+    return { auth, job, authRecord: authorization, jobRecord, publish }
   }
 
   async getProfile(did: string): Promise<RepoRecord<AccountProfile> | null> {

@@ -197,13 +197,17 @@ describe('OpenAI-compatible API', () => {
     expect(svc.gateway!.machinesOf(ben.did)[0]!.jobs.size).toBe(0)
   })
 
-  it('routes by tier: private (friends), verified (hardware-attested and challenged), pro bono', async () => {
+  it('routes by tier: private (friends), pro bono; verified is unavailable (a record saying hardware-attested is no evidence)', async () => {
     const cal = providers['cal.test']!
     const dee = providers['dee.test']!
     const stranger = providers['stranger.test']!
     const who = async (tier: string) => ((await client(tier).chat.completions.create({ model: 'tier-1', messages: ask(`via ${tier}`) })) as unknown as { cocore: { provider: string } }).cocore.provider
     for (let i = 0; i < 3; i++) expect(await who('/private')).toBe(cal.did)
-    for (let i = 0; i < 3; i++) expect(await who('/verified')).toBe(dee.did)
+    // Dee's record claims hardware attestation and its machine answered the challenge: still its own word.
+    expect(dee.requests).toHaveLength(0)
+    expect(await who('/verified').catch((e) => e)).toMatchObject({ status: 503, code: 'verified_tier_unavailable' })
+    expect((await client('/verified').models.list()).data).toEqual([])
+    expect(dee.requests).toHaveLength(0)
     for (let i = 0; i < 3; i++) expect(await who('/probono')).toBe(stranger.did)
     const pb = stranger.requests.at(-1)!
     expect(pb.pro_bono).toBe(true)

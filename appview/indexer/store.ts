@@ -356,6 +356,15 @@ export class IndexStore {
     ).map((r) => ({ ...r, body: JSON.parse(r.body) as Record<string, unknown> }))
   }
 
+  /** Indexed receipts naming `jobUri`, of visible accounts. */
+  receiptsForJob(jobUri: string): { uri: string; cid: string; did: string; body: Record<string, unknown> }[] {
+    return (
+      this.db.$client
+        .prepare('SELECT r.uri, r.cid, r.did, r.body FROM records r WHERE r.job_uri = ? AND r.collection = ? AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.did = r.did AND a.active = 0)')
+        .all(jobUri, ids.ComputeReceipt) as { uri: string; cid: string; did: string; body: string }[]
+    ).map((r) => ({ ...r, body: JSON.parse(r.body) as Record<string, unknown> }))
+  }
+
   /** One indexed record of a visible account, or undefined. */
   record(uri: string): { uri: string; cid: string; did: string; collection: string; body: Record<string, unknown> } | undefined {
     const r = this.db.$client.prepare('SELECT uri, cid, did, collection, body FROM records WHERE uri = ? AND did NOT IN (SELECT did FROM accounts WHERE active = 0)').get(uri) as

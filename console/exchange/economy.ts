@@ -12,6 +12,7 @@
  */
 import { TID } from '@atproto/common-web'
 import type { ConsoleIndex } from '../../appview/index.ts'
+import type { DispatchBook } from './dispatch-book.ts'
 import type { Db } from '../../src/db/index.ts'
 import { ids } from '../../src/lexicon/generated/ids.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
@@ -24,7 +25,9 @@ import { loadSigningKey, type SigningKey } from './signing-key.ts'
 
 export interface EconomyOpts {
   db: Db
-  index: Pick<ConsoleIndex, 'receiptsAfter' | 'record'>
+  index: Pick<ConsoleIndex, 'receiptsAfter' | 'receiptsForJob' | 'record'>
+  /** The exchange's dispatch book (its ledger is this economy's): settlement is judged against it. */
+  book: DispatchBook
   repo: ExchangeRepoOpts
   policy: EconomyPolicy
   /** COCORE_EXCHANGE_SIGNING_KEY, else this key file. */
@@ -48,20 +51,23 @@ export class Economy {
   readonly refs: PublishedPolicy
   readonly settler: Settler
   private readonly db: Db
+  private readonly book: DispatchBook
   private timer: NodeJS.Timeout | null = null
   private passing = false
 
   private constructor(opts: EconomyOpts, repo: ExchangeRepo, key: SigningKey, refs: PublishedPolicy) {
     this.db = opts.db
+    this.book = opts.book
     this.policy = opts.policy
     this.repo = repo
     this.key = key
     this.refs = refs
-    this.ledger = new Ledger(opts.db)
+    this.ledger = opts.book.ledger ?? new Ledger(opts.db)
     this.outbox = new Outbox(opts.db, repo, opts.outbox)
     this.settler = new Settler({
       db: opts.db,
       index: opts.index,
+      book: opts.book,
       ledger: this.ledger,
       outbox: this.outbox,
       exchangeDid: repo.did,
@@ -84,6 +90,7 @@ export class Economy {
     })
     log.info('exchange policy in force', { policy: refs.policy.uri, published: refs.policy.published, attestation: refs.attestation.uri })
     const economy = new Economy(opts, repo, key, refs)
+    opts.book.onReady = (jobUri) => economy.settler.jobReady(jobUri)
     economy.outbox.start(opts.outbox?.everyMs)
     economy.timer = setInterval(() => economy.tick(), opts.settleEveryMs ?? 1_000)
     economy.timer.unref()
@@ -136,11 +143,12 @@ export class Economy {
     return this.grant('refresh', `refresh:${did}:${new Date(start).toISOString()}`, did, this.policy.refresh.amountPerDid)
   }
 
-  /** Whether the account may start a job now: its balance at the admission floor or above (after any refresh due). */
-  admissible(did: string): { ok: boolean; balance: number } {
+  /** Whether the account may start a job now: its available tokens (balance less holds) at the admission floor or above, after any refresh due. */
+  admissible(did: string): { ok: boolean; balance: number; held: number; available: number } {
     this.refresh(did)
     const balance = this.ledger.balance(did)
-    return { ok: balance >= this.policy.floor, balance }
+    const held = this.ledger.held(did)
+    return { ok: balance - held >= this.policy.floor, balance, held, available: balance - held }
   }
 
   /** Distributes the patronage of the last completed window, once. */
@@ -200,7 +208,7 @@ export class Economy {
   }
 
   /** Public aggregates: no account's balance but the treasury's. */
-  figures(): { treasury: string; balance: number; issued: number; settlements: number; refused: number; charged: number; fees: number; booksBalanced: boolean } {
+  figures(): { treasury: string; balance: number; issued: number; held: number; settlements: number; refused: number; charged: number; fees: number; booksBalanced: boolean } {
     const c = this.db.$client
     const s = c.prepare("SELECT COUNT(*) AS n, COALESCE(SUM(amount), 0) AS charged, COALESCE(SUM(fee), 0) AS fees FROM settlements WHERE outcome = 'settled'").get() as { n: number; charged: number; fees: number }
     const refused = c.prepare("SELECT COUNT(*) FROM settlements WHERE outcome = 'refused'").pluck().get() as number
@@ -208,11 +216,12 @@ export class Economy {
       treasury: this.treasury,
       balance: this.ledger.balance(this.treasury),
       issued: this.ledger.issued(),
+      held: this.ledger.heldTotal(),
       settlements: s.n,
       refused,
       charged: s.charged,
       fees: s.fees,
-      booksBalanced: this.ledger.total() === 0 && this.ledger.unbalanced().length === 0,
+      booksBalanced: this.ledger.total() === 0 && this.ledger.unbalanced().length === 0 && this.ledger.heldTotal() === this.book.holdsTotal(),
     }
   }
 

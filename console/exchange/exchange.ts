@@ -8,6 +8,11 @@
  * The requester's job records are written once a provider answers (and
  * before the reply completes), not before the job is sent.
  *
+ * Every job is admitted into the dispatch book first (dispatch-book.ts): its
+ * ceiling comes from the policy (a requester's own only lowers it), and the
+ * book learns where the job was sent and what was relayed, which is all that
+ * settlement later trusts.
+ *
  * The exchange never holds a prompt it could read here: callers hand it a
  * `seal` function that returns the prompt sealed to a given provider's
  * published key, and it relays ciphertext both ways.
@@ -16,8 +21,11 @@ import type { IndexedProvider } from '../../appview/index.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
 import { compareVersions, type FinishReason, type GenerationParams } from '../../src/protocol/agent.ts'
 import type { InputFormat } from '../../src/protocol/input.ts'
+import { encSchemeOf, sealedPlaintextBytes, type EncScheme } from '../../src/crypto/enc-scheme.ts'
 import type { JobRecords, JobSpec } from '../publisher.ts'
+import { tokenBounds, type DispatchBook, type Relayed } from './dispatch-book.ts'
 import type { ConnectedProvider, JobSink, ProviderGateway } from './gateway.ts'
+import { CURRENCY } from './policy.ts'
 
 export const TIERS = ['private', 'verified', 'probono'] as const
 export type Tier = (typeof TIERS)[number]
@@ -46,6 +54,9 @@ export type ExchangeErrorCode =
   | 'sealed_input_refused'
   | 'provider_failed'
   | 'job_not_recorded'
+  | 'invalid_ceiling'
+  | 'verified_tier_unavailable'
+  | 'requester_too_slow'
 
 export class ExchangeError extends Error {
   override name = 'ExchangeError'
@@ -77,7 +88,7 @@ export interface JobInput {
   inputBytes: number
   maxTokensOut: number
   params: GenerationParams
-  /** The requester's own ceiling; else what the dearest candidate would charge at most. */
+  /** The requester's own ceiling: it may lower the policy's, never raise it; zero only for pro bono. */
   ceiling?: { amount: number; currency: string }
   /** The prompt sealed to `p`'s key; null when the caller has no envelope for it (it is skipped). */
   seal: (p: ConnectedProvider) => Envelope | null
@@ -90,7 +101,11 @@ export interface JobInput {
 export interface ExchangeOpts {
   gateway: ProviderGateway
   exchangeDid: string
+  /** Admission, holds and the record of where each job went. */
+  book: DispatchBook
   prepareJob: (did: string, spec: JobSpec) => Promise<JobRecords>
+  /** Runs before a job of `did` is admitted (the economy credits a refresh that is due). */
+  beforeAdmit?: (did: string) => void
   isFriend: (owner: string, subject: string) => boolean
   /** A provider that sends nothing this long after the request is passed over. */
   firstChunkTimeoutMs?: number
@@ -101,6 +116,13 @@ export interface ExchangeOpts {
 }
 
 type Step = { t: 'chunk'; seq: number; ciphertext: string } | { t: 'complete'; tokensIn: number; tokensOut: number; finishReason: FinishReason; receiptUri?: string } | { t: 'fail'; code: string; message: string } | { t: 'timeout' }
+
+/**
+ * Most reply data a job may have waiting for its requester. Past it the job
+ * ends (`requester_too_slow`): a slow reader never grows the exchange's memory.
+ */
+export const MAX_QUEUED_STEPS = 1024
+export const MAX_QUEUED_BYTES = 4 << 20
 
 /**
  * The steps of one job on one provider, awaited one at a time. One timer for
@@ -114,6 +136,8 @@ class StepQueue implements JobSink {
   private readonly signal: AbortSignal
   private readonly timer: NodeJS.Timeout
   private answered = false
+  private queuedBytes = 0
+  private overflowed = false
   private readonly poke = () => {
     const w = this.wake
     this.wake = null
@@ -134,11 +158,19 @@ class StepQueue implements JobSink {
     this.push({ t: 'fail', code, message })
   }
   push(s: Step) {
+    if (this.overflowed) return
     if (!this.answered && s.t !== 'timeout') {
       this.answered = true
       setImmediate(() => clearTimeout(this.timer))
     }
-    this.items.push(s)
+    if (s.t === 'chunk') this.queuedBytes += s.ciphertext.length
+    if (this.items.length >= MAX_QUEUED_STEPS || this.queuedBytes > MAX_QUEUED_BYTES) {
+      // What is queued is dropped: the job ends here, and the provider is told to stop.
+      this.overflowed = true
+      this.items.length = 0
+      this.queuedBytes = 0
+      this.items.push({ t: 'fail', code: 'requester_too_slow', message: 'the requester did not read the reply as fast as it came' })
+    } else this.items.push(s)
     this.poke()
   }
   async next(): Promise<Step> {
@@ -146,7 +178,13 @@ class StepQueue implements JobSink {
       this.signal.throwIfAborted()
       await new Promise<void>((resolve) => (this.wake = resolve))
     }
-    return this.items.shift()!
+    const s = this.items.shift()!
+    if (s.t === 'chunk') this.queuedBytes -= s.ciphertext.length
+    return s
+  }
+  /** Steps waiting for the requester now. */
+  get queued(): number {
+    return this.items.length
   }
   /** The job is over on this provider. */
   close(): void {
@@ -185,6 +223,10 @@ export class Exchange {
     return this.opts.gateway
   }
 
+  get book(): DispatchBook {
+    return this.opts.book
+  }
+
   /** The providers a job may go to, best first; an ExchangeError naming the filter that left none. */
   route(r: Route): ConnectedProvider[] {
     const fail = (code: keyof typeof routeErrorMessages): never => {
@@ -206,8 +248,13 @@ export class Exchange {
       ps = ps.filter((p) => p.did === r.requesterDid || this.opts.isFriend(p.did, r.requesterDid))
       if (ps.length === 0) fail('no_private_providers')
     } else if (r.tier === 'verified') {
-      ps = ps.filter((p) => p.attested && (p.record.body.trustLevel === 'hardware-attested' || p.record.body.tier === 'attested-confidential'))
-      if (ps.length === 0) fail('no_verified_providers')
+      // A machine's record saying it is hardware-attested is its own word; the evidence (App Attest or
+      // MDA chains, a brokerage countersignature) is not verified here yet, so the tier is not offered.
+      throw new ExchangeError(
+        'verified_tier_unavailable',
+        503,
+        'the verified tier needs hardware-attestation evidence this exchange does not verify yet; no machine is offered on its own word',
+      )
     } else if (r.tier === 'probono') {
       ps = ps.filter((p) => servesProBono(p.record, r.requesterDid))
       if (ps.length === 0) fail('no_probono_providers')
@@ -242,127 +289,179 @@ export class Exchange {
     return [...counts].map(([id, providers]) => ({ id, providers })).sort((a, b) => a.id.localeCompare(b.id))
   }
 
-  /** Price ceiling for the job: what the dearest candidate would charge at most, in its currency. */
-  private ceiling(ps: ConnectedProvider[], model: string, inputBytes: number, maxTokensOut: number): { amount: number; currency: string } {
-    let amount = 0
-    let currency = 'CC'
-    for (const p of ps) {
-      const price = (p.record.body.priceList as { modelId: string; inputPricePerMTok: number; outputPricePerMTok: number; currency: string }[] | undefined)?.find((x) => x.modelId === model)
-      if (!price) continue
-      const most = Math.ceil((inputBytes * price.inputPricePerMTok + maxTokensOut * price.outputPricePerMTok) / 1e6)
-      if (most >= amount) {
-        amount = most
-        currency = price.currency
-      }
-    }
-    return { amount, currency }
+  /**
+   * The job's ceiling: the policy's token rate for its input bytes (which
+   * bound its input tokens) and `maxTokensOut`. A requester's own ceiling may
+   * lower it, never raise it; zero is the pro bono tier's alone.
+   */
+  private ceilingOf(input: JobInput, proBono: boolean): number {
+    if (proBono) return 0
+    const most = this.opts.book.ceilingFor(input.inputBytes, input.maxTokensOut)
+    const asked = input.ceiling
+    if (!asked) return most
+    if (asked.currency !== CURRENCY) throw new ExchangeError('invalid_ceiling', 400, `this exchange settles in ${CURRENCY} only, not ${asked.currency}`)
+    if (!Number.isSafeInteger(asked.amount) || asked.amount <= 0) throw new ExchangeError('invalid_ceiling', 400, 'the ceiling must be a positive integer: a job that pays nothing goes through the pro bono tier')
+    return Math.min(asked.amount, most)
   }
 
   /**
    * Runs one job: the events a requester sees, in order (`meta` once a
-   * provider answers, its `chunk`s, `complete`). Throws ExchangeError.
+   * provider answers, its `chunk`s, `complete`). Throws ExchangeError, and
+   * AdmissionError when the job is not admitted.
    */
   async *run(input: JobInput): AsyncGenerator<ExchangeEvent> {
     const { route, signal } = input
+    const { book } = this.opts
     const candidates = this.route(route).slice(0, this.opts.maxAttempts ?? 3)
     const proBono = route.tier === 'probono'
+    const ceiling = this.ceilingOf(input, proBono)
     const records = await this.opts.prepareJob(route.requesterDid, {
       exchangeDid: this.opts.exchangeDid,
       model: route.model,
       inputCommitment: input.inputCommitment,
       inputFormat: input.inputFormat,
       maxTokensOut: input.maxTokensOut,
-      ceiling: proBono ? { amount: 0, currency: input.ceiling?.currency ?? 'CC' } : (input.ceiling ?? this.ceiling(candidates, route.model, input.inputBytes, input.maxTokensOut)),
-      acceptedTrustLevel: route.tier === 'verified' ? 'hardware-attested' : 'self-attested',
+      ceiling: { amount: ceiling, currency: CURRENCY },
+      acceptedTrustLevel: 'self-attested',
       ttlMs: this.opts.jobTtlMs ?? 3600_000,
     })
+    this.opts.beforeAdmit?.(route.requesterDid)
+    book.admit({
+      requesterDid: route.requesterDid,
+      model: route.model,
+      records,
+      proBono,
+      inputBytes: input.inputBytes,
+      maxTokensOut: input.maxTokensOut,
+      ceiling,
+      expiresAt: records.jobRecord.expiresAt as string,
+    })
+    const jobUri = records.job.uri
+    const relayed: Relayed = { chunks: 0, bytes: 0 }
+    /** How the job ended, for the book: null while it runs, or once it completed. */
+    let ending: 'unstarted' | 'failed' | 'cancelled' | null = 'unstarted'
     const failures: string[] = []
     /** Providers that refused the prompt itself (it did not open, or is no valid input). */
     let inputRefusals = 0
-    for (const p of candidates) {
-      const env = input.seal(p)
-      if (!env) continue
-      const steps = new StepQueue(signal, this.opts.firstChunkTimeoutMs ?? 60_000)
-      const start = () => this.opts.gateway.startJob(
-        p,
-        {
-          job_uri: records.job.uri,
-          job_cid: records.job.cid,
-          requester_did: route.requesterDid,
-          requester_pub_key: env.requesterPubKey,
-          model: route.model,
-          max_tokens_out: input.maxTokensOut,
-          ciphertext: env.ciphertext,
-          input_format: input.inputFormat,
-          input_commitment: input.inputCommitment,
-          params: input.params,
-          ...(proBono ? { pro_bono: true } : {}),
-        },
-        steps,
-      )
-      let job: ReturnType<typeof start>
-      try {
-        job = start()
-      } catch (err) {
-        steps.close()
-        throw err
-      }
-      // The records are written once a provider has answered: the PDS commit (tens of ms of CPU on a
-      // small machine) must not delay the first token, and a job no provider took leaves no records.
-      let written: Promise<void> | null = null
-      const publish = () => {
-        if (!written) {
-          written = records.publish()
-          // A job whose records could not be published does not run on.
-          written.catch((err: Error) => steps.fail('job_not_recorded', err.message))
+    try {
+      for (const p of candidates) {
+        const env = input.seal(p)
+        if (!env) continue
+        // The reply's framing (its overhead per chunk) for the exchange's own count of what it relayed.
+        let scheme: EncScheme
+        try {
+          scheme = encSchemeOf({ encryptionPubKey: p.encryptionPubKey, encScheme: p.record.body.encScheme })
+        } catch {
+          continue
         }
-        return written
-      }
-      const meta: ExchangeEvent = { kind: 'meta', providerDid: p.did, encryptionPubKey: p.encryptionPubKey, sessionId: job.sessionId, jobUri: records.job.uri, jobCid: records.job.cid, authUri: records.auth.uri, inputCommitment: input.inputCommitment }
-      let started = false
-      let ended = false
-      let nextSeq = 0
-      try {
-        for (;;) {
-          const s = await steps.next()
-          if (s.t === 'timeout') {
-            failures.push(`${p.did}: no answer in time`)
-            break
-          }
-          if (s.t === 'fail') {
-            if (s.code === 'job_not_recorded') throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${s.message}`)
-            if (started) throw new ExchangeError('provider_failed', 502, `the provider failed after the reply began (${s.code}): ${s.message}`)
-            failures.push(`${p.did}: ${s.code}`)
-            if (s.code === 'decrypt_failed' || s.code === 'bad_input') inputRefusals++
-            log.info('job failed over', { provider: p.did, code: s.code })
-            break
-          }
-          if (!started) {
-            started = true
-            yield meta
-            // Once this turn's writes are out: the commit's work (OAuth token, DPoP proof, the XRPC call)
-            // runs after the first chunk has been flushed to the requester, not before its socket write.
-            setImmediate(() => void publish())
-          }
-          if (s.t === 'chunk') {
-            if (s.seq !== nextSeq) throw new ExchangeError('provider_failed', 502, `the provider sent chunk ${s.seq} where ${nextSeq} was due`)
-            nextSeq++
-            yield { kind: 'chunk', seq: s.seq, ciphertext: s.ciphertext }
-            continue
-          }
-          ended = true
-          try {
-            await publish()
-          } catch (err) {
-            throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${(err as Error).message}`)
-          }
-          yield { kind: 'complete', tokensIn: s.tokensIn, tokensOut: s.tokensOut, finishReason: s.finishReason, ...(s.receiptUri ? { receiptUri: s.receiptUri } : {}) }
-          return
+        const steps = new StepQueue(signal, this.opts.firstChunkTimeoutMs ?? 60_000)
+        // Before the job leaves: whatever this machine sends for it is judged against this entry.
+        book.dispatched(jobUri, { did: p.did, machine: p.encryptionPubKey, recordUri: p.record.uri, attestationKey: p.attestationKey })
+        const start = () => this.opts.gateway.startJob(
+          p,
+          {
+            job_uri: jobUri,
+            job_cid: records.job.cid,
+            requester_did: route.requesterDid,
+            requester_pub_key: env.requesterPubKey,
+            model: route.model,
+            max_tokens_out: input.maxTokensOut,
+            ciphertext: env.ciphertext,
+            input_format: input.inputFormat,
+            input_commitment: input.inputCommitment,
+            params: input.params,
+            ...(proBono ? { pro_bono: true } : {}),
+          },
+          steps,
+        )
+        let job: ReturnType<typeof start>
+        try {
+          job = start()
+        } catch (err) {
+          steps.close()
+          throw err
         }
-      } finally {
-        steps.close()
-        if (!ended) job.cancel(signal.aborted ? 'the requester went away' : 'failed over')
+        // The records are written once a provider has answered: the PDS commit (tens of ms of CPU on a
+        // small machine) must not delay the first token, and a job no provider took leaves no records.
+        let written: Promise<void> | null = null
+        const publish = () => {
+          if (!written) {
+            written = records.publish().then(() => book.recorded(jobUri))
+            // A job whose records could not be published does not run on.
+            written.catch((err: Error) => steps.fail('job_not_recorded', err.message))
+          }
+          return written
+        }
+        const meta: ExchangeEvent = { kind: 'meta', providerDid: p.did, encryptionPubKey: p.encryptionPubKey, sessionId: job.sessionId, jobUri, jobCid: records.job.cid, authUri: records.auth.uri, inputCommitment: input.inputCommitment }
+        let started = false
+        let ended = false
+        let nextSeq = 0
+        try {
+          for (;;) {
+            const s = await steps.next()
+            if (s.t === 'timeout') {
+              failures.push(`${p.did}: no answer in time`)
+              break
+            }
+            if (s.t === 'fail') {
+              if (s.code === 'requester_too_slow') {
+                ending = 'cancelled'
+                throw new ExchangeError('requester_too_slow', 502, s.message)
+              }
+              if (s.code === 'job_not_recorded') {
+                ending = 'failed'
+                throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${s.message}`)
+              }
+              if (started) {
+                ending = 'failed'
+                throw new ExchangeError('provider_failed', 502, `the provider failed after the reply began (${s.code}): ${s.message}`)
+              }
+              failures.push(`${p.did}: ${s.code}`)
+              if (s.code === 'decrypt_failed' || s.code === 'bad_input') inputRefusals++
+              log.info('job failed over', { provider: p.did, code: s.code })
+              break
+            }
+            if (!started) {
+              started = true
+              ending = 'cancelled'
+              yield meta
+              // Once this turn's writes are out: the commit's work (OAuth token, DPoP proof, the XRPC call)
+              // runs after the first chunk has been flushed to the requester, not before its socket write.
+              setImmediate(() => void publish())
+            }
+            if (s.t === 'chunk') {
+              if (s.seq !== nextSeq) {
+                ending = 'failed'
+                throw new ExchangeError('provider_failed', 502, `the provider sent chunk ${s.seq} where ${nextSeq} was due`)
+              }
+              nextSeq++
+              relayed.chunks++
+              relayed.bytes += sealedPlaintextBytes(s.ciphertext, scheme)
+              yield { kind: 'chunk', seq: s.seq, ciphertext: s.ciphertext }
+              continue
+            }
+            ended = true
+            // What the provider reported, beside what was relayed: the receipt is held to both.
+            book.completed(jobUri, { in: s.tokensIn, out: s.tokensOut }, relayed)
+            ending = null
+            try {
+              await publish()
+            } catch (err) {
+              book.notRecorded(jobUri)
+              throw new ExchangeError('job_not_recorded', 502, `your job records could not be published on your PDS: ${(err as Error).message}`)
+            }
+            // The requester is told (and its daily limit charged) no more than the exchange can vouch for.
+            const counted = tokenBounds({ inputBytes: input.inputBytes, maxTokensOut: input.maxTokensOut, reportedIn: s.tokensIn, reportedOut: s.tokensOut, relayedBytes: relayed.bytes })
+            yield { kind: 'complete', tokensIn: counted.in, tokensOut: counted.out, finishReason: s.finishReason, ...(s.receiptUri ? { receiptUri: s.receiptUri } : {}) }
+            return
+          }
+        } finally {
+          steps.close()
+          if (!ended) job.cancel(signal.aborted ? 'the requester went away' : 'failed over')
+        }
       }
+    } finally {
+      if (ending) book.ended(jobUri, ending, relayed)
     }
     // Sealed by the requester to the keys the providers published, and refused by every one of them:
     // the envelopes are what is wrong (the exchange never saw the prompt), not the capacity.

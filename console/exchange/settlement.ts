@@ -1,35 +1,44 @@
 /**
- * The settlement pipeline. For each receipt the AppView indexes whose job's
- * payment authorization names this exchange:
- *   1. verify it: the AppView's receipt checks (signature, attestation, job,
- *      ceiling, expiry at completion time), the authorization (this exchange,
- *      the requester's, its ceiling, its expiry at the receipt's completion
- *      time, not now), and the policy (currency, token rate);
- *   2. in one SQLite transaction: the decision row (unique per receipt, and
- *      per authorization: requester DID + nonce), the ledger movement, and the
- *      signed `settlement` record in the outbox;
- *   3. the outbox publishes it on the exchange's repo and marks it published.
- * A refused receipt gets a row with the finding and moves nothing. Receipts
- * of other exchanges are left alone. A receipt whose job or authorization is
- * not indexed yet waits (it is looked at again each pass) for up to an hour.
+ * The settlement pipeline. A receipt is judged against the dispatch book
+ * (dispatch-book.ts), the exchange's own record of the job, never against
+ * what the requester or the provider says alone:
+ *   1. the job is one this exchange dispatched, to the repo the receipt is
+ *      in, and the receipt is signed by the attestation key that answered
+ *      that connection's challenge;
+ *   2. its tokens are within what the job allowed and what was relayed, its
+ *      price within the policy's rate and the ceiling held;
+ *   3. the job and authorization are the ones stored at dispatch, so a
+ *      requester deleting them afterwards strands nothing.
+ * Then, in one SQLite transaction: the decision row (unique per receipt, one
+ * settled row per job and per authorization), the hold released, the ledger
+ * movement, and the signed `settlement` record in the outbox, which
+ * publishes it on the exchange's repo.
+ *
+ * The first receipt the dispatched provider publishes for a job decides it;
+ * anyone else's receipt for it is refused and changes nothing. A receipt that
+ * comes before its job completed (or before the job records were published)
+ * is looked at again when the job is ready, not polled.
  */
 import { TID } from '@atproto/common-web'
 import type { ConsoleIndex } from '../../appview/index.ts'
 import { verifyReceipt } from '../../appview/verify/receipt.ts'
 import { uriDid } from '../../appview/indexer/columns.ts'
+import { toBytes } from '../../src/crypto/p256.ts'
 import { signDetached } from '../../src/crypto/signing.ts'
 import type { Db } from '../../src/db/index.ts'
 import { ids } from '../../src/lexicon/generated/ids.ts'
 import type { ComputeAttestation, ComputeJob, ComputePaymentAuthorization, ComputeReceipt } from '../../src/lexicon/generated/types.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
-import type { Ledger } from './ledger.ts'
+import { tokenBounds, type DispatchBook, type DispatchRow } from './dispatch-book.ts'
+import { InsufficientFundsError, type Ledger } from './ledger.ts'
 import type { Outbox } from './outbox.ts'
 import { CURRENCY, feeOf, maxPrice, type EconomyPolicy, type StrongRef } from './policy.ts'
 import type { SigningKey } from './signing-key.ts'
 
 export interface SettlerOpts {
   db: Db
-  index: Pick<ConsoleIndex, 'receiptsAfter' | 'record'>
+  index: Pick<ConsoleIndex, 'receiptsAfter' | 'receiptsForJob' | 'record'>
+  book: DispatchBook
   ledger: Ledger
   outbox: Outbox
   exchangeDid: string
@@ -37,8 +46,6 @@ export interface SettlerOpts {
   /** The published policy and attestation the settlements cite. */
   refs: { policy: StrongRef; attestation: StrongRef }
   key: SigningKey
-  /** How long a receipt may wait for its job and authorization to be indexed. */
-  waitMs?: number
   /** Test hook: runs after a decision is committed and before anything is published. */
   afterDecide?: (receiptUri: string) => void
 }
@@ -50,17 +57,37 @@ export interface Finding {
 
 type Indexed<T> = { uri: string; cid: string; did: string; body: T }
 
+class JobDecided extends Error {
+  override name = 'JobDecided'
+}
+
 /** The scan goes back this many rows each pass, so a rowid SQLite reuses after a delete is not missed. */
 const RESCAN = 100
 const BATCH = 500
 
+/** States in which the job's receipt is judged now; in the others it is refused or waits for the job. */
+const READY = new Set(['completed', 'cancelled'])
+
+const sameKey = (a: unknown, b: unknown) => {
+  const x = toBytes(a)
+  const y = toBytes(b)
+  return !!x && !!y && x.length === y.length && x.every((v, i) => v === y[i])
+}
+
 export class Settler {
   private readonly opts: SettlerOpts
-  /** Receipts waiting for their job or authorization, with when they were first seen. */
-  private readonly waiting = new Map<string, number>()
+  /** Jobs that became ready since the last pass: their receipts may have been indexed before. */
+  private readonly ready = new Set<string>()
 
   constructor(opts: SettlerOpts) {
     this.opts = opts
+    // After a restart: every job still open and ready is looked at once.
+    for (const uri of opts.db.$client.prepare("SELECT job_uri FROM exchange_jobs WHERE state IN ('completed', 'cancelled') AND recorded = 1").pluck().all() as string[]) this.ready.add(uri)
+  }
+
+  /** The exchange tells the settler a job can now be judged (it completed, and its records are published). */
+  jobReady(jobUri: string): void {
+    this.ready.add(jobUri)
   }
 
   private get position(): number {
@@ -72,14 +99,13 @@ export class Settler {
     this.opts.db.$client.prepare("INSERT INTO exchange_state (key, value) VALUES ('receipt_position', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value").run(String(rowid))
   }
 
-  /** One pass over the receipts indexed since the last one (and those still waiting). Returns how many were decided. */
+  /** One pass: holds past their deadline released, then the receipts indexed since the last pass and those of jobs just ready. Returns how many were decided. */
   pass(): number {
+    this.opts.book.expire()
     let decided = 0
-    for (const uri of [...this.waiting.keys()]) {
-      const r = this.opts.index.record(uri)
-      if (!r) this.waiting.delete(uri)
-      else if (this.consider(r as unknown as Indexed<ComputeReceipt>)) decided++
-    }
+    const jobs = [...this.ready]
+    this.ready.clear()
+    for (const jobUri of jobs) for (const r of this.opts.index.receiptsForJob(jobUri)) if (this.consider(r as unknown as Indexed<ComputeReceipt>)) decided++
     let from = Math.max(0, this.position - RESCAN)
     for (;;) {
       const batch = this.opts.index.receiptsAfter(from, BATCH)
@@ -96,72 +122,107 @@ export class Settler {
     return this.opts.db.$client.prepare('SELECT 1 FROM settlements WHERE receipt_uri = ?').get(uri) !== undefined
   }
 
-  /** Decides on one receipt if it is ours and not decided yet; true when a decision was recorded. */
+  /** Decides on one receipt if it is ours, not decided yet, and its job is ready; true when a decision was recorded. */
   private consider(receipt: Indexed<ComputeReceipt>): boolean {
-    if (this.decidedAlready(receipt.uri)) {
-      this.waiting.delete(receipt.uri)
-      return false
+    if (this.decidedAlready(receipt.uri)) return false
+    const jobUri = receipt.body.job?.uri
+    const row = typeof jobUri === 'string' ? this.opts.book.get(jobUri) : undefined
+    if (!row) return this.notDispatched(receipt)
+    // Anyone may publish a receipt naming any job: only the machine the job went to decides it.
+    if (receipt.did !== row.providerDid) {
+      return this.refuse(receipt, row, { code: 'not-dispatched-provider', message: `this exchange sent ${row.jobUri} to ${row.providerDid ?? 'no provider'}, not to ${receipt.did}` }, false)
     }
-    const { index, exchangeDid } = this.opts
-    const r = receipt.body
-    const job = index.record(r.job?.uri ?? '') as unknown as Indexed<ComputeJob> | undefined
-    const auth = job ? (index.record(job.body.paymentAuthorization?.uri ?? '') as unknown as Indexed<ComputePaymentAuthorization> | undefined) : undefined
-    if (!job || !auth) {
-      // Not ours, or not indexed yet: records arrive from different repos in any order.
-      const first = this.waiting.get(receipt.uri) ?? Date.now()
-      if (Date.now() - first < (this.opts.waitMs ?? 3600_000)) this.waiting.set(receipt.uri, first)
-      else this.waiting.delete(receipt.uri)
-      return false
+    switch (row.state) {
+      case 'admitted':
+      case 'running':
+        return false // judged when the job completes (jobReady)
+      case 'settled':
+      case 'refused':
+        return this.refuse(receipt, row, { code: 'job-already-decided', message: `${row.jobUri} was already decided on another receipt` }, false)
+      case 'unstarted':
+      case 'failed':
+        return this.refuse(receipt, row, { code: 'job-not-completed', message: 'the exchange relayed no completed reply for this job (it failed, or its records were not published)' }, false)
+      case 'expired':
+        return this.refuse(receipt, row, { code: 'receipt-too-late', message: `the receipt came after the job's settlement deadline (${row.deadline})` }, false)
     }
-    this.waiting.delete(receipt.uri)
-    // Another exchange's job: not ours to settle, not ours to judge.
-    if (auth.body.exchange !== exchangeDid) return false
-    const attestation = index.record(r.attestation?.uri ?? '') as unknown as Indexed<ComputeAttestation> | undefined
-    const finding = this.check(receipt, job, auth, attestation)
-    return finding ? this.refuse(receipt, finding) : this.settle(receipt, auth)
+    // Completed or cancelled, but the requester's records are not on its PDS yet: judged once they are.
+    if (!READY.has(row.state) || !row.recorded) return false
+    const attestation = this.opts.index.record(receipt.body.attestation?.uri ?? '') as unknown as Indexed<ComputeAttestation> | undefined
+    const finding = this.check(receipt, row, attestation)
+    return finding ? this.refuse(receipt, row, finding, true) : this.settle(receipt, row)
   }
 
-  /** The first reason this receipt cannot be settled, or null. */
-  check(receipt: Indexed<ComputeReceipt>, job: Indexed<ComputeJob>, auth: Indexed<ComputePaymentAuthorization>, attestation: Indexed<ComputeAttestation> | undefined): Finding | null {
+  /**
+   * A receipt for a job this exchange has no record of: if the job's
+   * authorization names this exchange, it is refused (nothing was sent, so
+   * nothing is owed); otherwise it belongs to another exchange.
+   */
+  private notDispatched(receipt: Indexed<ComputeReceipt>): boolean {
+    const job = this.opts.index.record(receipt.body.job?.uri ?? '') as unknown as Indexed<ComputeJob> | undefined
+    const auth = job ? (this.opts.index.record(job.body.paymentAuthorization?.uri ?? '') as unknown as Indexed<ComputePaymentAuthorization> | undefined) : undefined
+    if (auth?.body.exchange !== this.opts.exchangeDid) return false
+    return this.refuse(receipt, null, { code: 'job-not-dispatched', message: `this exchange never dispatched ${job!.uri}` }, false)
+  }
+
+  /** The first reason this receipt of the dispatched provider cannot be settled, or null. */
+  check(receipt: Indexed<ComputeReceipt>, row: DispatchRow, attestation: Indexed<ComputeAttestation> | undefined): Finding | null {
     const r = receipt.body
+    if (r.job.cid !== row.jobCid) return { code: 'job-cid-mismatch', message: 'the receipt names another version of the job than the one dispatched' }
+    // The stored job, not the requester's repo: deleting it afterwards changes nothing.
+    const job: Indexed<ComputeJob> = { uri: row.jobUri, cid: row.jobCid, did: row.requesterDid, body: row.jobRecord as unknown as ComputeJob }
     const verdict = verifyReceipt(receipt, job, attestation)
     if (!verdict.ok) return verdict.findings[0]!
-    const a = auth.body
-    const completed = Date.parse(r.completedAt)
-    if (auth.cid !== job.body.paymentAuthorization.cid) return { code: 'authorization-cid-mismatch', message: 'the indexed authorization is not the version the job references' }
-    if (uriDid(auth.uri) !== r.requester) return { code: 'requester-mismatch', message: "the authorization is not on the receipt requester's repo" }
+    if (!row.attestationKey || !sameKey(attestation!.body.publicKey, row.attestationKey)) {
+      return { code: 'attestation-key-mismatch', message: "the receipt is not signed by the attestation key that answered the dispatched connection's challenge" }
+    }
+    const a = row.authRecord as unknown as ComputePaymentAuthorization
+    if (uriDid(row.authUri) !== r.requester) return { code: 'requester-mismatch', message: "the authorization is not on the receipt requester's repo" }
     // At the time the work was done, not now: a late settlement of timely work is valid.
-    if (completed > Date.parse(a.expiresAt)) return { code: 'authorization-expired', message: `the receipt completed at ${r.completedAt}, after the authorization expired at ${a.expiresAt}` }
-    if (r.price.currency !== CURRENCY || a.ceiling.currency !== CURRENCY) return { code: 'currency-unsupported', message: `this exchange settles in ${CURRENCY} only` }
-    if (r.price.amount > a.ceiling.amount) return { code: 'over-ceiling', message: `price ${r.price.amount} exceeds the authorization ceiling ${a.ceiling.amount}` }
+    if (Date.parse(r.completedAt) > Date.parse(a.expiresAt)) return { code: 'authorization-expired', message: `the receipt completed at ${r.completedAt}, after the authorization expired at ${a.expiresAt}` }
+    if (r.price.currency !== CURRENCY) return { code: 'currency-unsupported', message: `this exchange settles in ${CURRENCY} only` }
+    const bounds = tokenBounds(row)
+    if (r.tokens.out > bounds.out) {
+      return { code: 'tokens-out-over-relayed', message: `the receipt claims ${r.tokens.out} output tokens; the job allowed ${row.maxTokensOut} and the exchange relayed at most ${bounds.out}` }
+    }
+    if (r.tokens.in > bounds.in) return { code: 'tokens-in-over-counted', message: `the receipt claims ${r.tokens.in} input tokens; the exchange counted at most ${bounds.in}` }
+    if (row.proBono && (r.proBono !== true || r.price.amount !== 0)) return { code: 'pro-bono-charged', message: 'the job was dispatched pro bono: its receipt carries no charge' }
+    if (r.price.amount > row.ceiling) return { code: 'over-ceiling', message: `price ${r.price.amount} exceeds the ceiling ${row.ceiling} held for the job` }
     const most = maxPrice(this.opts.policy, r.tokens)
     if (r.price.amount > most) return { code: 'over-token-rate', message: `price ${r.price.amount} exceeds the policy's token rate for ${r.tokens.in} + ${r.tokens.out} tokens (${most})` }
     return null
   }
 
-  private refuse(receipt: Indexed<ComputeReceipt>, f: Finding): boolean {
-    const res = this.opts.db.$client
-      .prepare("INSERT INTO settlements (receipt_uri, receipt_cid, requester_did, provider_did, outcome, finding_code, finding_message, decided_at) VALUES (?, ?, ?, ?, 'refused', ?, ?, ?) ON CONFLICT DO NOTHING")
-      .run(receipt.uri, receipt.cid, receipt.body.requester, receipt.did, f.code, f.message.slice(0, 500), new Date().toISOString())
-    if (res.changes) log.info('receipt refused', { receipt: receipt.uri, code: f.code })
-    return res.changes > 0
+  /** Records a refusal; `close` ends the job (its hold released): the dispatched provider's receipt decides it. */
+  private refuse(receipt: Indexed<ComputeReceipt>, row: DispatchRow | null, f: Finding, close: boolean): boolean {
+    const { db, book } = this.opts
+    const done = db.$client.transaction(() => {
+      const res = db.$client
+        .prepare(
+          "INSERT INTO settlements (receipt_uri, receipt_cid, requester_did, provider_did, job_uri, outcome, finding_code, finding_message, decided_at) VALUES (?, ?, ?, ?, ?, 'refused', ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .run(receipt.uri, receipt.cid, String(receipt.body.requester ?? ''), receipt.did, row?.jobUri ?? null, f.code, f.message.slice(0, 500), new Date().toISOString())
+      if (res.changes && close && row) book.close(row, 'refused')
+      return res.changes > 0
+    })()
+    if (done) log.info('receipt refused', { receipt: receipt.uri, code: f.code })
+    return done
   }
 
-  private settle(receipt: Indexed<ComputeReceipt>, auth: Indexed<ComputePaymentAuthorization>): boolean {
-    const { db, ledger, outbox, policy, refs, key, exchangeDid } = this.opts
+  private settle(receipt: Indexed<ComputeReceipt>, row: DispatchRow): boolean {
+    const { db, ledger, outbox, policy, refs, key, exchangeDid, book } = this.opts
     const r = receipt.body
-    const requester = r.requester
-    const provider = receipt.did
+    const requester = row.requesterDid
+    const provider = row.providerDid!
     const amount = r.proBono ? 0 : r.price.amount
-    const selfLoop = requester === provider
-    const fee = feeOf(policy, amount, selfLoop)
+    // Fee-free only when the exchange itself sent the job to the requester's own machine.
+    const fee = feeOf(policy, amount, requester === provider)
     const treasury = policy.treasuryDid ?? exchangeDid
     const ref = `settlement:${receipt.uri}`
     const record = signDetached(
       {
         $type: ids.ComputeSettlement,
         receipt: { uri: receipt.uri, cid: receipt.cid },
-        requesterAuthorization: { uri: auth.uri, cid: auth.cid },
+        requesterAuthorization: { uri: row.authUri, cid: row.authCid },
         amountCharged: { amount, currency: CURRENCY },
         providerPayout: { amount: amount - fee, currency: CURRENCY },
         exchangeFee: { amount: fee, currency: CURRENCY },
@@ -173,13 +234,16 @@ export class Settler {
       },
       key.signer,
     )
+    const nonce = (row.authRecord as { nonce?: unknown }).nonce
     const decided = db.$client.transaction(() => {
-      const row = db.$client
+      const res = db.$client
         .prepare(
-          "INSERT INTO settlements (receipt_uri, receipt_cid, requester_did, provider_did, authorization_key, outcome, amount, fee, outbox_ref, decided_at) VALUES (?, ?, ?, ?, ?, 'settled', ?, ?, ?, ?) ON CONFLICT (receipt_uri) DO NOTHING",
+          "INSERT INTO settlements (receipt_uri, receipt_cid, requester_did, provider_did, authorization_key, job_uri, outcome, amount, fee, outbox_ref, decided_at) VALUES (?, ?, ?, ?, ?, ?, 'settled', ?, ?, ?, ?) ON CONFLICT (receipt_uri) DO NOTHING",
         )
-        .run(receipt.uri, receipt.cid, requester, provider, `${requester} ${auth.body.nonce}`, amount, fee, ref, new Date().toISOString())
-      if (row.changes === 0) return false
+        .run(receipt.uri, receipt.cid, requester, provider, `${requester} ${String(nonce)}`, row.jobUri, amount, fee, ref, new Date().toISOString())
+      if (res.changes === 0) return false
+      // The hold goes first: the charge is at most what was held, so the requester never goes below zero.
+      if (!book.close(row, 'settled')) throw new JobDecided()
       // A self-loop pays itself (nothing moves); pro bono moves nothing.
       ledger.post(
         'settlement',
@@ -189,20 +253,20 @@ export class Settler {
           { account: provider, amount: amount - fee },
           { account: treasury, amount: fee },
         ],
-        { receipt: receipt.uri, amount, fee },
+        { receipt: receipt.uri, job: row.jobUri, amount, fee },
       )
       outbox.enqueue(ref, ids.ComputeSettlement, TID.nextStr(), record)
       return true
     })
-    let ok: boolean
     try {
-      ok = decided()
+      if (!decided()) return false
     } catch (err) {
-      // The authorization already paid for another receipt.
-      if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') return this.refuse(receipt, { code: 'authorization-reused', message: `authorization ${auth.uri} already settled another receipt` })
+      // Another decision on this job or authorization won: nothing of this one was written.
+      if (err instanceof JobDecided || (err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') return this.refuse(receipt, row, { code: 'job-already-decided', message: `${row.jobUri} was already decided on another receipt` }, false)
+      // The ledger's CHECK: never expected (the charge is at most the hold), and refused rather than retried forever.
+      if (err instanceof InsufficientFundsError) return this.refuse(receipt, row, { code: 'insufficient-funds', message: err.message }, true)
       throw err
     }
-    if (!ok) return false
     log.info('receipt settled', { receipt: receipt.uri, amount, fee })
     this.opts.afterDecide?.(receipt.uri)
     outbox.kick()

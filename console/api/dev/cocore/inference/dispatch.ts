@@ -19,6 +19,7 @@ import { admit, AdmissionError } from '../../../../exchange/admission.ts'
 import { ExchangeError, type ExchangeEvent, type JobInput, type Route } from '../../../../exchange/exchange.ts'
 import { ReceiptSealer } from '../../../../exchange/receipt-sealer.ts'
 import { machineId } from '../../../../exchange/gateway.ts'
+import { ENC_SCHEMES, isEncScheme, sealedPlaintextBytes, type EncScheme } from '../../../../../src/crypto/enc-scheme.ts'
 import { InvalidRecordError } from '../../../../publisher.ts'
 import { callerOf, requireScope, type ApiDeps } from '../../../context.ts'
 
@@ -32,7 +33,7 @@ function toXrpc(err: unknown, confidential: boolean): unknown {
   if (err instanceof InvalidRecordError) return new InvalidRequestError(`the job record would be invalid: ${err.message}`)
   if (err instanceof AdmissionError) return new XrpcError(err.code === 'insufficient_quota' ? 429 : 403, pascal(err.code), err.message)
   if (err instanceof ExchangeError) {
-    if (confidential && err.code === 'no_verified_providers') return new XrpcError(400, 'ConfidentialUnavailable', err.message)
+    if (confidential && (err.code === 'no_verified_providers' || err.code === 'verified_tier_unavailable')) return new XrpcError(400, 'ConfidentialUnavailable', err.message)
     return new XrpcError(err.status, pascal(err.code), err.message)
   }
   return err
@@ -58,7 +59,9 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
   if (input.sealed) {
     const sealed = input.sealed
     if (input.prompt !== SEALED_PROMPT) throw new InvalidRequestError(`with sealed, prompt must be "${SEALED_PROMPT}": plaintext does not travel with a sealed prompt`)
-    if (sealed.scheme !== 'x25519') throw new InvalidRequestError(`unsupported sealing scheme "${sealed.scheme}" (x25519 only)`, 'UnsupportedScheme')
+    for (const scheme of [sealed.scheme, ...sealed.envelopes.map((e) => e.scheme ?? sealed.scheme)]) {
+      if (!isEncScheme(scheme)) throw new InvalidRequestError(`unsupported sealing scheme "${scheme}" (${ENC_SCHEMES.join(' or ')})`, 'UnsupportedScheme')
+    }
     const format = (sealed.inputFormat ?? 'messages-v1') as InputFormat
     if (format !== 'messages-v1' && format !== 'text') throw new InvalidRequestError(`unknown input format "${sealed.inputFormat}"`)
     if (!/^[0-9a-f]{64}$/.test(sealed.inputCommitment)) throw new InvalidRequestError('inputCommitment is the sha256 hex of the sealed plaintext')
@@ -68,8 +71,8 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
       route,
       inputCommitment: sealed.inputCommitment,
       inputFormat: format,
-      // A box is 40 bytes longer than its plaintext, and base64 is 4/3 of it.
-      inputBytes: Math.max(...sealed.envelopes.map((e) => Math.floor((e.ciphertext.length * 3) / 4) - 40), 0),
+      // The prompt's bytes bound its tokens (and the job's ceiling): the largest envelope's plaintext.
+      inputBytes: Math.max(...sealed.envelopes.map((e) => sealedPlaintextBytes(e.ciphertext, (e.scheme ?? sealed.scheme) as EncScheme)), 0),
       maxTokensOut: input.maxTokensOut,
       params: {},
       ceiling: input.priceCeiling,
