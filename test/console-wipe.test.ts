@@ -19,7 +19,7 @@ import { attestationRecord, authorizationRecord, friend, jobRecord, profile, pro
 import { startConsole, type ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
 import { cocoreCollections, listAllRecords, startAppView, tempDbPath } from './fixture/appview.ts'
-import { launchBrowser, screenshot } from './fixture/browser.ts'
+import { approveOnPds, launchBrowser, screenshot } from './fixture/browser.ts'
 import { consoleOpts as testConsoleOpts, sessionCookie, signInWithBrowser, testSecretKey } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
 import { freePort } from './fixture/ports.ts'
@@ -205,5 +205,28 @@ describe('wipe all my data', () => {
     expect(consoleRows(dbPath, dee.did)).toEqual({ api_keys: 0, console_sessions: 0, usage_daily: 0, audit_log: 1, oauth_sessions: 0 })
     b.child.kill('SIGTERM')
     await new Promise((r) => b.child.once('exit', r))
+  })
+
+  it('refuses to sign the account in while its wipe is under way', async () => {
+    const svc = await startConsole(consoleOpts(mkdtempSync(join(tmpdir(), 'cocore-wipe-'))))
+    const eve = await net.createAccount('eve.test', 'eve-pass')
+    // A wipe of eve's data under way: its job row says so (started by no process here, so it stays so).
+    const now = new Date().toISOString()
+    svc.db.$client
+      .prepare("INSERT INTO wipe_jobs (id, did, status, phase, report, created_at, updated_at) VALUES ('under-way', ?, 'running', 'pds', ?, ?, ?)")
+      .run(eve.did, JSON.stringify({ removed: {}, failed: {}, local: {}, remaining: {}, kept: [] }), now, now)
+    const context = await browser.newContext()
+    const page = await context.newPage()
+    await page.goto(svc.url)
+    await page.locator('input[name=identifier]').fill('eve.test')
+    await page.getByRole('button', { name: 'Sign in' }).click()
+    await page.waitForURL((u) => !u.toString().startsWith(svc.url))
+    await approveOnPds(page, 'eve-pass')
+    await page.waitForURL((u) => u.toString().startsWith(`${svc.url}/oauth/callback`))
+    expect(await page.textContent('main')).toContain('Wipe under way')
+    expect((await context.cookies()).some((c) => c.name === 'cocore_session')).toBe(false)
+    expect(svc.db.$client.prepare('SELECT count(*) FROM console_sessions WHERE did = ?').pluck().get(eve.did)).toBe(0)
+    await context.close()
+    await svc.close()
   })
 })
