@@ -12,7 +12,7 @@ import type { Browser } from 'playwright-core'
 import type { LocalAccount, LocalNetwork } from '../src/dev/network.ts'
 import { parseKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import type { ConsoleService } from '../console/index.ts'
-import { signInWithBrowser } from './fixture/console.ts'
+import { answerSignIn, signInWithBrowser } from './fixture/console.ts'
 import { approveOnPds, screenshot } from './fixture/browser.ts'
 import { startStack, type Stack } from './fixture/stack.ts'
 
@@ -131,12 +131,7 @@ describe('console sign-in', () => {
   it('explains a denied consent, an unknown handle and an unreachable PDS without a stack trace', async () => {
     const context = await browser.newContext()
     const page = await context.newPage()
-    await page.goto(console_.url)
-    await page.locator('input[name=identifier]').fill('alice.test')
-    await page.getByRole('button', { name: 'Sign in' }).click()
-    await page.waitForURL((u) => !u.toString().startsWith(console_.url))
-    await approveOnPds(page, 'alice-pass', 'deny')
-    await page.waitForURL((u) => u.toString().startsWith(console_.url))
+    await answerSignIn(page, console_.url, 'alice.test', 'alice-pass', 'deny')
     expect(await page.textContent('main')).toContain('Sign-in cancelled')
     await screenshot(page, 'console-consent-denied')
 

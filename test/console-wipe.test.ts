@@ -19,8 +19,8 @@ import { attestationRecord, authorizationRecord, friend, jobRecord, profile, pro
 import { startConsole, type ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
 import { cocoreCollections, listAllRecords, startAppView, tempDbPath } from './fixture/appview.ts'
-import { approveOnPds, launchBrowser, screenshot } from './fixture/browser.ts'
-import { consoleOpts as testConsoleOpts, sessionCookie, signInWithBrowser, testSecretKey } from './fixture/console.ts'
+import { launchBrowser, screenshot } from './fixture/browser.ts'
+import { answerSignIn, consoleOpts as testConsoleOpts, sessionCookie, signInWithBrowser, testSecretKey } from './fixture/console.ts'
 import { waitFor } from './fixture/wait.ts'
 import { freePort } from './fixture/ports.ts'
 
@@ -217,12 +217,8 @@ describe('wipe all my data', () => {
       .run(eve.did, JSON.stringify({ removed: {}, failed: {}, local: {}, remaining: {}, kept: [] }), now, now)
     const context = await browser.newContext()
     const page = await context.newPage()
-    await page.goto(svc.url)
-    await page.locator('input[name=identifier]').fill('eve.test')
-    await page.getByRole('button', { name: 'Sign in' }).click()
-    await page.waitForURL((u) => !u.toString().startsWith(svc.url))
-    await approveOnPds(page, 'eve-pass')
-    await page.waitForURL((u) => u.toString().startsWith(`${svc.url}/oauth/callback`))
+    await answerSignIn(page, svc.url, 'eve.test', 'eve-pass')
+    expect(page.url().startsWith(`${svc.url}/oauth/callback?`)).toBe(true)
     expect(await page.textContent('main')).toContain('Wipe under way')
     expect((await context.cookies()).some((c) => c.name === 'cocore_session')).toBe(false)
     expect(svc.db.$client.prepare('SELECT count(*) FROM console_sessions WHERE did = ?').pluck().get(eve.did)).toBe(0)
