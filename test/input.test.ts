@@ -44,7 +44,11 @@ describe('messages-v1 input', () => {
 
   it('still decodes a document without a salt, and ignores other top-level fields', () => {
     expect(decodeInput(canonicalBytes({ v: 1, messages }), 'messages-v1')).toEqual(messages)
-    expect(decodeInput(canonicalBytes({ v: 1, messages, extra: { any: 1 } }), undefined)).toEqual(messages)
+    expect(decodeInput(canonicalBytes({ v: 1, messages, extra: { any: 1 } }), 'messages-v1')).toEqual(messages)
+  })
+
+  it('reads input that names no format as one user message, as the reference provider does', () => {
+    expect(decodeInput(new TextEncoder().encode('user: hi\nassistant: hello'), undefined)).toEqual([{ role: 'user', content: 'user: hi\nassistant: hello' }])
   })
 
   it('leaves the text format as it was (it has no place for a salt)', () => {

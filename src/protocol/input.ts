@@ -2,7 +2,9 @@
  * The sealed job input, as requesters build it and providers read it. Two
  * formats, as on the network:
  *  - `messages-v1`: canonical JSON `{"messages":[{"content":..,"role":..}],"salt":..,"v":1}`;
- *  - `text`: UTF-8 of "role: content" lines joined by "\n" (older clients).
+ *  - `text`: UTF-8 of "role: content" lines joined by "\n" (older clients);
+ *  - absent: the whole text is one user message (how the reference provider
+ *    reads a job that names no format).
  * `inputCommitment` is the sha256 hex of the exact plaintext bytes sealed, so
  * the job record, the receipt and the sealed bytes can be matched later
  * without revealing the prompt. The commitment is public (job and receipt
@@ -43,13 +45,14 @@ function randomSalt(): string {
 /** The messages of an opened input; throws InputError on anything malformed. */
 export function decodeInput(bytes: Uint8Array, format: string | undefined): ChatMessage[] {
   const text = new TextDecoder('utf-8', { fatal: true }).decode(bytes)
+  if (format === undefined) return [{ role: 'user', content: text }]
   if (format === 'text') {
     return text.split('\n').map((line) => {
       const i = line.indexOf(': ')
       return i > 0 ? { role: line.slice(0, i), content: line.slice(i + 2) } : { role: 'user', content: line }
     })
   }
-  if (format !== undefined && format !== 'messages-v1') throw new InputError(`unknown input format "${format}"`)
+  if (format !== 'messages-v1') throw new InputError(`unknown input format "${format}"`)
   let doc: unknown
   try {
     doc = JSON.parse(text)
