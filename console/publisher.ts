@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto'
 import { OAuthSession, type NodeOAuthClient, type SessionGetter } from '@atproto/oauth-client-node'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { AccountFriend, AccountProfile, ComputeProvider } from '../src/lexicon/generated/types.ts'
+import type { JobConstraints } from '../src/protocol/job-constraints.ts'
 import { validateRecord } from '../src/lexicon/validate.ts'
 
 /** The most records a console page lists from a PDS (friends, machines). */
@@ -128,6 +129,8 @@ export interface JobSpec {
   acceptedTrustLevel: 'self-attested' | 'hardware-attested'
   /** How long the authorization and the job stay valid. */
   ttlMs: number
+  /** Public constraints the record carries (structured output, tools). */
+  constraints?: JobConstraints
 }
 
 export interface JobRecords {
@@ -225,6 +228,7 @@ export class Publisher {
       nonce: randomBytes(16).toString('hex'),
       expiresAt,
       createdAt,
+      ...spec.constraints,
     }
     const jobRkey = TID.nextStr()
     const job = { uri: `at://${did}/${ids.ComputeJob}/${jobRkey}`, cid: (await cidForLex(jobRecord as LexValue)).toString() }

@@ -21,6 +21,7 @@ import type { IndexedProvider } from '../../appview/index.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
 import { compareVersions, type FinishReason, type GenerationParams } from '../../src/protocol/agent.ts'
 import type { InputFormat } from '../../src/protocol/input.ts'
+import { constraintFrameFields, type JobConstraints } from '../../src/protocol/job-constraints.ts'
 import { encSchemeOf, sealedPlaintextBytes, type EncScheme } from '../../src/crypto/enc-scheme.ts'
 import type { JobRecords, JobSpec } from '../publisher.ts'
 import { tokenBounds, type DispatchBook, type Relayed } from './dispatch-book.ts'
@@ -88,6 +89,8 @@ export interface JobInput {
   inputBytes: number
   maxTokensOut: number
   params: GenerationParams
+  /** Public constraints (structured output, tools): on the job record and the frame, never sealed. */
+  constraints?: JobConstraints
   /** The requester's own ceiling: it may lower the policy's, never raise it; zero only for pro bono. */
   ceiling?: { amount: number; currency: string }
   /** The prompt sealed to `p`'s key; null when the caller has no envelope for it (it is skipped). */
@@ -324,6 +327,7 @@ export class Exchange {
       ceiling: { amount: ceiling, currency: CURRENCY },
       acceptedTrustLevel: 'self-attested',
       ttlMs: this.opts.jobTtlMs ?? 3600_000,
+      ...(input.constraints ? { constraints: input.constraints } : {}),
     })
     this.opts.beforeAdmit?.(route.requesterDid)
     book.admit({
@@ -371,6 +375,7 @@ export class Exchange {
             input_commitment: input.inputCommitment,
             params: input.params,
             ...(proBono ? { pro_bono: true } : {}),
+            ...constraintFrameFields(input.constraints),
           },
           steps,
         )

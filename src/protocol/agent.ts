@@ -12,6 +12,7 @@
  * requester to the provider's published key, each reply chunk sealed by the
  * provider back to the requester's ephemeral key.
  */
+import type { JobConstraints } from './job-constraints.ts'
 
 export const AGENT_PATH = '/v1/agent'
 export const PROTOCOL_VERSION = 1
@@ -151,6 +152,11 @@ export interface InferenceRequestFrame {
   params: GenerationParams
   /** The job runs under the provider's pro bono policy: the receipt carries no charge. */
   pro_bono?: boolean
+  /** The job record's public constraints, under the network's frame names (job-constraints.ts). */
+  output_schema?: JobConstraints['outputSchema']
+  tools?: JobConstraints['tools']
+  tool_choice?: string
+  tool_choice_function?: string
 }
 
 export interface InferenceCancelFrame {
