@@ -10,7 +10,7 @@ import { openDb, type Db } from '../src/db/index.ts'
 import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import { consoleLogger as log } from '../src/logger.ts'
 import { createConsoleApp, HSTS } from './app.ts'
-import { contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
+import { clientAddress, contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
 import { createOAuthClient } from './oauth/client.ts'
 import { oauthSessionInfo, resealStale, stateStore, type ResealReport } from './oauth/stores.ts'
 import { exportAccount } from './export.ts'
@@ -173,6 +173,8 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
       idResolver,
       providerRecords: (did) => index.providerRecords(did),
       pingIntervalMs: opts.pingIntervalMs,
+      // The per-address connection cap counts clients, not the reverse proxy in front of them.
+      clientAddress: (req) => clientAddress(req, trusted),
     })
     gateway.attach(server!)
     exchange = new Exchange({
