@@ -9,7 +9,7 @@
  */
 import { describe, expect, it } from 'vitest'
 import { canonicalBytes } from '../src/crypto/canonical-json.ts'
-import { decodeInput, encodeInput, inputCommitment } from '../src/protocol/input.ts'
+import { decodeInput, decodeMessages, encodeInput, inputCommitment, InputError, type InputMessage } from '../src/protocol/input.ts'
 
 const messages = [
   { role: 'system', content: 'be brief' },
@@ -53,5 +53,44 @@ describe('messages-v1 input', () => {
 
   it('leaves the text format as it was (it has no place for a salt)', () => {
     expect(text(encodeInput(messages, 'text'))).toBe('system: be brief\nuser: yes')
+  })
+})
+
+describe('messages-v1 with images and tool calls (the network envelope)', () => {
+  const conversation: InputMessage[] = [
+    { role: 'user', content: [{ type: 'text', text: 'what is this?' }, { type: 'image', mime: 'image/png', data: 'iVBORw0=' }] },
+    { role: 'assistant', content: '', tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'lookup', arguments: '{"q":"png"}' } }] },
+    { role: 'tool', content: 'a picture', tool_call_id: 'call_1' },
+  ]
+
+  it('lays the messages out as the reference envelope does, byte for byte (canonical JSON: sorted keys, no spaces)', () => {
+    const doc = JSON.parse(text(encodeInput(conversation))) as { salt: string }
+    // Without the salt (our only addition), the bytes the reference's buildEnvelopeBytes gives for these messages.
+    const { salt: _, ...unsalted } = doc
+    expect(text(canonicalBytes(unsalted))).toBe(
+      '{"messages":[' +
+        '{"content":[{"text":"what is this?","type":"text"},{"data":"iVBORw0=","mime":"image/png","type":"image"}],"role":"user"},' +
+        '{"content":"","role":"assistant","tool_calls":[{"function":{"arguments":"{\\"q\\":\\"png\\"}","name":"lookup"},"id":"call_1","type":"function"}]},' +
+        '{"content":"a picture","role":"tool","tool_call_id":"call_1"}' +
+        '],"v":1}',
+    )
+  })
+
+  it('decodes back to the same messages, and only the envelope fields are encoded', () => {
+    const extra = conversation.map((m) => ({ ...m, name: 'ignored', content: typeof m.content === 'string' ? m.content : m.content.map((p) => ({ ...p, detail: 'high' })) }))
+    expect(decodeMessages(encodeInput(extra), 'messages-v1')).toEqual(conversation)
+  })
+
+  it('is refused by a text-only reader, and by the text format, rather than dropped', () => {
+    expect(() => decodeInput(encodeInput(conversation), 'messages-v1')).toThrow(InputError)
+    expect(() => encodeInput(conversation, 'text')).toThrow(InputError)
+  })
+
+  it('refuses malformed parts and tool calls', () => {
+    const bad = (m: unknown) => () => decodeMessages(canonicalBytes({ v: 1, messages: [m] }), 'messages-v1')
+    expect(bad({ role: 'user', content: [{ type: 'image_url', image_url: { url: 'x' } }] })).toThrow(/part 0/)
+    expect(bad({ role: 'user', content: [{ type: 'image', mime: 'image/png' }] })).toThrow(InputError)
+    expect(bad({ role: 'assistant', content: '', tool_calls: [{ id: 'c', type: 'function', function: { name: 'f' } }] })).toThrow(/tool call 0/)
+    expect(bad({ role: 'tool', content: 'x', tool_call_id: 7 })).toThrow(/tool_call_id/)
   })
 })
