@@ -4,12 +4,21 @@
  * after it is published and before that is recorded. The restarted exchange
  * finishes the job: every settlement on the exchange's repo exactly once,
  * every ledger movement exactly once.
+ *
+ * The jobs are entered in the exchange's dispatch book (its database file,
+ * through the book's own API) as its gateway records a job it sent to the
+ * provider and saw complete: settlement pays only such jobs, and sending them
+ * through a provider is not what this test is about.
  */
 import type { ChildProcess } from 'node:child_process'
 import { join } from 'node:path'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
 import { signReceipt } from '../src/crypto/signing.ts'
+import { UsageCounters } from '../console/api-keys.ts'
+import { DispatchBook } from '../console/exchange/dispatch-book.ts'
+import { ISSUANCE, Ledger } from '../console/exchange/ledger.ts'
+import { DEFAULT_POLICY } from '../console/exchange/policy.ts'
 import { openDb } from '../src/db/index.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { attestationRecord, authorizationRecord, hex32, jobRecord, putRecord } from '../src/dev/records.ts'
@@ -52,10 +61,31 @@ const start = (crashAfter?: 'decide' | 'publish'): Promise<ChildProcess> =>
 
 const exited = (p: ChildProcess) => (p.exitCode !== null || p.signalCode !== null ? Promise.resolve() : new Promise<void>((r) => p.once('exit', () => r())))
 
+/** Enters a job in the running exchange's dispatch book as sent to `host` and completed (the requester granted tokens once). */
+function dispatched(records: { auth: { uri: string; cid: string }; job: { uri: string; cid: string }; authRecord: Record<string, unknown>; jobRecord: Record<string, unknown> }) {
+  const db = openDb(opts.dbPath)
+  try {
+    const ledger = new Ledger(db)
+    ledger.post('grant', `grant:welcome:${alice.did}`, [{ account: alice.did, amount: 1_000_000 }, { account: ISSUANCE, amount: -1_000_000 }])
+    const book = new DispatchBook({ db, policy: DEFAULT_POLICY, ledger, usage: new UsageCounters(db), dailyTokenLimit: 1e12 })
+    const jobUri = records.job.uri
+    const sizes = { inputBytes: 10_000, maxTokensOut: 20_000 }
+    book.admit({ requesterDid: alice.did, model: 'llama-3-8b', records: { ...records, publish: async () => undefined }, proBono: false, ...sizes, ceiling: book.ceilingFor(sizes.inputBytes, sizes.maxTokensOut), expiresAt: records.jobRecord.expiresAt as string })
+    book.dispatched(jobUri, { did: host.did, machine: 'key', recordUri: `at://${host.did}/${ids.ComputeProvider}/self`, attestationKey: Buffer.from(signer.rawPublicKey()).toString('base64') })
+    book.completed(jobUri, { in: 10_000, out: 20_000 }, { chunks: 100, bytes: 20_000 })
+    book.recorded(jobUri)
+  } finally {
+    db.$client.close()
+  }
+}
+
 async function receipt(price: number) {
   const commitment = hex32()
-  const auth = await putRecord(alice.agent, alice.did, authorizationRecord(market.did))
-  const job = await putRecord(alice.agent, alice.did, jobRecord(auth, commitment))
+  const authRecord = authorizationRecord(market.did)
+  const auth = await putRecord(alice.agent, alice.did, authRecord)
+  const record = { ...jobRecord(auth, commitment), maxTokensOut: 20_000 }
+  const job = await putRecord(alice.agent, alice.did, record)
+  dispatched({ auth, job, authRecord, jobRecord: record })
   const completedAt = new Date().toISOString()
   return putRecord(
     host.agent,
