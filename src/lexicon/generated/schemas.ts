@@ -4124,7 +4124,7 @@ export const schemas: LexiconDoc[] = [
     "defs": {
       "main": {
         "type": "query",
-        "description": "The caller's token balance on this exchange's ledger, and whether it may start a job now (the admission floor). Authenticated: an account sees only its own.",
+        "description": "The caller's token balance on this exchange's ledger, the tokens held for its jobs in flight, and whether it may start a job now (the admission floor applies to what is available). Authenticated: an account sees only its own.",
         "output": {
           "encoding": "application/json",
           "schema": {
@@ -4132,6 +4132,8 @@ export const schemas: LexiconDoc[] = [
             "required": [
               "did",
               "balance",
+              "held",
+              "available",
               "currency",
               "floor",
               "admissible"
@@ -4143,14 +4145,25 @@ export const schemas: LexiconDoc[] = [
               },
               "balance": {
                 "type": "integer",
-                "description": "Tokens: the sum of the account's ledger entries (may be negative after a charge larger than the balance)."
+                "minimum": 0,
+                "description": "Tokens: the sum of the account's ledger entries (never below zero)."
+              },
+              "held": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Tokens held for the ceilings of the account's jobs in flight, released when each settles, is refused, fails or passes its deadline."
+              },
+              "available": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "balance - held: what new jobs may commit."
               },
               "currency": {
                 "type": "string"
               },
               "floor": {
                 "type": "integer",
-                "description": "The balance a job needs to be admitted."
+                "description": "The available tokens a job needs to be admitted."
               },
               "admissible": {
                 "type": "boolean"

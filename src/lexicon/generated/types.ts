@@ -1257,15 +1257,19 @@ export type InferenceSubmitOutput = {
   inputCommitment: string
 }
 
-/** The caller's token balance on this exchange's ledger, and whether it may start a job now (the admission floor). Authenticated: an account sees only its own. */
+/** The caller's token balance on this exchange's ledger, the tokens held for its jobs in flight, and whether it may start a job now (the admission floor applies to what is available). Authenticated: an account sees only its own. */
 export interface OrgCocoreexchangeLedgerGetBalanceParams {}
 
 export type OrgCocoreexchangeLedgerGetBalanceOutput = {
   did: string
-  /** Tokens: the sum of the account's ledger entries (may be negative after a charge larger than the balance). */
+  /** Tokens: the sum of the account's ledger entries (never below zero). */
   balance: number
+  /** Tokens held for the ceilings of the account's jobs in flight, released when each settles, is refused, fails or passes its deadline. */
+  held: number
+  /** balance - held: what new jobs may commit. */
+  available: number
   currency: string
-  /** The balance a job needs to be admitted. */
+  /** The available tokens a job needs to be admitted. */
   floor: number
   admissible: boolean
 }

@@ -10,6 +10,6 @@ export default function getBalance(deps: ApiDeps, _params: unknown, c: Context):
   if (!economy) throw new MethodNotImplementedError(ids.OrgCocoreexchangeLedgerGetBalance)
   const caller = callerOf(c)
   requireScope(caller, 'read')
-  const { ok, balance } = economy.admissible(caller.did)
-  return { did: caller.did, balance, currency: CURRENCY, floor: economy.policy.floor, admissible: ok }
+  const { ok, balance, held, available } = economy.admissible(caller.did)
+  return { did: caller.did, balance, held, available, currency: CURRENCY, floor: economy.policy.floor, admissible: ok }
 }
