@@ -342,7 +342,7 @@ describe('reading the ledger', () => {
     const aliceKey = keys.create(alice.did, 'reader', ['read']).secret
     const bobKey = keys.create(bob.did, 'reader', ['read']).secret
     const mine = await call(ids.OrgCocoreexchangeLedgerGetBalance, { key: aliceKey })
-    expect(mine.body).toMatchObject({ did: alice.did, balance: economy().ledger.balance(alice.did), currency: 'CC', floor: 1_000, admissible: true })
+    expect(mine.body).toMatchObject({ did: alice.did, balance: economy().ledger.balance(alice.did), held: economy().ledger.held(alice.did), available: economy().ledger.available(alice.did), currency: 'CC', floor: 1_000, admissible: true })
     expect((await call(ids.OrgCocoreexchangeLedgerGetBalance, { key: bobKey })).body.did).toBe(bob.did)
     expect((await call(ids.OrgCocoreexchangeLedgerGetBalance)).status).toBe(401)
     // Pages of 3, newest first, covering the whole history once.
