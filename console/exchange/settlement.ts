@@ -200,7 +200,8 @@ export class Settler {
         .prepare(
           "INSERT INTO settlements (receipt_uri, receipt_cid, requester_did, provider_did, job_uri, outcome, finding_code, finding_message, decided_at) VALUES (?, ?, ?, ?, ?, 'refused', ?, ?, ?) ON CONFLICT DO NOTHING",
         )
-        .run(receipt.uri, receipt.cid, String(receipt.body.requester ?? ''), receipt.did, row?.jobUri ?? null, f.code, f.message.slice(0, 500), new Date().toISOString())
+        // The requester the exchange knows (the job's owner), not the one a stranger's receipt names.
+        .run(receipt.uri, receipt.cid, row?.requesterDid ?? uriDid(receipt.body.job?.uri ?? null) ?? '', receipt.did, row?.jobUri ?? null, f.code, f.message.slice(0, 500), new Date().toISOString())
       if (res.changes && close && row) book.close(row, 'refused')
       return res.changes > 0
     })()
