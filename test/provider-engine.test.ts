@@ -5,8 +5,10 @@
  */
 import OpenAI from 'openai'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { BuiltinEngine, chatCompletionsUrl, drain, EngineError, OpenAIUpstreamEngine, type Completion, type Engine, type GenerateRequest } from '../src/provider/engine.ts'
+import { BuiltinEngine, chatCompletionsUrl, drain, EngineError, OpenAIUpstreamEngine, unsupported, type Completion, type Engine, type GenerateRequest, type PieceChannel } from '../src/provider/engine.ts'
 import { startEngineServer, type EngineServer } from '../src/provider/engine-server.ts'
+import type { InputMessage } from '../src/protocol/input.ts'
+import { startFakeUpstream, toolScript, type FakeUpstream } from './fixture/fake-upstream.ts'
 
 const MODEL = 'builtin-test'
 const messages = [
@@ -210,5 +212,73 @@ describe('OpenAIUpstreamEngine', () => {
     } finally {
       await slow.close()
     }
+  })
+})
+
+describe('OpenAIUpstreamEngine: tools, images and structured output passed through', () => {
+  let up: FakeUpstream
+  const engine = () => new OpenAIUpstreamEngine(up.url)
+  const tools = [{ type: 'function', function: { name: 'search', description: 'Search the web', parameters: { type: 'object', properties: { query: { type: 'string' } } } } }, { type: 'function', function: { name: 'clock' } }]
+  const channels = async (r: GenerateRequest) => {
+    const out: [PieceChannel, string][] = []
+    const done = await drain(engine().generate(r), (text, channel) => out.push([channel, text]))
+    return { out, done }
+  }
+
+  beforeAll(async () => {
+    up = await startFakeUpstream([MODEL], toolScript)
+  })
+  afterAll(async () => {
+    await up?.close()
+  })
+
+  it("sends the job's tools and tool choice, and yields reasoning and tool-call fragments on their channels", async () => {
+    const { out, done } = await channels(req({ constraints: { tools, toolChoice: 'required', toolChoiceFunction: 'clock' } }))
+    const body = up.bodies.at(-1)!
+    expect(body.tools).toEqual(tools)
+    // A named function goes upstream in OpenAI's object form.
+    expect(body.tool_choice).toEqual({ type: 'function', function: { name: 'clock' } })
+    expect(body.response_format).toBeUndefined()
+    expect(out[0]).toEqual(['reasoning', 'I should look that up.'])
+    const calls = out.filter(([c]) => c === 'tool_call').map(([, t]) => JSON.parse(t))
+    expect(calls[0]).toEqual([{ index: 0, id: 'call_up_1', type: 'function', function: { name: 'clock', arguments: '' } }])
+    expect(calls.slice(1).map((d) => d[0].function.arguments).join('')).toBe(JSON.stringify({ query: messages[1]!.content }))
+    expect(out.some(([c]) => c === 'content')).toBe(false)
+    // finish_reason tool_calls is a stop as far as the job goes: the tool-call channel tells the rest.
+    expect(done).toEqual({ tokensIn: 12, tokensOut: 9, finishReason: 'stop' })
+  })
+
+  it('sends images as image_url data URLs, and tool calls and results in the messages as they were', async () => {
+    const conversation: InputMessage[] = [
+      { role: 'user', content: [{ type: 'text', text: 'what is this?' }, { type: 'image', mime: 'image/png', data: 'iVBORw0KGgo=' }] },
+      { role: 'assistant', content: '', tool_calls: [{ id: 'c1', type: 'function', function: { name: 'search', arguments: '{"query":"png"}' } }] },
+      { role: 'tool', content: 'a PNG header', tool_call_id: 'c1' },
+    ]
+    const { out } = await channels(req({ messages: conversation, constraints: { tools } }))
+    expect(up.bodies.at(-1)!.messages).toEqual([
+      { role: 'user', content: [{ type: 'text', text: 'what is this?' }, { type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } }] },
+      { role: 'assistant', content: '', tool_calls: [{ id: 'c1', type: 'function', function: { name: 'search', arguments: '{"query":"png"}' } }] },
+      { role: 'tool', content: 'a PNG header', tool_call_id: 'c1' },
+    ])
+    expect(out.map(([, t]) => t).join('')).toBe('The tool said: a PNG header.')
+  })
+
+  it("sends the output schema as response_format json_schema", async () => {
+    const outputSchema = { name: 'answer', strict: true, schema: { type: 'object', properties: { answer: { type: 'string' } }, required: ['answer'] } }
+    const { out } = await channels(req({ constraints: { outputSchema } }))
+    expect(up.bodies.at(-1)!.response_format).toEqual({ type: 'json_schema', json_schema: outputSchema })
+    expect(JSON.parse(out.map(([, t]) => t).join(''))).toEqual({ answer: messages[1]!.content })
+  })
+
+  it('says what an engine cannot honour, so the job is refused rather than served without it', () => {
+    const image: InputMessage = { role: 'user', content: [{ type: 'image', mime: 'image/png', data: 'AA==' }] }
+    const builtin = new BuiltinEngine()
+    expect(unsupported(builtin, { messages })).toBeNull()
+    expect(unsupported(builtin, { messages, constraints: { tools } })).toMatch(/tool calls/)
+    expect(unsupported(builtin, { messages, constraints: { outputSchema: { name: 'x', schema: {} } } })).toMatch(/structured output/)
+    expect(unsupported(builtin, { messages: [image] })).toMatch(/images/)
+    expect(unsupported(builtin, { messages: [{ role: 'tool', content: 'x', tool_call_id: 'c' }] })).toMatch(/tool calls/)
+    expect(unsupported(engine(), { messages: [image], constraints: { tools, outputSchema: { name: 'x', schema: {} } } })).toBeNull()
+    expect(unsupported(new OpenAIUpstreamEngine(up.url, undefined, { images: false }), { messages: [image] })).toMatch(/images/)
   })
 })

@@ -100,7 +100,8 @@ async function handle(opts: EngineServerOpts, req: IncomingMessage, res: ServerR
 
   if (!chat.stream) {
     let text = ''
-    const done = await drain(gen, (piece) => (text += piece))
+    // The builtin engine answers text only: another channel has no place in this plain reply.
+    const done = await drain(gen, (piece, channel) => channel === 'content' && (text += piece))
     return sendJson(res, 200, {
       id,
       object: 'chat.completion',
@@ -117,7 +118,7 @@ async function handle(opts: EngineServerOpts, req: IncomingMessage, res: ServerR
     event({ id, object: 'chat.completion.chunk', created, model: chat.model, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }] })
   chunk({ role: 'assistant', content: '' }, null)
   try {
-    const done = await drain(gen, (piece) => chunk({ content: piece }, null))
+    const done = await drain(gen, (piece, channel) => channel === 'content' && chunk({ content: piece }, null))
     chunk({}, done.finishReason)
     if (chat.includeUsage) event({ id, object: 'chat.completion.chunk', created, model: chat.model, choices: [], usage: usageOf(done) })
   } catch (err) {

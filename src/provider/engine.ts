@@ -7,6 +7,13 @@
  *    benchmarks of everything around the model;
  *  - OpenAIUpstreamEngine: any OpenAI-compatible server (Ollama, llama.cpp
  *    server, vLLM), streamed.
+ *
+ * A piece is the answer's text, or text on another channel of the reply (the
+ * network's chunk channels): `reasoning` (a thinking model's trace) or
+ * `tool_call` (the JSON of an OpenAI `delta.tool_calls` array). A job's
+ * public constraints (a JSON Schema for the output, tools) reach the engine
+ * as they are on the job record; an engine that cannot honour them says so
+ * (`supports`) and the job is refused rather than served unconstrained.
  */
 import { createHash } from 'node:crypto'
 import { Agent as HttpAgent, request as httpRequest, type IncomingMessage, type RequestOptions } from 'node:http'
@@ -15,16 +22,39 @@ import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { canonicalBytes } from '../crypto/canonical-json.ts'
 import type { FinishReason, GenerationParams } from '../protocol/agent.ts'
-import type { ChatMessage } from '../protocol/input.ts'
+import { contentText, type InputMessage } from '../protocol/input.ts'
+import type { JobConstraints } from '../protocol/job-constraints.ts'
 
 export interface GenerateRequest {
   model: string
-  messages: ChatMessage[]
+  messages: InputMessage[]
   /** Most pieces (tokens) to produce; reaching it ends the generation with 'length'. */
   maxTokens: number
   params: GenerationParams
   /** Aborting it ends the generation promptly: the generator throws. */
   signal: AbortSignal
+  /** The job's structured-output schema and tools, as its record has them. */
+  constraints?: JobConstraints
+}
+
+/** A piece on a channel other than the answer's. */
+export interface ChannelPiece {
+  channel: 'reasoning' | 'tool_call'
+  text: string
+}
+
+/** The answer's text, or text on another channel. */
+export type Piece = string | ChannelPiece
+export type PieceChannel = 'content' | ChannelPiece['channel']
+
+/** What an engine can be asked besides text: a job that needs more is refused. */
+export interface EngineSupport {
+  /** Image parts in the messages. */
+  images: boolean
+  /** `tools` (and tool calls and results in the messages). */
+  tools: boolean
+  /** An output JSON Schema. */
+  outputSchema: boolean
 }
 
 export interface Completion {
@@ -34,20 +64,33 @@ export interface Completion {
 }
 
 export interface Engine {
-  /** Yields text pieces; returns the completion. */
-  generate(req: GenerateRequest): AsyncGenerator<string, Completion, undefined>
+  /** Yields pieces; returns the completion. */
+  generate(req: GenerateRequest): AsyncGenerator<Piece, Completion, undefined>
+  /** Absent: text only. */
+  readonly supports?: EngineSupport
+}
+
+/** Why `engine` cannot run `req` (what it would have to ignore), or null when it can. */
+export function unsupported(engine: Engine, req: Pick<GenerateRequest, 'messages' | 'constraints'>): string | null {
+  const s = engine.supports
+  if (req.constraints?.outputSchema && !s?.outputSchema) return 'this machine does not serve structured output (response_format)'
+  if ((req.constraints?.tools || req.messages.some((m) => m.tool_calls || m.tool_call_id !== undefined)) && !s?.tools) return 'this machine does not serve tool calls'
+  if (req.messages.some((m) => typeof m.content !== 'string' && m.content.some((p) => p.type === 'image')) && !s?.images) return 'this machine does not read images'
+  return null
 }
 
 export class EngineError extends Error {
   override name = 'EngineError'
 }
 
-/** Runs a generation to its end, handing each piece to `onPiece`; the completion. */
-export async function drain(gen: AsyncGenerator<string, Completion, undefined>, onPiece: (piece: string) => void): Promise<Completion> {
+/** Runs a generation to its end, handing each piece's text and channel to `onPiece`; the completion. */
+export async function drain(gen: AsyncGenerator<Piece, Completion, undefined>, onPiece: (text: string, channel: PieceChannel) => void): Promise<Completion> {
   let step = await gen.next()
   try {
     while (!step.done) {
-      onPiece(step.value)
+      const piece = step.value
+      if (typeof piece === 'string') onPiece(piece, 'content')
+      else onPiece(piece.text, piece.channel)
       step = await gen.next()
     }
     return step.value
@@ -153,7 +196,7 @@ export class BuiltinEngine implements Engine {
       .digest()
     const prng = new DigestStream(seed)
     const lastUser = req.messages.filter((m) => m.role === 'user').at(-1) ?? req.messages.at(-1)
-    const echoed = (lastUser?.content ?? '').split(/\s+/).filter(Boolean)
+    const echoed = contentText(lastUser?.content ?? '').split(/\s+/).filter(Boolean)
     const echo = echoed.length > ECHO_WORDS ? [...echoed.slice(0, ECHO_WORDS), '...'] : echoed
     let pieces = echo.length ? ['You ', 'said: ', ...echo.map((w, i) => (i === echo.length - 1 && !/[.!?]$/.test(w) ? `${w}. ` : `${w} `))] : ['You ', 'said ', 'nothing. ']
     const n = NATURAL_MIN + prng.below(NATURAL_SPREAD)
@@ -169,7 +212,7 @@ export class BuiltinEngine implements Engine {
       pieces = pieces.slice(0, Math.max(0, req.maxTokens))
       finishReason = 'length'
     }
-    const tokensIn = req.messages.reduce((sum, m) => sum + wordCount(m.content), 0)
+    const tokensIn = req.messages.reduce((sum, m) => sum + wordCount(contentText(m.content)), 0)
     return { pieces, completion: { tokensIn, tokensOut: pieces.length, finishReason } }
   }
 
@@ -218,12 +261,33 @@ export function chatCompletionsUrl(base: string): string {
 }
 
 interface StreamChunk {
-  choices?: { delta?: { content?: unknown }; finish_reason?: unknown }[]
+  choices?: { delta?: { content?: unknown; reasoning_content?: unknown; reasoning?: unknown; tool_calls?: unknown }; finish_reason?: unknown }[]
   usage?: { prompt_tokens?: unknown; completion_tokens?: unknown } | null
   error?: { message?: unknown }
 }
 
 const count = (v: unknown): number | undefined => (Number.isSafeInteger(v) && (v as number) >= 0 ? (v as number) : undefined)
+
+/** The messages in OpenAI's form: an image part as an `image_url` data URL; tool calls and results as they are. */
+export function upstreamMessages(messages: InputMessage[]): unknown[] {
+  return messages.map((m) => ({
+    role: m.role,
+    content: typeof m.content === 'string' ? m.content : m.content.map((p) => (p.type === 'text' ? { type: 'text', text: p.text } : { type: 'image_url', image_url: { url: `data:${p.mime};base64,${p.data}` } })),
+    ...(m.tool_calls ? { tool_calls: m.tool_calls } : {}),
+    ...(m.tool_call_id !== undefined ? { tool_call_id: m.tool_call_id } : {}),
+  }))
+}
+
+/** The constraints as OpenAI's request fields: `tools`, `tool_choice` (a named function as its object form), `response_format`. */
+export function upstreamConstraints(c: JobConstraints | undefined): Record<string, unknown> {
+  if (!c) return {}
+  const choice = c.toolChoice === 'required' && c.toolChoiceFunction ? { type: 'function', function: { name: c.toolChoiceFunction } } : c.toolChoice
+  return {
+    ...(c.tools ? { tools: c.tools } : {}),
+    ...(c.tools && choice ? { tool_choice: choice } : {}),
+    ...(c.outputSchema ? { response_format: { type: 'json_schema', json_schema: c.outputSchema } } : {}),
+  }
+}
 
 /**
  * Streams from an OpenAI-compatible `/v1/chat/completions`. Token counts come
@@ -238,14 +302,17 @@ const count = (v: unknown): number | undefined => (Number.isSafeInteger(v) && (v
  */
 export class OpenAIUpstreamEngine implements Engine {
   readonly url: string
+  /** Passed through to the upstream: whether its model honours them is the operator's choice of model. */
+  readonly supports: EngineSupport
   private readonly apiKey: string | undefined
   private readonly target: URL
   private readonly requestTarget: RequestOptions
   private readonly agent: HttpAgent
 
-  constructor(url: string, apiKey?: string) {
+  constructor(url: string, apiKey?: string, supports: Partial<EngineSupport> = {}) {
     this.url = chatCompletionsUrl(url)
     this.apiKey = apiKey
+    this.supports = { images: true, tools: true, outputSchema: true, ...supports }
     this.target = new URL(this.url)
     if (this.target.protocol !== 'http:' && this.target.protocol !== 'https:') throw new EngineError(`upstream URL must be http(s): ${this.url}`)
     // Converted once, not on every request.
@@ -283,11 +350,12 @@ export class OpenAIUpstreamEngine implements Engine {
     }
   }
 
-  async *generate(req: GenerateRequest): AsyncGenerator<string, Completion, undefined> {
+  async *generate(req: GenerateRequest): AsyncGenerator<Piece, Completion, undefined> {
     const { temperature, top_p, stop, seed } = req.params
     const body = JSON.stringify({
       model: req.model,
-      messages: req.messages,
+      messages: upstreamMessages(req.messages),
+      ...upstreamConstraints(req.constraints),
       stream: true,
       stream_options: { include_usage: true },
       max_tokens: req.maxTokens,
@@ -357,7 +425,19 @@ export class OpenAIUpstreamEngine implements Engine {
           }
           if (chunk.error) throw new EngineError(`upstream error: ${String(chunk.error.message ?? 'unknown').slice(0, 200)}`)
           const choice = chunk.choices?.[0]
-          const content = choice?.delta?.content
+          const delta = choice?.delta
+          // A thinking trace rides a sibling field (vLLM's reasoning_content, Ollama's reasoning).
+          const reasoning = delta?.reasoning_content ?? delta?.reasoning
+          if (typeof reasoning === 'string' && reasoning) {
+            pieces++
+            yield { channel: 'reasoning', text: reasoning }
+          }
+          // Tool-call fragments as the upstream streams them: the requester's side assembles them by index.
+          if (Array.isArray(delta?.tool_calls) && delta.tool_calls.length) {
+            pieces++
+            yield { channel: 'tool_call', text: JSON.stringify(delta.tool_calls) }
+          }
+          const content = delta?.content
           if (typeof content === 'string' && content) {
             pieces++
             yield content
@@ -373,7 +453,7 @@ export class OpenAIUpstreamEngine implements Engine {
       if (!res.complete) res.destroy()
     }
     if (!done && !finish) throw new EngineError('upstream stream ended before the reply did')
-    const chars = req.messages.reduce((sum, m) => sum + m.content.length, 0)
+    const chars = req.messages.reduce((sum, m) => sum + contentText(m.content).length, 0)
     return {
       tokensIn: count(usage?.prompt_tokens) ?? Math.ceil(chars / 4),
       tokensOut: count(usage?.completion_tokens) ?? pieces,
