@@ -9,6 +9,8 @@ import { createIdResolver } from '../src/identity/index.ts'
 import { serveHttp, type Refusal } from '../src/net/http-server.ts'
 import { XrpcError } from '../src/xrpc/errors.ts'
 import { appviewLogger as log } from '../src/logger.ts'
+import type { ComputeModelActivityOutput } from '../src/lexicon/generated/types.ts'
+import modelActivity from './api/dev/cocore/compute/modelActivity.ts'
 import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
 
@@ -34,6 +36,8 @@ export interface ConsoleIndex {
   receiptsForJob(jobUri: string): (IndexedProvider & { did: string })[]
   /** One indexed record, or undefined. */
   record(uri: string): (IndexedProvider & { did: string; collection: string }) | undefined
+  /** Receipt activity per model and provider, as dev.cocore.compute.modelActivity answers it (the model directory). */
+  modelActivity(): ComputeModelActivityOutput
 }
 
 export interface AppViewOpts {
@@ -117,6 +121,7 @@ export class AppView implements AsyncDisposable {
       receiptsAfter: (rowid, limit) => this.store.receiptsAfter(rowid, limit),
       receiptsForJob: (jobUri) => this.store.receiptsForJob(jobUri),
       record: (uri) => this.store.record(uri),
+      modelActivity: () => modelActivity({ db: this.db }, {}),
     }
   }
 

@@ -480,6 +480,6 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
   return app
 }
 
-/** The OpenAI-compatible API: API keys only, never cookies, so no CSRF check applies. */
-const isBearerApi = (path: string) => path.startsWith('/v1/')
+/** The OpenAI-compatible API (at /v1, and the network's older /api/v1): bearer credentials only, never cookies, so no CSRF check applies. */
+export const isBearerApi = (path: string) => path.startsWith('/v1/') || path.startsWith('/api/v1/')
 const isXrpc = (path: string) => path.startsWith('/xrpc/') || path.startsWith('/api/xrpc/')

@@ -9,7 +9,7 @@ import type { NodeOAuthClient } from '@atproto/oauth-client-node'
 import { openDb, type Db } from '../src/db/index.ts'
 import { loadKeyring, SecretBox } from '../src/crypto/secretbox.ts'
 import { consoleLogger as log } from '../src/logger.ts'
-import { createConsoleApp, HSTS } from './app.ts'
+import { createConsoleApp, HSTS, isBearerApi } from './app.ts'
 import { clientAddress, contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
 import { createOAuthClient } from './oauth/client.ts'
 import { oauthSessionInfo, resealStale, stateStore, type ResealReport } from './oauth/stores.ts'
@@ -22,6 +22,9 @@ import { ProviderGateway } from './exchange/gateway.ts'
 import { Exchange } from './exchange/exchange.ts'
 import { OpenAiError, openAiRoutes } from './exchange/openai.ts'
 import { directoryRoutes } from './exchange/directory.ts'
+import { profileChip } from './exchange/openai-models.ts'
+import { IMAGE_FETCH_TIMEOUT_MS, MAX_REMOTE_IMAGE_BYTES } from './exchange/openai-request.ts'
+import { outboundFetch } from '../src/net/safe-fetch.ts'
 import { Hono } from 'hono'
 import type { InferenceDeps } from './exchange/admission.ts'
 import type { ApiDeps } from './api/context.ts'
@@ -227,7 +230,23 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     api,
     gate,
     onSignIn: economy ? (did) => void economy!.welcome(did) : undefined,
-    inference: inference ? new Hono().route('/', openAiRoutes({ ...inference, gate, clientIp })).route('/', directoryRoutes(inference.exchange)) : undefined,
+    inference: inference
+      ? new Hono()
+          .route(
+            '/',
+            openAiRoutes({
+              ...inference,
+              gate,
+              clientIp,
+              serviceAuth,
+              // Image URLs from requests are user data: SSRF-safe outside the local network (https, public addresses).
+              fetchImage: outboundFetch({ local: opts.mode === 'dev', maxBytes: MAX_REMOTE_IMAGE_BYTES, timeoutMs: IMAGE_FETCH_TIMEOUT_MS }),
+              profileOf: (did) => profileChip(opts.index, did),
+              modelActivity: opts.index ? () => opts.index!.modelActivity() : undefined,
+            }),
+          )
+          .route('/', directoryRoutes(inference.exchange))
+      : undefined,
     loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
     publisher,
@@ -276,9 +295,9 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   }
 }
 
-/** A request refused before any route: OpenAI's error object under `/v1/`, XRPC's everywhere else. */
+/** A request refused before any route: OpenAI's error object under `/v1/` and `/api/v1/`, XRPC's everywhere else. */
 function refusalBody(r: Refusal): object {
-  if (r.path?.startsWith('/v1/')) {
+  if (r.path && isBearerApi(r.path)) {
     const type = r.status >= 500 ? 'server_error' : 'invalid_request_error'
     return new OpenAiError(r.status, type, r.code.replace(/(?<=[a-z])(?=[A-Z])/g, '_').toLowerCase(), r.message).toJSON()
   }
@@ -289,7 +308,7 @@ function refusalBody(r: Refusal): object {
 function starting(req: Request, production: boolean): Response {
   const path = new URL(req.url).pathname
   const message = 'the console is starting; retry in a moment'
-  const body = path.startsWith('/xrpc/') ? new XrpcError(503, 'ServiceUnavailable', message).toJSON() : path.startsWith('/v1/') ? new OpenAiError(503, 'server_error', 'service_starting', message).toJSON() : null
+  const body = path.startsWith('/xrpc/') ? new XrpcError(503, 'ServiceUnavailable', message).toJSON() : isBearerApi(path) ? new OpenAiError(503, 'service_unavailable_error', 'service_starting', message).toJSON() : null
   const headers = { 'retry-after': '1', 'cache-control': 'no-store', ...(production ? { 'strict-transport-security': HSTS } : {}) }
   return body ? Response.json(body, { status: 503, headers }) : new Response(message, { status: 503, headers: { ...headers, 'content-type': 'text/plain; charset=utf-8' } })
 }

@@ -12,7 +12,8 @@
  */
 import type { IdResolver } from '@atproto/identity'
 import { verifyJwt } from '@atproto/xrpc-server'
-import { AuthRequiredError } from '../src/xrpc/errors.ts'
+import { AuthRequiredError, RateLimitExceededError } from '../src/xrpc/errors.ts'
+import type { KeyGate } from './api-keys.ts'
 
 /** A captured token replays only until `exp`: refuse any that would live longer than this. */
 const MAX_LIFETIME_SEC = 5 * 60
@@ -78,5 +79,23 @@ export class ServiceAuth {
     }
     this.seen.set(jti, expMs)
     return true
+  }
+}
+
+/**
+ * The DID a service-auth bearer authenticates for `lxm`. Checking a token may
+ * fetch the issuer's DID document, so the address limits of API keys apply
+ * first, and a refused token counts as a refused key.
+ * @throws RateLimitExceededError, AuthRequiredError (as ServiceAuth.verify names it)
+ */
+export async function admitServiceAuth(gate: KeyGate, serviceAuth: ServiceAuth | undefined, token: string, lxm: string, ip: string | undefined): Promise<string> {
+  const blocked = gate.admitAddress(ip)
+  if (blocked > 0) throw new RateLimitExceededError(blocked)
+  try {
+    if (!serviceAuth) throw new AuthRequiredError('this console has no service DID: service-auth tokens are not accepted', 'AuthRequired')
+    return await serviceAuth.verify(token, lxm)
+  } catch (err) {
+    gate.refused(ip)
+    throw err
   }
 }

@@ -13,7 +13,7 @@ import { lexicons } from '../../src/lexicon/validate.ts'
 import { AuthRequiredError, ForbiddenError, RateLimitExceededError } from '../../src/xrpc/errors.ts'
 import type { QueryHandler } from '../../src/xrpc/server.ts'
 import type { KeyGate } from '../api-keys.ts'
-import { isServiceAuthToken } from '../service-auth.ts'
+import { admitServiceAuth, isServiceAuthToken } from '../service-auth.ts'
 import { sessionCaller } from './key-actions.ts'
 import type { ApiDeps, Caller } from './context.ts'
 import createApiKey from './dev/cocore/account/createApiKey.ts'
@@ -52,24 +52,10 @@ export interface AuthOpts {
 /** One answer for every unusable key, so nothing tells whether a key exists, was revoked or expired. */
 const INVALID_KEY = 'Invalid API key'
 
-/**
- * The caller a service-auth token authenticates: its issuer, acting as in a
- * session, for the method the token names (`lxm`) and no other. Checking a
- * token may fetch the issuer's DID document, so the address limits of API
- * keys apply first, and a refused token counts as a refused key.
- */
+/** The caller a service-auth token authenticates: its issuer, acting as in a session, for the method the token names (`lxm`) and no other. */
 async function serviceAuthCaller(opts: AuthOpts, c: Context, token: string, ip: string | undefined, ipHash: string | null): Promise<Caller> {
-  const blocked = opts.gate.admitAddress(ip)
-  if (blocked > 0) throw new RateLimitExceededError(blocked)
-  const serviceAuth = opts.deps.serviceAuth
-  try {
-    if (!serviceAuth) throw new AuthRequiredError('this console has no service DID: service-auth tokens are not accepted', 'AuthRequired')
-    const did = await serviceAuth.verify(token, c.req.path.split('/').pop() ?? '')
-    return { ...sessionCaller(did, ipHash), via: 'service-auth' }
-  } catch (err) {
-    opts.gate.refused(ip)
-    throw err
-  }
+  const did = await admitServiceAuth(opts.gate, opts.deps.serviceAuth, token, c.req.path.split('/').pop() ?? '', ip)
+  return { ...sessionCaller(did, ipHash), via: 'service-auth' }
 }
 
 export function authenticate(opts: AuthOpts): MiddlewareHandler {

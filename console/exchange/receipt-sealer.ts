@@ -87,7 +87,8 @@ export class ReceiptSealer {
   private readonly plaintext: Uint8Array
   /** The seal per machine sealed to: its reply channel and ephemeral secret (to wipe), and what the provider announced. */
   private readonly sealedTo = new Map<string, { seal: Prepared; announced: EncKeyAnnouncement }>()
-  private readonly decoder = new TextDecoder()
+  /** One per reply channel: a character split across two chunks of the answer is not joined to a tool call between them. */
+  private readonly decoders = new Map<string, TextDecoder>()
 
   constructor(plaintext: Uint8Array) {
     this.plaintext = plaintext
@@ -107,11 +108,13 @@ export class ReceiptSealer {
     return { ciphertext: seal.reply.seal(this.plaintext), requesterPubKey: seal.ephemeralPublicKey }
   }
 
-  /** A reply chunk from the machine that answered, as text. */
-  open(provider: { did: string; key: string }, ciphertext: string): string {
+  /** A reply chunk from the machine that answered, as text (of its channel: the answer's, reasoning, tool calls). */
+  open(provider: { did: string; key: string }, ciphertext: string, channel = 'content'): string {
     const bytes = this.sealedTo.get(machineId(provider.did, provider.key))?.seal.reply.open(ciphertext)
     if (!bytes) throw new ExchangeError('provider_failed', 502, 'a reply chunk from the provider did not decrypt')
-    return this.decoder.decode(bytes, { stream: true })
+    let decoder = this.decoders.get(channel)
+    if (!decoder) this.decoders.set(channel, (decoder = new TextDecoder()))
+    return decoder.decode(bytes, { stream: true })
   }
 
   /** Zeroes the prompt and this request's keys; then the next seals to the same providers are prepared. */
