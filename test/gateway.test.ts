@@ -19,9 +19,9 @@ import { sealPrompt } from '../src/crypto/seal.ts'
 import { verifyAttestationSignature, verifyReceiptSignature } from '../src/crypto/signing.ts'
 import { createIdResolver } from '../src/identity/index.ts'
 import { encodeInput, sha256HexOf } from '../src/protocol/input.ts'
-import { attestationChallengePayload, REGISTER_LXM, type InferenceCompleteFrame, type InferenceRequestFrame } from '../src/protocol/agent.ts'
+import { attestationChallengePayload, PROTOCOL_VERSION, REGISTER_LXM, type InferenceRequestFrame } from '../src/protocol/agent.ts'
 import { connectScripted, publishScriptedRecord, writeReceipt } from './fixture/scripted-provider.ts'
-import { ProviderGateway, type GatewayOpts } from '../console/exchange/gateway.ts'
+import { ProviderGateway, type GatewayOpts, type JobCompletion } from '../console/exchange/gateway.ts'
 import type { ConsoleService } from '../console/index.ts'
 import type { AppView } from '../appview/index.ts'
 import { startAppView, tempDbPath } from './fixture/appview.ts'
@@ -83,11 +83,25 @@ async function session(frames: unknown[], until?: (f: Got) => boolean, url?: str
   return s
 }
 
-const register = (extra: Record<string, unknown>) => ({ type: 'register', v: 1, did: rig.did, encryptionPubKey: encKey, models: ['llama-3-8b'], version: '0.1.0', ...extra })
+/** Our register (the network's, with `v`). */
+const register = (extra: Record<string, unknown>) => ({
+  type: 'register',
+  v: PROTOCOL_VERSION,
+  provider_did: rig.did,
+  encryption_pub_key: encKey,
+  attestation_pub_key: Buffer.from(attestationKey.rawPublicKey()).toString('base64'),
+  attestation_uri: '',
+  machine_label: 'rig',
+  chip: 'test',
+  ram_gb: 8,
+  supported_models: ['llama-3-8b'],
+  binary_version: '0.1.0',
+  ...extra,
+})
 
 const answer = (signer: P256Signer) => (f: Got) => {
   const payload = attestationChallengePayload({ nonce: f.nonce!, timestamp: f.timestamp!, sip_enabled: false })
-  return { type: 'attestation_response', v: 1, nonce: f.nonce, timestamp: f.timestamp, sip_enabled: false, signature: Buffer.from(signer.signDer(canonicalBytes(payload))).toString('base64') }
+  return { type: 'attestation_response', v: PROTOCOL_VERSION, nonce: f.nonce, timestamp: f.timestamp, sip_enabled: false, signature: Buffer.from(signer.signDer(canonicalBytes(payload))).toString('base64') }
 }
 
 /**
@@ -95,16 +109,16 @@ const answer = (signer: P256Signer) => (f: Got) => {
  * (it handles a socket's frames in order, so the pong to the ping sent after it comes after).
  */
 async function attested(url?: string) {
-  const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'attestation_challenge', url)
+  const s = await session([register({ auth_jwt: await token(rig) })], (f) => f.type === 'attestation_challenge', url)
   s.ws.send(JSON.stringify(answer(attestationKey)(s.frames.find((f) => f.type === 'attestation_challenge')!)))
-  s.ws.send(JSON.stringify({ type: 'ping', v: 1, t: 7 }))
+  s.ws.send(JSON.stringify({ type: 'ping', v: PROTOCOL_VERSION, t: 7 }))
   await waitFor(() => s.frames.some((f) => f.type === 'pong' && f.t === 7) || s.closed, 'the answer handled')
   return s
 }
 
 describe('provider gateway', () => {
   it('registers a provider that proves its DID and announces its published key, and routes to it once attested', async () => {
-    const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'attestation_challenge')
+    const s = await session([register({ auth_jwt: await token(rig) })], (f) => f.type === 'attestation_challenge')
     expect(s.frames[0]).toMatchObject({ type: 'registered', did: rig.did, exchange: exchange.did })
     // Registered, not yet routable: the challenge is unanswered.
     expect(svc.gateway!.machinesOf(rig.did)).toMatchObject([{ attested: false, attestationKey: null }])
@@ -113,7 +127,7 @@ describe('provider gateway', () => {
     await waitFor(() => svc.gateway!.connected('llama-3-8b').length, 'routable once attested')
     expect(svc.gateway!.connected('llama-3-8b')).toMatchObject([{ did: rig.did, attested: true, attestationKey: Buffer.from(attestationKey.rawPublicKey()).toString('base64') }])
     // Liveness: a ping is answered, and the provider stays registered.
-    s.ws.send(JSON.stringify({ type: 'ping', v: 1, t: 1 }))
+    s.ws.send(JSON.stringify({ type: 'ping', v: PROTOCOL_VERSION, t: 1 }))
     await waitFor(() => s.frames.some((f) => f.type === 'pong' && f.t === 1), 'pong')
     s.ws.close()
     await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'removed on close')
@@ -124,7 +138,7 @@ describe('provider gateway', () => {
       [attestationKey, true],
       [P256Signer.generate(), false],
     ] as const) {
-      const s = await session([register({ serviceAuth: await token(rig) })], (f) => f.type === 'attestation_challenge')
+      const s = await session([register({ auth_jwt: await token(rig) })], (f) => f.type === 'attestation_challenge')
       const challenge = s.frames.find((f) => f.type === 'attestation_challenge') as { type: string; nonce: string; timestamp: string }
       expect(challenge.nonce).toMatch(/^[0-9a-f]{32}$/)
       const closed = new Promise<{ code?: string }>((resolve) => {
@@ -144,7 +158,7 @@ describe('provider gateway', () => {
   })
 
   it('refuses an encryption key other than the published one', async () => {
-    const s = await session([register({ serviceAuth: await token(rig), encryptionPubKey: randomBytes(32).toString('base64') })])
+    const s = await session([register({ auth_jwt: await token(rig), encryption_pub_key: randomBytes(32).toString('base64') })])
     expect(s.frames[0]).toMatchObject({ type: 'error', code: 'encryption_key_mismatch' })
     expect(s.closed).toBe(true)
   })
@@ -157,7 +171,7 @@ describe('provider gateway', () => {
       ["bob's token claiming rig's DID", await token(bob)],
       ['garbage', 'not.a.jwt'],
     ] as const) {
-      const s = await session([register({ serviceAuth })])
+      const s = await session([register({ auth_jwt: serviceAuth })])
       expect(s.frames[0], name).toMatchObject({ type: 'error', code: 'auth_failed' })
     }
     expect(svc.gateway!.machinesOf(rig.did).length > 0).toBe(false)
@@ -166,8 +180,8 @@ describe('provider gateway', () => {
   it('refuses frames out of protocol', async () => {
     expect((await session(['{oops'])).frames[0]).toMatchObject({ type: 'error', code: 'bad_frame' })
     expect((await session([{ type: 'heartbeat' }])).frames[0]).toMatchObject({ type: 'error', code: 'not_registered' })
-    expect((await session([register({ serviceAuth: await token(rig), v: 2 })])).frames[0]).toMatchObject({ type: 'error', code: 'unsupported_version' })
-    expect((await session([{ type: 'register', v: 1 }])).frames[0]).toMatchObject({ type: 'error', code: 'bad_frame' })
+    expect((await session([register({ auth_jwt: await token(rig), v: PROTOCOL_VERSION + 1 })])).frames[0]).toMatchObject({ type: 'error', code: 'unsupported_version' })
+    expect((await session([{ type: 'register', v: PROTOCOL_VERSION }])).frames[0]).toMatchObject({ type: 'error', code: 'bad_frame' })
   })
 
   it('keeps two machines of one DID connected side by side, re-reads their records, and lets go of one whose record is deleted', async () => {
@@ -198,7 +212,7 @@ describe('provider gateway', () => {
   })
 
   it('refuses a provider whose record is not indexed', async () => {
-    const s = await session([register({ did: bob.did, serviceAuth: await token(bob) })])
+    const s = await session([register({ provider_did: bob.did, auth_jwt: await token(bob) })])
     expect(s.frames[0]).toMatchObject({ type: 'error', code: 'encryption_key_mismatch' })
     expect(JSON.stringify(s.frames[0])).toContain(ids.ComputeProvider)
   })
@@ -243,7 +257,7 @@ async function whileVerifying(meanwhile: (s: Socket, gateway: ProviderGateway, r
   })
   try {
     const s = await agentSocket(g.url)
-    const frame = JSON.stringify(register({ serviceAuth: await token(rig) }))
+    const frame = JSON.stringify(register({ auth_jwt: await token(rig) }))
     s.ws.send(frame)
     await inside
     await meanwhile(s, g.gateway, frame)
@@ -265,7 +279,7 @@ describe('provider gateway hardening', () => {
       expect(silent.frames).toMatchObject([{ type: 'error', code: 'register_timeout' }])
       expect(silent.closed).toBe(true)
       // Registered, but the challenge left unanswered: no slot held for it either.
-      const unanswered = await session([register({ serviceAuth: await token(rig) })], undefined, g.url)
+      const unanswered = await session([register({ auth_jwt: await token(rig) })], undefined, g.url)
       expect(unanswered.frames.map((f) => f.code ?? f.type)).toEqual(['registered', 'attestation_challenge', 'register_timeout'])
       expect(unanswered.closed).toBe(true)
       await waitFor(() => g.gateway.machinesOf(rig.did).length === 0 && g.gateway.connections === 0, 'released')
@@ -327,7 +341,7 @@ describe('provider gateway hardening', () => {
   it('refuses a register on a socket already registered, and lets its machine go', async () => {
     const s = await attested()
     expect(svc.gateway!.machinesOf(rig.did)).toHaveLength(1)
-    s.ws.send(JSON.stringify(register({ serviceAuth: await token(rig) })))
+    s.ws.send(JSON.stringify(register({ auth_jwt: await token(rig) })))
     await waitFor(() => s.closed, 'closed')
     expect(s.frames.at(-1)).toMatchObject({ type: 'error', code: 'already_registered' })
     await waitFor(() => svc.gateway!.machinesOf(rig.did).length === 0, 'its machine gone with the socket')
@@ -345,7 +359,7 @@ describe('provider gateway hardening', () => {
   })
 
   it('refuses models its provider record does not publish', async () => {
-    const s = await session([register({ serviceAuth: await token(rig), models: ['llama-3-8b', 'gpt-9'] })])
+    const s = await session([register({ auth_jwt: await token(rig), supported_models: ['llama-3-8b', 'gpt-9'] })])
     expect(s.frames).toMatchObject([{ type: 'error', code: 'model_not_published' }])
     expect(s.frames[0]!.message).toContain('gpt-9')
     expect(s.closed).toBe(true)
@@ -381,7 +395,7 @@ describe('provider gateway hardening', () => {
       const plaintext = encodeInput([{ role: 'user', content: 'hi' }])
       const sealed = sealPrompt(plaintext, pub.record.encryptionPubKey)
       const seqs: number[] = []
-      const done = await new Promise<InferenceCompleteFrame>((resolve, reject) => {
+      const done = await new Promise<JobCompletion>((resolve, reject) => {
         const job: Omit<InferenceRequestFrame, 'type' | 'v' | 'session_id'> = {
           job_uri: `at://${bob.did}/${ids.ComputeJob}/3kjob`,
           job_cid: pub.ref.cid,
@@ -394,10 +408,10 @@ describe('provider gateway hardening', () => {
           input_commitment: sha256HexOf(plaintext),
           params: {},
         }
-        g.gateway.startJob(g.gateway.connected('m-f')[0]!, job, { chunk: (seq) => seqs.push(seq), complete: resolve, fail: (code, message) => reject(new Error(`${code}: ${message}`)) })
+        g.gateway.startJob(g.gateway.connected('m-f')[0]!, job, { chunk: (seq) => seqs.push(seq), keepalive: () => {}, complete: resolve, fail: (code, message) => reject(new Error(`${code}: ${message}`)) })
       })
       expect(seqs).toEqual([...Array(300).keys()])
-      expect(done).toMatchObject({ tokens_in: 1, tokens_out: 1_000_000, final_seq: 299 })
+      expect(done).toMatchObject({ tokens_in: 1, tokens_out: 1_000_000, final_seq: 300 })
 
       const key = p256PublicKey(pub.signer.rawPublicKey())
       const get = async (uri: string) => {

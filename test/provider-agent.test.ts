@@ -25,7 +25,7 @@ import { authorizationRecord, jobRecord, putRecord } from '../src/dev/records.ts
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { ComputeAttestation, ComputeJob, ComputeProvider, ComputeReceipt } from '../src/lexicon/generated/types.ts'
 import { validateRecord } from '../src/lexicon/validate.ts'
-import { attestationChallengePayload, type InferenceRequestFrame, type ProviderFrame } from '../src/protocol/agent.ts'
+import { attestationChallengePayload, PROTOCOL_VERSION, type InferenceRequestFrame, type ProviderFrame } from '../src/protocol/agent.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../src/protocol/input.ts'
 import { AGENT_VERSION, answerChallenge, ProviderAgent, type ProviderAgentOpts } from '../src/provider/agent.ts'
 import { BuiltinEngine } from '../src/provider/engine.ts'
@@ -137,8 +137,8 @@ describe('provider agent', () => {
   it('answers pings and comes back after the connection drops', async () => {
     const p = svc.gateway!.machinesOf(host.did)[0]!
     const pong = new Promise((resolve) => p.socket.on('message', (d) => JSON.parse(d.toString()).type === 'pong' && resolve(JSON.parse(d.toString()))))
-    p.socket.send(JSON.stringify({ type: 'ping', v: 1, t: 42 }))
-    expect(await pong).toMatchObject({ type: 'pong', t: 42 })
+    p.socket.send(JSON.stringify({ type: 'ping', v: PROTOCOL_VERSION, nonce: 'n42', t: 42 }))
+    expect(await pong).toMatchObject({ type: 'pong', v: PROTOCOL_VERSION, nonce: 'n42', t: 42 })
 
     const back = once(agent, 'registered')
     p.socket.terminate()
@@ -151,7 +151,7 @@ describe('provider agent', () => {
 
   it('signs challenge answers over the canonical payload', () => {
     const f = answerChallenge({ nonce: 'abc123', timestamp: '2026-01-01T00:00:00Z' }, agent.keys.signer)
-    expect(f).toMatchObject({ type: 'attestation_response', v: 1, nonce: 'abc123', timestamp: '2026-01-01T00:00:00Z', sip_enabled: false })
+    expect(f).toMatchObject({ type: 'attestation_response', nonce: 'abc123', timestamp: '2026-01-01T00:00:00Z', sip_enabled: false })
     const payload = canonicalBytes(attestationChallengePayload({ nonce: 'abc123', timestamp: '2026-01-01T00:00:00Z', sip_enabled: false }))
     expect(verifyDer(agent.keys.signer.publicKey, payload, Buffer.from(f.signature, 'base64'))).toBe(true)
   })
@@ -223,7 +223,7 @@ describe('job handler', () => {
     const sealed = sealPrompt(bytes, sealTo)
     const frame: InferenceRequestFrame = {
       type: 'inference_request',
-      v: 1,
+      v: PROTOCOL_VERSION,
       session_id: `sess_${++n}`,
       job_uri: job.uri,
       job_cid: job.cid,
@@ -251,12 +251,12 @@ describe('job handler', () => {
     const published = once(jobs, 'receipt-published')
     await jobs.run(frame)
     const frames = of(frame.session_id)
-    const expected = new BuiltinEngine().plan({ model: MODEL, messages, maxTokens: 256, params: frame.params })
+    const expected = new BuiltinEngine().plan({ model: MODEL, messages, maxTokens: 256, params: frame.params! })
     const text = openChunks(frames, secret)
     expect(text).toEqual(expected.pieces)
     expect(frames.filter((f) => f.type === 'inference_chunk').map((f) => f.seq)).toEqual(expected.pieces.map((_, i) => i))
     const complete = frames.at(-1)!
-    expect(complete).toMatchObject({ type: 'inference_complete', tokens_in: expected.completion.tokensIn, tokens_out: expected.completion.tokensOut, finish_reason: 'stop', final_seq: expected.pieces.length - 1 })
+    expect(complete).toMatchObject({ type: 'inference_complete', tokens_in: expected.completion.tokensIn, tokens_out: expected.completion.tokensOut, finish_reason: 'stop', final_seq: expected.pieces.length })
     const receiptUri = (complete as { receipt_uri: string }).receipt_uri
     expect(receiptUri).toMatch(new RegExp(`^at://${host.did}/${ids.ComputeReceipt}/[a-z2-7]{13}$`))
 
@@ -291,7 +291,7 @@ describe('job handler', () => {
     const published = once(jobs, 'receipt-published')
     await jobs.run(frame)
     expect(openChunks(of(frame.session_id), secret)).toHaveLength(5)
-    expect(of(frame.session_id).at(-1)).toMatchObject({ type: 'inference_complete', tokens_out: 5, finish_reason: 'length', final_seq: 4 })
+    expect(of(frame.session_id).at(-1)).toMatchObject({ type: 'inference_complete', tokens_out: 5, finish_reason: 'length', final_seq: 5 })
     const [{ uri }] = await published
     const receipt = await getRecord<ComputeReceipt>(host.agent, host.did, ids.ComputeReceipt, rkeyOf(uri))
     expect(receipt.value).toMatchObject({ proBono: true, price: { amount: 0, currency: 'CC' }, tokens: { in: 0, out: 0 }, params: { maxTokens: 5 } })
@@ -307,12 +307,12 @@ describe('job handler', () => {
     const { frame, secret } = request()
     p.socket.send(JSON.stringify(frame))
     await waitFor(() => of(frame.session_id).some((f) => f.type === 'inference_complete'), 'job complete')
-    expect(openChunks(of(frame.session_id), secret).join('')).toBe(new BuiltinEngine().plan({ model: MODEL, messages, maxTokens: 256, params: frame.params }).pieces.join(''))
+    expect(openChunks(of(frame.session_id), secret).join('')).toBe(new BuiltinEngine().plan({ model: MODEL, messages, maxTokens: 256, params: frame.params! }).pieces.join(''))
 
     const cancelled = request()
     p.socket.send(JSON.stringify(cancelled.frame))
     await waitFor(() => of(cancelled.frame.session_id).length >= 2, 'two chunks')
-    p.socket.send(JSON.stringify({ type: 'inference_cancel', v: 1, session_id: cancelled.frame.session_id, reason: 'requester went away' }))
+    p.socket.send(JSON.stringify({ type: 'inference_cancel', v: PROTOCOL_VERSION, session_id: cancelled.frame.session_id, reason: 'requester went away' }))
     await waitFor(() => agent.jobs.stats.cancelled === 1, 'job cancelled')
     const sent = of(cancelled.frame.session_id).length
     await new Promise((r) => setTimeout(r, 100))
@@ -349,7 +349,7 @@ describe('job handler', () => {
       return got[0]
     }
     const tampered = request()
-    tampered.frame.input_commitment = tampered.frame.input_commitment.replace(/^./, (c) => (c === '0' ? '1' : '0'))
+    tampered.frame.input_commitment = tampered.frame.input_commitment!.replace(/^./, (c) => (c === '0' ? '1' : '0'))
     expect(await errorOf(tampered)).toMatchObject({ type: 'inference_error', code: 'bad_input' })
     // Sealed to another key than this machine's.
     expect(await errorOf(request({}, plaintext, b64(crypto.getRandomValues(new Uint8Array(32)))))).toMatchObject({ code: 'decrypt_failed' })

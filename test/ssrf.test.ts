@@ -28,7 +28,7 @@ import { fetchRepo, getRepoStatus, MAX_REPO_BYTES, RepoFetchError } from '../app
 import { startConsole, type ConsoleService } from '../console/index.ts'
 import { toWs } from '../src/config.ts'
 import { LocalNetwork } from '../src/dev/network.ts'
-import { AGENT_PATH, PROTOCOL_VERSION } from '../src/protocol/agent.ts'
+import { AGENT_PATH, PROTOCOL_VERSION, REGISTER_LXM } from '../src/protocol/agent.ts'
 import { createIdResolver } from '../src/identity/index.ts'
 import { tempDbPath } from './fixture/appview.ts'
 import { consoleOpts, testSecretKey } from './fixture/console.ts'
@@ -333,12 +333,13 @@ describe('provider gateway (the exchange) in production', () => {
 
   /** Registers on the gateway as `did` with a service-auth token it issued itself; resolves to the gateway's answer. */
   async function register(consoleUrl: string, did: string): Promise<{ type: string; code?: string }> {
-    const serviceAuth = await createServiceJwt({ iss: did, aud: EXCHANGE, lxm: null, keypair: await Secp256k1Keypair.create() })
+    const serviceAuth = await createServiceJwt({ iss: did, aud: EXCHANGE, lxm: REGISTER_LXM, keypair: await Secp256k1Keypair.create() })
     const ws = new WebSocket(`${toWs(consoleUrl)}${AGENT_PATH}`)
     try {
       await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject))
       const answer = new Promise<{ type: string; code?: string }>((resolve) => ws.once('message', (data) => resolve(JSON.parse(String(data)))))
-      ws.send(JSON.stringify({ type: 'register', v: PROTOCOL_VERSION, did, serviceAuth, encryptionPubKey: Buffer.alloc(32).toString('base64'), models: ['m'] }))
+      const key = Buffer.alloc(32).toString('base64')
+      ws.send(JSON.stringify({ type: 'register', v: PROTOCOL_VERSION, provider_did: did, auth_jwt: serviceAuth, encryption_pub_key: key, attestation_pub_key: key, supported_models: ['m'] }))
       return await answer
     } finally {
       ws.close()

@@ -19,13 +19,13 @@
  */
 import type { IndexedProvider } from '../../appview/index.ts'
 import { consoleLogger as log } from '../../src/logger.ts'
-import { compareVersions, type FinishReason, type GenerationParams } from '../../src/protocol/agent.ts'
+import { compareVersions, type ChunkChannel, type FinishReason, type GenerationParams } from '../../src/protocol/agent.ts'
 import type { InputFormat } from '../../src/protocol/input.ts'
 import { constraintFrameFields, type JobConstraints } from '../../src/protocol/job-constraints.ts'
 import { encSchemeOf, sealedPlaintextBytes, type EncScheme } from '../../src/crypto/enc-scheme.ts'
 import type { JobRecords, JobSpec } from '../publisher.ts'
 import { tokenBounds, type DispatchBook, type Relayed } from './dispatch-book.ts'
-import type { ConnectedProvider, JobSink, ProviderGateway } from './gateway.ts'
+import type { ConnectedProvider, JobCompletion, JobSink, ProviderGateway } from './gateway.ts'
 import { CURRENCY } from './policy.ts'
 
 export const TIERS = ['private', 'verified', 'probono'] as const
@@ -78,7 +78,8 @@ export interface Envelope {
 
 export type ExchangeEvent =
   | { kind: 'meta'; providerDid: string; encryptionPubKey: string; sessionId: string; jobUri: string; jobCid: string; authUri: string; inputCommitment: string }
-  | { kind: 'chunk'; seq: number; ciphertext: string }
+  /** `channel` as the provider tagged it (reasoning, tool_call); absent: the answer. */
+  | { kind: 'chunk'; seq: number; ciphertext: string; channel?: ChunkChannel }
   | { kind: 'complete'; tokensIn: number; tokensOut: number; finishReason: FinishReason; receiptUri?: string }
 
 export interface JobInput {
@@ -118,7 +119,7 @@ export interface ExchangeOpts {
   jobTtlMs?: number
 }
 
-type Step = { t: 'chunk'; seq: number; ciphertext: string } | { t: 'complete'; tokensIn: number; tokensOut: number; finishReason: FinishReason; receiptUri?: string } | { t: 'fail'; code: string; message: string } | { t: 'timeout' }
+type Step = { t: 'chunk'; seq: number; ciphertext: string; channel?: ChunkChannel } | { t: 'complete'; tokensIn: number; tokensOut: number; finishReason: FinishReason; receiptUri?: string } | { t: 'fail'; code: string; message: string } | { t: 'timeout' }
 
 /**
  * Most reply data a job may have waiting for its requester. Past it the job
@@ -151,10 +152,14 @@ class StepQueue implements JobSink {
     this.timer = setTimeout(() => this.answered || this.push({ t: 'timeout' }), firstStepTimeoutMs)
     signal.addEventListener('abort', this.poke)
   }
-  chunk(seq: number, ciphertext: string) {
-    this.push({ t: 'chunk', seq, ciphertext })
+  chunk(seq: number, ciphertext: string, channel?: ChunkChannel) {
+    this.push({ t: 'chunk', seq, ciphertext, ...(channel ? { channel } : {}) })
   }
-  complete(f: { tokens_in: number; tokens_out: number; finish_reason: FinishReason; receipt_uri?: string }) {
+  /** Still working (a long prefill): the wait for its first step starts again. */
+  keepalive() {
+    if (!this.answered) this.timer.refresh()
+  }
+  complete(f: JobCompletion) {
     this.push({ t: 'complete', tokensIn: f.tokens_in, tokensOut: f.tokens_out, finishReason: f.finish_reason, ...(typeof f.receipt_uri === 'string' ? { receiptUri: f.receipt_uri } : {}) })
   }
   fail(code: string, message: string) {
@@ -315,7 +320,10 @@ export class Exchange {
   async *run(input: JobInput): AsyncGenerator<ExchangeEvent> {
     const { route, signal } = input
     const { book } = this.opts
-    const candidates = this.route(route).slice(0, this.opts.maxAttempts ?? 3)
+    // A machine that cannot read the job's input format (a reference provider older than messages-v1) is not tried.
+    const readers = this.route(route).filter((p) => p.inputFormats.includes(input.inputFormat))
+    if (readers.length === 0) throw new ExchangeError('no_providers_for_version', 404, `no provider of "${route.model}" connected now reads ${input.inputFormat} input`)
+    const candidates = readers.slice(0, this.opts.maxAttempts ?? 3)
     const proBono = route.tier === 'probono'
     const ceiling = this.ceilingOf(input, proBono)
     const records = await this.opts.prepareJob(route.requesterDid, {
@@ -442,7 +450,7 @@ export class Exchange {
               nextSeq++
               relayed.chunks++
               relayed.bytes += sealedPlaintextBytes(s.ciphertext, scheme)
-              yield { kind: 'chunk', seq: s.seq, ciphertext: s.ciphertext }
+              yield { kind: 'chunk', seq: s.seq, ciphertext: s.ciphertext, ...(s.channel ? { channel: s.channel } : {}) }
               continue
             }
             ended = true

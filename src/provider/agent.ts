@@ -8,6 +8,13 @@
  * the exchange refuses it until its AppView has indexed that record, so the
  * agent keeps retrying (as after any lost connection) with capped
  * exponential backoff.
+ *
+ * It speaks the network's protocol to any exchange, and announces our
+ * extensions (`v`): an exchange that answers `registered` speaks them; one
+ * that answers with the network's attestation challenge gets only the
+ * network's frames. Both ends of stream resume are the network's: a job sent
+ * with a `resume_token` survives a lost connection (src/provider/replay.ts),
+ * the others are cancelled with it.
  */
 import { EventEmitter } from 'node:events'
 import { hostname } from 'node:os'
@@ -22,14 +29,17 @@ import { ids } from '../lexicon/generated/ids.ts'
 import {
   AGENT_PATH,
   attestationChallengePayload,
+  base64Of,
   PROTOCOL_VERSION,
+  isU32,
   REGISTER_LXM,
+  STREAM_RESUME_VERSION,
+  toWire,
   type AttestationChallengeFrame,
   type AttestationResponseFrame,
-  type ExchangeFrame,
-  type InferenceCancelFrame,
   type InferenceRequestFrame,
   type ProviderFrame,
+  type ResumeStatus,
 } from '../protocol/agent.ts'
 import type { Engine } from './engine.ts'
 import { JobRunner } from './jobs.ts'
@@ -37,6 +47,7 @@ import { loadOrCreateKeys, saveRecordKeys, type ProviderKeys } from './keys.ts'
 import { log } from './log.ts'
 import { machineFacts, type MachineFacts } from './machine.ts'
 import { attestationRecord, attestsSameState, priceList, providerRecord, type ModelPrice } from './records.ts'
+import { ReplayBuffer, RETENTION_MS } from './replay.ts'
 import { isSwapConflict, RepoWriter, withRetry, type StrongRef } from './repo.ts'
 
 export const AGENT_VERSION: string = pkg.version
@@ -101,10 +112,23 @@ interface Live {
   attestation: StrongRef & { expiresAt: string }
 }
 
-/** The answer to an attestation challenge: the attestation key's DER signature over the canonical payload, base64. */
+/**
+ * The answer to an attestation challenge: the attestation key's DER signature
+ * over the canonical payload, base64. No SIP on Linux (sip_enabled false); no
+ * claim about a hypervisor either way (the field is left out, as the network
+ * allows).
+ */
 export function answerChallenge(f: Pick<AttestationChallengeFrame, 'nonce' | 'timestamp'>, signer: P256Signer): AttestationResponseFrame {
   const signed = { nonce: f.nonce, timestamp: f.timestamp, sip_enabled: false }
-  return { type: 'attestation_response', v: PROTOCOL_VERSION, ...signed, signature: Buffer.from(signer.signDer(canonicalBytes(attestationChallengePayload(signed)))).toString('base64') }
+  return { type: 'attestation_response', ...signed, signature: Buffer.from(signer.signDer(canonicalBytes(attestationChallengePayload(signed)))).toString('base64') }
+}
+
+type Frame = Record<string, unknown> & { type: string }
+
+/** A resumable job's kept frames, and the timer that lets it go if it is not resumed (or its completion not acknowledged). */
+interface Replay {
+  buffer: ReplayBuffer
+  expiry?: NodeJS.Timeout
 }
 
 export class ProviderAgent extends EventEmitter<AgentEvents> {
@@ -113,6 +137,12 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
   private live: Live | null = null
   private ws: WebSocket | null = null
   private registeredOn: WebSocket | null = null
+  /** The registered exchange speaks our extensions (null until it has answered the register). */
+  private extended: boolean | null = null
+  /** The owner's pro bono policy as last published, for an exchange that leaves the decision to the provider. */
+  private proBono: { mode?: unknown; dids?: unknown } | null = null
+  /** Jobs sent with a resume_token, by session. */
+  private readonly replays = new Map<string, Replay>()
   private stopping = false
   private failures = 0
   private lastHeard = 0
@@ -182,6 +212,13 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
       writer,
       send: (frame) => this.send(frame),
       maxConcurrent: this.opts.maxConcurrent,
+      extended: () => this.extended !== false,
+      proBonoFor: (requester) => this.proBono?.mode === 'any' || (this.proBono?.mode === 'direct' && Array.isArray(this.proBono.dids) && this.proBono.dids.includes(requester)),
+    })
+    // A job that ends without a completion (cancelled) has nothing left to resume.
+    jobs.on('job-cancelled', ({ sessionId }) => {
+      const r = this.replays.get(sessionId)
+      if (r && !r.buffer.completed) this.dropReplay(sessionId)
     })
     this.live = { did, atp, writer, facts, jobs, provider, attestation }
     log.info('provider records published', { did, provider: provider.uri, attestation: attestation.uri })
@@ -199,6 +236,7 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     if (this.attestationTimer) clearTimeout(this.attestationTimer)
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer)
     this.live?.jobs.cancelAll('the provider is shutting down')
+    for (const id of [...this.replays.keys()]) this.dropReplay(id)
     const ws = this.ws
     if (ws) await closeSocket(ws)
     await this.live?.jobs.idle()
@@ -228,7 +266,9 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
         existing: existing?.value,
       })
       try {
-        return await writer.put(ids.ComputeProvider, rkey, record, existing?.cid ?? null)
+        const ref = await writer.put(ids.ComputeProvider, rkey, record, existing?.cid ?? null)
+        this.proBono = (record.proBono as typeof this.proBono) ?? null
+        return ref
       } catch (err) {
         if (!isSwapConflict(err) || attempt >= 3) throw err
       }
@@ -283,13 +323,17 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
   private connect(): void {
     const ws = new WebSocket(this.agentUrl(), { handshakeTimeout: 10_000, maxPayload: MAX_INBOUND_BYTES })
     this.ws = ws
+    this.extended = null
     ws.on('open', () => void this.register(ws))
     ws.on('message', (data, isBinary) => this.onMessage(ws, data, isBinary))
+    // The network's exchange keeps a quiet connection alive with WebSocket pings: hearing one is hearing from it.
+    ws.on('ping', () => ws === this.ws && (this.lastHeard = Date.now()))
     // 'close' follows every error; it decides what happens next.
     ws.on('error', (err) => log.info('exchange connection error', { err }))
     ws.on('close', (code) => this.onClose(ws, code))
   }
 
+  /** The network's register frame, with `v` announcing our extensions. */
   private async register(ws: WebSocket): Promise<void> {
     const live = this.need()
     let token: string
@@ -301,64 +345,149 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     }
     if (ws !== this.ws) return
     this.lastHeard = Date.now()
-    sendOn(ws, {
+    const rkey = this.keys.records.provider
+    sendOn(ws, true, {
       type: 'register',
-      v: PROTOCOL_VERSION,
-      did: live.did,
-      serviceAuth: token,
-      encryptionPubKey: Buffer.from(this.keys.encryption.publicKey).toString('base64'),
-      models: this.opts.models,
-      version: AGENT_VERSION,
+      provider_did: live.did,
+      auth_jwt: token,
+      ...(rkey ? { machine_id: rkey } : {}),
+      machine_label: (this.opts.label ?? hostname()).slice(0, 128),
+      chip: live.facts.chip,
+      ram_gb: live.facts.ramGB,
+      supported_models: this.opts.models,
+      encryption_pub_key: Buffer.from(this.keys.encryption.publicKey).toString('base64'),
+      attestation_pub_key: Buffer.from(this.keys.signer.rawPublicKey()).toString('base64'),
+      attestation_uri: live.attestation.uri,
+      binary_version: AGENT_VERSION,
+      enc_scheme: this.keys.encryption.scheme,
+      // A software key on a machine without hardware evidence.
+      tier: 'best-effort',
+      stream_resume_version: STREAM_RESUME_VERSION,
     })
   }
 
   private onMessage(ws: WebSocket, data: RawData, isBinary: boolean): void {
     if (ws !== this.ws) return
     this.lastHeard = Date.now()
-    let frame: ExchangeFrame
+    let frame: Frame
     try {
-      frame = JSON.parse(isBinary ? '' : data.toString()) as ExchangeFrame
+      frame = JSON.parse(isBinary ? '' : data.toString()) as Frame
       if (!frame || typeof frame.type !== 'string') throw new Error('no type')
     } catch {
       return log.warn('unreadable frame from the exchange; ignored')
     }
-    if (frame.v !== PROTOCOL_VERSION) return log.warn('frame of another protocol version; ignored', { type: frame.type, v: frame.v })
+    // Frames of the network carry no `v`; ours carry this version.
+    if (frame.v !== undefined && frame.v !== PROTOCOL_VERSION) return log.warn('frame of another protocol version; ignored', { type: frame.type, v: frame.v })
+    const extended = frame.v === PROTOCOL_VERSION
     switch (frame.type) {
       case 'registered':
-        this.registeredOn = ws
-        this.failures = 0
-        this.startHeartbeat(ws)
-        log.info('registered with the exchange', { exchange: frame.exchange })
-        return void this.emit('registered', { exchange: frame.exchange })
+        if (extended) this.onRegistered(ws, true, typeof frame.exchange === 'string' ? frame.exchange : this.opts.exchangeDid)
+        return
       case 'error': {
+        if (!extended) return
         // The exchange closes the connection after a refusal; the close handler retries.
-        const waiting = frame.code === 'encryption_key_mismatch'
-        log[waiting ? 'info' : 'warn'](waiting ? 'exchange has not indexed the provider record yet' : 'exchange refused the connection', { code: frame.code, message: frame.message })
-        return void this.emit('refused', { code: frame.code, message: frame.message })
+        const code = String(frame.code)
+        const message = String(frame.message)
+        const waiting = code === 'encryption_key_mismatch'
+        log[waiting ? 'info' : 'warn'](waiting ? 'exchange has not indexed the provider record yet' : 'exchange refused the connection', { code, message })
+        return void this.emit('refused', { code, message })
       }
       case 'ping':
-        return sendOn(ws, { type: 'pong', v: PROTOCOL_VERSION, ...(typeof frame.t === 'number' ? { t: frame.t } : {}) })
-      case 'pong':
-        return
+        return sendOn(ws, extended, { type: 'pong', ...(typeof frame.nonce === 'string' ? { nonce: frame.nonce } : {}), ...(extended && typeof frame.t === 'number' ? { t: frame.t } : {}) })
       case 'attestation_challenge':
-        return this.onChallenge(ws, frame)
-      case 'inference_request':
-        return void this.need().jobs.run(frame as InferenceRequestFrame)
-      case 'inference_cancel': {
-        const f = frame as InferenceCancelFrame
-        if (typeof f.session_id === 'string') this.need().jobs.cancel(f.session_id, typeof f.reason === 'string' ? f.reason : 'cancelled by the exchange')
+        this.onChallenge(ws, extended, frame)
+        // The network's exchange accepts a register by challenging it.
+        if (!extended && this.registeredOn !== ws) this.onRegistered(ws, false, this.opts.exchangeDid)
         return
-      }
+      case 'inference_request':
+        return this.onRequest(frame)
+      case 'inference_cancel':
+        if (extended && typeof frame.session_id === 'string') this.need().jobs.cancel(frame.session_id, typeof frame.reason === 'string' ? frame.reason : 'cancelled by the exchange')
+        return
+      case 'inference_ack':
+        return this.onAck(frame)
+      case 'inference_resume_result':
+        return this.onResumeResult(frame)
       default:
-        log.debug('unknown frame type; ignored', { type: (frame as { type: string }).type })
+        // pong, and the network's frames this agent does not act on (health_notice, control_changed, recover_request).
+        log.debug('frame not acted on', { type: frame.type })
     }
   }
 
-  private onChallenge(ws: WebSocket, f: AttestationChallengeFrame): void {
-    const ok = (s: unknown) => typeof s === 'string' && s.length > 0 && s.length <= 256
+  private onRegistered(ws: WebSocket, extended: boolean, exchange: string): void {
+    this.registeredOn = ws
+    this.extended = extended
+    this.failures = 0
+    this.startHeartbeat(ws)
+    log.info('registered with the exchange', { exchange, extended })
+    this.emit('registered', { exchange })
+    // The jobs a lost connection left running, asked back.
+    for (const { buffer } of this.replays.values()) {
+      if (!buffer.attached) sendOn(ws, extended, { type: 'inference_resume', session_id: buffer.sessionId, resume_token: buffer.token, produced_seq: buffer.producedSeq })
+    }
+  }
+
+  private onChallenge(ws: WebSocket, extended: boolean, f: Frame): void {
+    const ok = (s: unknown): s is string => typeof s === 'string' && s.length > 0 && s.length <= 256
     if (!ok(f.nonce) || !ok(f.timestamp)) return log.warn('malformed attestation challenge; ignored')
-    sendOn(ws, answerChallenge(f, this.keys.signer))
+    sendOn(ws, extended, answerChallenge({ nonce: f.nonce, timestamp: f.timestamp }, this.keys.signer))
     this.emit('attestation-answered', { nonce: f.nonce })
+  }
+
+  private onRequest(frame: Frame): void {
+    // Byte fields arrive as base64 from an exchange with our extensions, as arrays of byte values from the network's.
+    const ciphertext = base64Of(frame.ciphertext)
+    const request = { ...frame, ciphertext: ciphertext ?? undefined } as unknown as InferenceRequestFrame
+    const { session_id: sessionId, resume_token: token } = request
+    if (typeof token === 'string' && token && typeof sessionId === 'string') {
+      // A duplicate would end the one running on the exchange: ignored, unanswered.
+      if (this.replays.has(sessionId)) return log.warn('inference_request for a session already running; ignored', { sessionId })
+      this.replays.set(sessionId, { buffer: new ReplayBuffer(sessionId, token) })
+    }
+    void this.need().jobs.run(request)
+  }
+
+  private replayOf(f: Frame): Replay | null {
+    const r = typeof f.session_id === 'string' ? this.replays.get(f.session_id) : undefined
+    return r && f.resume_token === r.buffer.token ? r : null
+  }
+
+  private onAck(f: Frame): void {
+    const r = this.replayOf(f)
+    if (!r || !isU32(f.next_seq)) return
+    if (r.buffer.ack(f.next_seq, f.completed === true)) this.dropReplay(r.buffer.sessionId)
+  }
+
+  private onResumeResult(f: Frame): void {
+    const r = this.replayOf(f)
+    if (!r || !isU32(f.next_seq) || !['resume', 'completed', 'rejected'].includes(f.status as string)) return
+    const sessionId = r.buffer.sessionId
+    if (r.buffer.resumed(f.status as ResumeStatus, f.next_seq) === 'end') {
+      if (f.status !== 'completed') log.info('job not resumed', { sessionId, status: f.status, reason: f.reason })
+      this.dropReplay(sessionId)
+      return void this.need().jobs.cancel(sessionId, 'the exchange did not resume it')
+    }
+    // Running again: it expires only once its completion waits unacknowledged.
+    clearTimeout(r.expiry)
+    if (r.buffer.completed) this.expireLater(r)
+    this.flush(r)
+  }
+
+  /** Lets a resumable job go (and stops it) if nothing settles it within RETENTION_MS. */
+  private expireLater(r: Replay): void {
+    clearTimeout(r.expiry)
+    const sessionId = r.buffer.sessionId
+    r.expiry = setTimeout(() => {
+      if (this.replays.get(sessionId) !== r) return
+      this.dropReplay(sessionId)
+      this.live?.jobs.cancel(sessionId, 'not resumed in time')
+    }, RETENTION_MS)
+    r.expiry.unref()
+  }
+
+  private dropReplay(sessionId: string): void {
+    clearTimeout(this.replays.get(sessionId)?.expiry)
+    this.replays.delete(sessionId)
   }
 
   private onClose(ws: WebSocket, code: number): void {
@@ -368,8 +497,12 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
     this.registeredOn = null
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer)
     this.heartbeatTimer = null
-    // Their frames could no longer reach the requester: the exchange fails them over.
-    this.live?.jobs.cancelAll('the exchange connection closed')
+    // Their frames could no longer reach the requester: the exchange fails them over. Resumable ones wait to be asked back.
+    this.live?.jobs.cancelAll('the exchange connection closed', (sessionId) => this.replays.has(sessionId))
+    for (const r of this.replays.values()) {
+      r.buffer.detach()
+      this.expireLater(r)
+    }
     this.emit('disconnected', { code })
     if (this.stopping) return
     const delay = this.reconnectDelay()
@@ -395,18 +528,42 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
         log.warn('exchange silent; reconnecting', { silentMs: Date.now() - this.lastHeard })
         return void ws.terminate()
       }
-      sendOn(ws, { type: 'heartbeat', v: PROTOCOL_VERSION, load: this.need().jobs.active })
+      const running = this.need().jobs.active
+      this.send({ type: 'heartbeat', load: running, queue_depth: running, at: new Date().toISOString(), active: true })
     }, this.opts.heartbeatMs ?? 15_000)
   }
 
-  /** Job frames go out on the registered connection only. */
+  /**
+   * Frames go out on the registered connection only, in its dialect. A
+   * resumable job's output is kept (replay.ts) and leaves from there while
+   * its job is attached to this connection.
+   */
   private send(frame: ProviderFrame): void {
-    if (this.registered && this.ws) sendBatched(this.ws, frame)
+    const r = 'session_id' in frame ? this.replays.get(frame.session_id) : undefined
+    if (r && (frame.type === 'inference_chunk' || frame.type === 'inference_complete')) {
+      if (r.buffer.push(frame) === 'overflow') {
+        // Unacknowledged past the bounds: the job ends with what it has.
+        r.buffer.truncate()
+        this.live?.jobs.cancel(frame.session_id, 'its unacknowledged output outgrew the replay buffer')
+      }
+      if (frame.type === 'inference_complete' || r.buffer.completed) this.expireLater(r)
+      return this.flush(r)
+    }
+    // Ours: an error ends the job on the exchange, nothing to resume.
+    if (r && frame.type === 'inference_error') this.dropReplay(frame.session_id)
+    // A keepalive for a job not yet resumed here would be for a session the exchange holds aside.
+    if (r && !r.buffer.attached) return
+    if (this.registered && this.ws) sendBatched(this.ws, toWire(frame, this.extended !== false))
+  }
+
+  private flush(r: Replay): void {
+    if (!this.registered || !this.ws) return
+    for (const frame of r.buffer.drain()) sendBatched(this.ws, toWire(frame, this.extended !== false))
   }
 }
 
-function sendOn(ws: WebSocket, frame: ProviderFrame): void {
-  if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(frame))
+function sendOn(ws: WebSocket, extended: boolean, frame: ProviderFrame): void {
+  if (ws.readyState === WebSocket.OPEN) ws.send(toWire(frame, extended))
 }
 
 /** Sockets whose writes are held until the end of the current turn. */
@@ -418,9 +575,9 @@ const corked = new WeakSet<object>()
  * together in one write at the end of the turn, not one system call and one
  * packet each, which the exchange would then read one by one.
  */
-function sendBatched(ws: WebSocket, frame: ProviderFrame): void {
+function sendBatched(ws: WebSocket, text: string): void {
   if (ws.readyState !== WebSocket.OPEN) return
-  ws.send(JSON.stringify(frame))
+  ws.send(text)
   // ws keeps its socket as _socket (the library has no cork of its own); without one, frames go one by one.
   const socket = (ws as unknown as { _socket?: { cork(): void; uncork(): void; destroyed: boolean } })._socket
   if (!socket || corked.has(socket)) return

@@ -2,10 +2,16 @@
  * The provider's job handler: one `inference_request` in, its frames out
  * through `send`. It opens the sealed prompt with the machine's key (in its
  * scheme, x25519 or p256-ecies-se), checks it against the job's input
- * commitment, runs the engine, seals each piece back to the requester's
- * ephemeral key, and completes with the URI of a signed receipt, written
- * right after (the rkey is chosen up front, so the exchange need not wait for
- * the PDS).
+ * commitment (or, from an exchange that sends none, computes it), runs the
+ * engine, seals each piece back to the requester's ephemeral key, sends a
+ * keepalive when nothing was sent for a while, and completes with the URI of
+ * a signed receipt, written right after (the rkey is chosen up front, so the
+ * exchange need not wait for the PDS).
+ *
+ * A job it cannot run is refused with `inference_error` to an exchange with
+ * our extensions; the network has no such frame, so to a reference exchange
+ * the refusal is what its providers send: a sealed notice as the reply and a
+ * completion counting nothing, without a receipt.
  *
  * Content stays in this module's memory for the length of a job: it is never
  * logged, stored or put in an event; only its hashes leave, in the receipt.
@@ -16,7 +22,7 @@ import { TID } from '@atproto/common-web'
 import { providerChannel } from '../crypto/enc-scheme.ts'
 import type { SealChannel } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
-import { PROTOCOL_VERSION, type FinishReason, type InferenceErrorCode, type InferenceRequestFrame, type ProviderFrame } from '../protocol/agent.ts'
+import type { FinishReason, InferenceErrorCode, InferenceRequestFrame, ProviderFrame } from '../protocol/agent.ts'
 import { decodeInput, inputCommitment, InputError, type ChatMessage } from '../protocol/input.ts'
 import { drain, generationParams, type Engine } from './engine.ts'
 import type { ProviderKeys } from './keys.ts'
@@ -39,6 +45,12 @@ export interface JobRunnerOpts {
   /** Jobs run at once; beyond it requests are refused with `busy` (default 4). */
   maxConcurrent?: number
   receiptRetry?: { attempts: number; firstDelayMs: number }
+  /** The exchange speaks our extensions (default: yes); otherwise only the network's frames are sent. */
+  extended?: () => boolean
+  /** The owner's pro bono policy serves this requester: for a job whose request does not say (the network's exchanges leave it to the provider). */
+  proBonoFor?: (requesterDid: string) => boolean
+  /** A keepalive after this long without a chunk (default 10 s, as on the network). */
+  keepaliveMs?: number
 }
 
 export interface JobStats {
@@ -61,9 +73,13 @@ export interface JobEvents {
 
 interface CheckedRequest extends InferenceRequestFrame {
   messages: ChatMessage[]
+  /** sha256 hex of the opened prompt (the request's input_commitment when it has one). */
+  commitment: string
   /** The channel key of this job (one key agreement for the prompt and every reply chunk). */
   channel: SealChannel
 }
+
+type Refusal = { code: InferenceErrorCode; message: string; channel?: SealChannel | null }
 
 const HEX64 = /^[0-9a-f]{64}$/
 const utf8 = new TextEncoder()
@@ -99,9 +115,9 @@ export class JobRunner extends EventEmitter<JobEvents> {
       log.warn('inference_request for a session already running; ignored', { sessionId })
       return Promise.resolve()
     }
-    if (this.running.size >= this.maxConcurrent) return Promise.resolve(this.fail(sessionId, 'busy', `this machine runs at most ${this.maxConcurrent} jobs at once`))
+    if (this.running.size >= this.maxConcurrent) return Promise.resolve(this.refuse(frame, { code: 'busy', message: `this machine runs at most ${this.maxConcurrent} jobs at once` }))
     const checked = this.check(frame)
-    if ('code' in checked) return Promise.resolve(this.fail(sessionId, checked.code, checked.message))
+    if ('code' in checked) return Promise.resolve(this.refuse(frame, checked))
     const ac = new AbortController()
     const entry = { ac, done: Promise.resolve() }
     this.running.set(sessionId, entry)
@@ -117,8 +133,9 @@ export class JobRunner extends EventEmitter<JobEvents> {
     return true
   }
 
-  cancelAll(reason: string): void {
-    for (const job of this.running.values()) job.ac.abort(reason)
+  /** Cancels every running job but those `keep` names. */
+  cancelAll(reason: string, keep: (sessionId: string) => boolean = () => false): void {
+    for (const [sessionId, job] of this.running) if (!keep(sessionId)) job.ac.abort(reason)
   }
 
   /** Resolves once the running jobs have ended and pending receipt writes have settled. */
@@ -127,13 +144,14 @@ export class JobRunner extends EventEmitter<JobEvents> {
   }
 
   /** The request opened and checked, or why it is refused. Runs before any content is produced. */
-  private check(f: InferenceRequestFrame): CheckedRequest | { code: InferenceErrorCode; message: string } {
+  private check(f: InferenceRequestFrame): CheckedRequest | Refusal {
     const bad = (message: string) => ({ code: 'bad_input' as const, message })
     if (typeof f.model !== 'string' || !this.prices.has(f.model)) return { code: 'model_unavailable', message: `this machine does not serve ${String(f.model).slice(0, 256)}` }
-    if (typeof f.job_uri !== 'string' || !f.job_uri.startsWith('at://') || typeof f.job_cid !== 'string' || !f.job_cid) return bad('job_uri and job_cid must name the job record')
+    // Without a job_cid the job is served without a receipt (a receipt cites both halves of the job's strong ref), as on the network.
+    if (typeof f.job_uri !== 'string' || !f.job_uri.startsWith('at://') || (f.job_cid !== undefined && (typeof f.job_cid !== 'string' || !f.job_cid))) return bad('job_uri and job_cid must name the job record')
     if (typeof f.requester_did !== 'string' || !f.requester_did.startsWith('did:')) return bad('requester_did must be a DID')
     if (!Number.isSafeInteger(f.max_tokens_out) || f.max_tokens_out < 0) return bad('max_tokens_out must be a non-negative integer')
-    if (typeof f.input_commitment !== 'string' || !HEX64.test(f.input_commitment)) return bad('input_commitment must be 64 lowercase hex characters')
+    if (f.input_commitment !== undefined && (typeof f.input_commitment !== 'string' || !HEX64.test(f.input_commitment))) return bad('input_commitment must be 64 lowercase hex characters')
     if (typeof f.ciphertext !== 'string' || typeof f.requester_pub_key !== 'string') return { code: 'decrypt_failed', message: 'ciphertext and requester_pub_key must be base64 strings' }
     let plaintext: Uint8Array | null
     let channel: SealChannel | null = null
@@ -146,12 +164,13 @@ export class JobRunner extends EventEmitter<JobEvents> {
       // A malformed requester key, or one of another scheme (low-order X25519, not on P-256, the wrong length).
       plaintext = null
     }
-    if (!plaintext || !channel) return { code: 'decrypt_failed', message: "the prompt does not open with this machine's key" }
-    if (inputCommitment(plaintext) !== f.input_commitment) return bad('the prompt does not match its input_commitment')
+    if (!plaintext || !channel) return { code: 'decrypt_failed', message: "the prompt does not open with this machine's key", channel }
+    const commitment = inputCommitment(plaintext)
+    if (f.input_commitment !== undefined && commitment !== f.input_commitment) return { ...bad('the prompt does not match its input_commitment'), channel }
     try {
-      return { ...f, messages: decodeInput(plaintext, f.input_format), channel }
+      return { ...f, messages: decodeInput(plaintext, f.input_format), commitment, channel }
     } catch (err) {
-      if (err instanceof InputError || err instanceof TypeError) return bad(err instanceof InputError ? err.message : 'the prompt is not UTF-8')
+      if (err instanceof InputError || err instanceof TypeError) return { ...bad(err instanceof InputError ? err.message : 'the prompt is not UTF-8'), channel }
       throw err
     }
   }
@@ -160,38 +179,48 @@ export class JobRunner extends EventEmitter<JobEvents> {
     const { did, keys, engine } = this.opts
     const sessionId = req.session_id
     const rkey = TID.nextStr()
-    const receiptUri = `at://${did}/${ids.ComputeReceipt}/${rkey}`
+    const jobCid = req.job_cid
+    const receiptUri = jobCid ? `at://${did}/${ids.ComputeReceipt}/${rkey}` : ''
     const params = generationParams(req.params)
     const startedAt = new Date().toISOString()
     const output = createHash('sha256')
     let seq = 0
+    // "Still generating": a long prefill or a slow stretch must not look like a silent job.
+    let quiet = true
+    const keepalive = setInterval(() => {
+      if (quiet && !signal.aborted) this.opts.send({ type: 'inference_keepalive', session_id: sessionId })
+      quiet = true
+    }, this.opts.keepaliveMs ?? 10_000)
     try {
-      const done = await drain(engine.generate({ model: req.model, messages: req.messages, maxTokens: req.max_tokens_out, params, signal }), (piece) => {
+      const done = await drain(engine.generate({ model: req.model, messages: req.messages, maxTokens: req.max_tokens_out, params, signal }), (piece, channel) => {
         // Nothing more is sent for a cancelled job, even a piece already made.
         signal.throwIfAborted()
         const bytes = utf8.encode(piece)
-        output.update(bytes)
-        this.opts.send({ type: 'inference_chunk', v: PROTOCOL_VERSION, session_id: sessionId, seq: seq++, ciphertext: req.channel.seal(bytes) })
+        // The output commitment covers the answer, as on the network (reasoning and tool calls ride their own channels).
+        if (channel === 'content') output.update(bytes)
+        quiet = false
+        this.opts.send({ type: 'inference_chunk', session_id: sessionId, seq: seq++, ...(channel !== 'content' ? { channel } : {}), ciphertext: req.channel.seal(bytes) })
       })
       // Cancelled as the engine finished: the exchange has already let the job go.
       signal.throwIfAborted()
       this.opts.send({
         type: 'inference_complete',
-        v: PROTOCOL_VERSION,
         session_id: sessionId,
         tokens_in: done.tokensIn,
         tokens_out: done.tokensOut,
         finish_reason: done.finishReason,
         receipt_uri: receiptUri,
-        final_seq: seq - 1,
+        final_seq: seq,
       })
       this.stats.completed++
       this.emit('job-complete', { sessionId, receiptUri, tokensIn: done.tokensIn, tokensOut: done.tokensOut, finishReason: done.finishReason })
+      if (!jobCid) return
+      const proBono = req.pro_bono ?? (!this.extended() && this.opts.proBonoFor?.(req.requester_did) === true)
       const receipt: ReceiptInput = {
-        job: { uri: req.job_uri, cid: req.job_cid },
+        job: { uri: req.job_uri, cid: jobCid },
         requester: req.requester_did,
         model: req.model,
-        inputCommitment: req.input_commitment,
+        inputCommitment: req.commitment,
         outputCommitment: output.digest('hex'),
         tokens: { in: done.tokensIn, out: done.tokensOut },
         startedAt,
@@ -199,7 +228,7 @@ export class JobRunner extends EventEmitter<JobEvents> {
         price: this.prices.get(req.model)!,
         attestation: this.opts.attestation(),
         params: receiptParams(req.max_tokens_out, params),
-        proBono: req.pro_bono === true,
+        proBono,
       }
       const write = this.publish(sessionId, rkey, receipt).finally(() => this.writes.delete(write))
       this.writes.add(write)
@@ -210,7 +239,9 @@ export class JobRunner extends EventEmitter<JobEvents> {
         return
       }
       log.warn('engine failed', { sessionId, model: req.model, err: err as Error })
-      this.fail(sessionId, 'engine_error', 'the engine failed')
+      this.refuse(req, { code: 'engine_error', message: 'the engine failed', channel: req.channel }, seq)
+    } finally {
+      clearInterval(keepalive)
     }
   }
 
@@ -232,9 +263,35 @@ export class JobRunner extends EventEmitter<JobEvents> {
     }
   }
 
-  private fail(sessionId: string, code: InferenceErrorCode, message: string): void {
+  private extended(): boolean {
+    return this.opts.extended?.() ?? true
+  }
+
+  /**
+   * The job cannot run (or stopped): `inference_error` to an exchange with our
+   * extensions; to a reference exchange a sealed notice after the `seq` chunks
+   * already sent (when the requester's key makes a channel) and a completion
+   * counting nothing, with no receipt.
+   */
+  private refuse(f: InferenceRequestFrame, r: Refusal, seq = 0): void {
+    const sessionId = f.session_id
     this.stats.failed++
-    this.opts.send({ type: 'inference_error', v: PROTOCOL_VERSION, session_id: sessionId, code, message })
-    this.emit('job-failed', { sessionId, code })
+    if (this.extended()) this.opts.send({ type: 'inference_error', session_id: sessionId, code: r.code, message: r.message })
+    else {
+      const channel = r.channel ?? this.channelFor(f)
+      if (channel) this.opts.send({ type: 'inference_chunk', session_id: sessionId, seq: seq++, ciphertext: channel.seal(utf8.encode(`[provider] this job could not run: ${r.message}`)) })
+      this.opts.send({ type: 'inference_complete', session_id: sessionId, tokens_in: 0, tokens_out: 0, receipt_uri: '', final_seq: seq })
+    }
+    this.emit('job-failed', { sessionId, code: r.code })
+  }
+
+  /** The reply channel to the request's ephemeral key, when it makes one. */
+  private channelFor(f: InferenceRequestFrame): SealChannel | null {
+    try {
+      const { scheme, secretKey } = this.opts.keys.encryption
+      return typeof f.requester_pub_key === 'string' ? providerChannel(scheme, f.requester_pub_key, secretKey) : null
+    } catch {
+      return null
+    }
   }
 }
