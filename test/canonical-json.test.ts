@@ -34,15 +34,6 @@ describe('config', () => {
   })
 })
 
-describe('README', () => {
-  it('documents every configuration variable', async () => {
-    const { readFileSync } = await import('node:fs')
-    const { knobs } = await import('../src/config.ts')
-    const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
-    for (const k of Object.values(knobs)) expect(readme).toContain(`| \`${k.env}\` |`)
-  })
-})
-
 describe('record admission', () => {
   it('refuses records over 1 MB, unknown collections and invalid records, by reason', async () => {
     const { checkRecord } = await import('../appview/indexer/indexer.ts')
