@@ -20,5 +20,5 @@ RUN mkdir -p /data && chown node:node /data
 USER node
 VOLUME /data
 EXPOSE 2584 2585
-# A larger young generation: fewer scavenges on the firehose hot path (+6-9% ingest, see README).
+# A larger young generation: fewer scavenges on the firehose hot path (+6-9% ingest, see docs/benchmarks.md).
 CMD ["node", "--max-semi-space-size=64", "scripts/prod.ts"]

@@ -16,7 +16,7 @@ try {
   config = loadConfig({ COCORE_MODE: 'production', ...process.env })
 } catch (err) {
   if (!(err instanceof ConfigError)) throw err
-  console.error(`configuration error: ${err.message} (see the configuration table in README.md)`)
+  console.error(`configuration error: ${err.message} (see docs/configuration.md)`)
   process.exit(2)
 }
 setLogLevel(config.logLevel)

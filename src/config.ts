@@ -1,6 +1,6 @@
 /**
  * The one configuration module. Every knob is an environment variable with a
- * default; the README's configuration table is this list.
+ * default; docs/configuration.md is generated from this list (npm run codegen).
  */
 import { join, resolve } from 'node:path'
 import { TrustedProxies } from './net/client-address.ts'
