@@ -76,6 +76,34 @@ export function constraintFrameFields(c: JobConstraints | undefined): { output_s
   }
 }
 
+/**
+ * The constraints a provider is sent, read from the frame; a string saying
+ * what is malformed (the job is refused: serving it without them would break
+ * the job's terms).
+ */
+export function constraintsOfFrame(f: { output_schema?: unknown; tools?: unknown; tool_choice?: unknown; tool_choice_function?: unknown }): JobConstraints | string {
+  const obj = (v: unknown) => !!v && typeof v === 'object' && !Array.isArray(v)
+  const c: JobConstraints = {}
+  if (f.output_schema !== undefined && f.output_schema !== null) {
+    if (!obj(f.output_schema)) return 'output_schema must be an object'
+    c.outputSchema = f.output_schema as JobConstraints['outputSchema']
+  }
+  if (f.tools !== undefined && f.tools !== null) {
+    const ok = Array.isArray(f.tools) && f.tools.length <= MAX_TOOLS && f.tools.every((t) => obj(t) && obj(t.function) && typeof t.function.name === 'string')
+    if (!ok) return 'tools must be a list of { type, function: { name, ... } }'
+    c.tools = f.tools as JobTool[]
+  }
+  if (f.tool_choice !== undefined && f.tool_choice !== null) {
+    if (!(TOOL_CHOICES as readonly unknown[]).includes(f.tool_choice)) return `tool_choice must be one of ${TOOL_CHOICES.join(', ')}`
+    c.toolChoice = f.tool_choice as ToolChoice
+  }
+  if (f.tool_choice_function !== undefined && f.tool_choice_function !== null) {
+    if (typeof f.tool_choice_function !== 'string') return 'tool_choice_function must be a string'
+    c.toolChoiceFunction = f.tool_choice_function
+  }
+  return c
+}
+
 /** The receipt's commitments to the constraints: hex SHA-256 of each field's canonical JSON. */
 export function constraintHashes(c: JobConstraints): { outputSchemaHash?: string; toolSchemaHash?: string } {
   try {

@@ -23,8 +23,9 @@ import { providerChannel } from '../crypto/enc-scheme.ts'
 import type { SealChannel } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
 import type { FinishReason, InferenceErrorCode, InferenceRequestFrame, ProviderFrame } from '../protocol/agent.ts'
-import { decodeInput, inputCommitment, InputError, type ChatMessage } from '../protocol/input.ts'
-import { drain, generationParams, type Engine } from './engine.ts'
+import { decodeMessages, inputCommitment, InputError, type InputMessage } from '../protocol/input.ts'
+import { constraintHashes, constraintsOfFrame, type JobConstraints } from '../protocol/job-constraints.ts'
+import { drain, generationParams, unsupported, type Engine } from './engine.ts'
 import type { ProviderKeys } from './keys.ts'
 import { log } from './log.ts'
 import { receiptParams, receiptRecord, type ModelPrice, type ReceiptInput } from './records.ts'
@@ -72,7 +73,9 @@ export interface JobEvents {
 }
 
 interface CheckedRequest extends InferenceRequestFrame {
-  messages: ChatMessage[]
+  messages: InputMessage[]
+  /** The job's structured-output schema and tools, as the frame carries them. */
+  constraints: JobConstraints
   /** sha256 hex of the opened prompt (the request's input_commitment when it has one). */
   commitment: string
   /** The channel key of this job (one key agreement for the prompt and every reply chunk). */
@@ -168,7 +171,13 @@ export class JobRunner extends EventEmitter<JobEvents> {
     const commitment = inputCommitment(plaintext)
     if (f.input_commitment !== undefined && commitment !== f.input_commitment) return { ...bad('the prompt does not match its input_commitment'), channel }
     try {
-      return { ...f, messages: decodeInput(plaintext, f.input_format), commitment, channel }
+      const messages = decodeMessages(plaintext, f.input_format)
+      const constraints = constraintsOfFrame(f)
+      if (typeof constraints === 'string') return { ...bad(constraints), channel }
+      // A job this engine would have to serve without its images, tools or schema is refused (it fails over).
+      const missing = unsupported(this.opts.engine, { messages, constraints })
+      if (missing) return { code: 'model_unavailable', message: missing, channel }
+      return { ...f, messages, constraints, commitment, channel }
     } catch (err) {
       if (err instanceof InputError || err instanceof TypeError) return { ...bad(err instanceof InputError ? err.message : 'the prompt is not UTF-8'), channel }
       throw err
@@ -192,7 +201,7 @@ export class JobRunner extends EventEmitter<JobEvents> {
       quiet = true
     }, this.opts.keepaliveMs ?? 10_000)
     try {
-      const done = await drain(engine.generate({ model: req.model, messages: req.messages, maxTokens: req.max_tokens_out, params, signal }), (piece, channel) => {
+      const done = await drain(engine.generate({ model: req.model, messages: req.messages, maxTokens: req.max_tokens_out, params, signal, constraints: req.constraints }), (piece, channel) => {
         // Nothing more is sent for a cancelled job, even a piece already made.
         signal.throwIfAborted()
         const bytes = utf8.encode(piece)
@@ -227,7 +236,8 @@ export class JobRunner extends EventEmitter<JobEvents> {
         completedAt: new Date().toISOString(),
         price: this.prices.get(req.model)!,
         attestation: this.opts.attestation(),
-        params: receiptParams(req.max_tokens_out, params),
+        // With the hashes of the schema and tools it served under, as the network's receipts carry them.
+        params: { ...receiptParams(req.max_tokens_out, params), ...constraintHashes(req.constraints) },
         proBono,
       }
       const write = this.publish(sessionId, rkey, receipt).finally(() => this.writes.delete(write))
