@@ -165,6 +165,8 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   const policy = { ...DEFAULT_POLICY, ...opts.policy }
   // Holds and the admission floor apply where the ledger runs (the exchange account is configured).
   const book = new DispatchBook({ db, policy, ledger: opts.exchangeAccount ? new Ledger(db) : null, usage, dailyTokenLimit: opts.dailyTokenLimit ?? 5_000_000 })
+  const interrupted = book.recoverInterrupted()
+  if (interrupted) log.info('jobs interrupted by the last stop ended as failed', { jobs: interrupted })
   let gateway: ProviderGateway | null = null
   let exchange: Exchange | null = null
   let economy: Economy | null = null

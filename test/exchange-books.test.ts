@@ -106,6 +106,8 @@ it(`keeps the books over ${JOBS} randomized jobs with crashes between steps (see
     db = openDb(dbPath)
     ledger = new Ledger(db)
     book = new DispatchBook({ db, policy: POLICY, ledger, usage: new UsageCounters(db), dailyTokenLimit: 1e12 })
+    // As the console does at start: what the killed process was running ends as failed.
+    book.recoverInterrupted()
     // Publication is not under test here: a repo that never answers keeps every settlement queued.
     const outbox = new Outbox(db, { did: EXCHANGE, put: () => new Promise(() => undefined) })
     settler = new Settler({ db, index, book, ledger, outbox, exchangeDid: EXCHANGE, policy: POLICY, refs, key })

@@ -7,9 +7,11 @@
  * indexing, a wipe, chat jobs and their settlements.
  *
  * After recovery: the index equals the PDS's truth, the wipe completed, every
- * receipt settled exactly once on the exchange's repo and in its books (no
- * balance moved twice), and every chat request got an answer (a complete,
- * correct reply or a clean error; never silence).
+ * receipt decided exactly once (settled once on the exchange's repo and in
+ * its books when the exchange relayed its job to the end; else refused as
+ * job-not-completed), no balance moved twice, holds equal the open jobs, and
+ * every chat request got an answer (a complete, correct reply or a clean
+ * error; never silence).
  *
  * Seeded: `COCORE_FUZZ_SEED` picks the faults and their timing,
  * `COCORE_FAULT_ROUNDS` (default 7, one of each kind of fault) how many rounds run.
@@ -308,45 +310,58 @@ it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exc
   await waitFor(() => readDb(opts.dbPath, (db) => db.prepare("SELECT status FROM wipe_jobs WHERE id = ? AND status = 'done'").pluck().get(wipeId)), 'the wipe finished', 120_000)
   for (const c of await cocoreCollections(net, bob.did)) expect(await listAll(bob.did, c), c).toEqual([])
 
-  // Every receipt the provider published is settled, once, on the exchange's repo and in its books.
+  // Every receipt the provider published is decided once: settled (once on the exchange's repo and in its
+  // books) when the exchange relayed its job to the end and published its records; otherwise refused, the
+  // job having failed (its records not written, the provider failing, or the exchange killed mid-job).
   // (Stable for a second: the last chats' receipts may still be on their way.)
+  const decisions = () => readDb(opts.dbPath, (db) => db.prepare('SELECT receipt_uri AS uri, outcome, finding_code AS code FROM settlements ORDER BY receipt_uri').all() as { uri: string; outcome: string; code: string | null }[])
   const settledState = async () => ({
     receipts: await listAll(rig.did, ids.ComputeReceipt),
     settled: (await listAll(market.did, ids.ComputeSettlement)).map((x) => (x.value.receipt as { uri: string }).uri).sort(),
+    decided: decisions(),
   })
-  const { receipts: receiptRecords, settled } = await waitFor(
+  const { receipts: receiptRecords, settled, decided } = await waitFor(
     async () => {
       const before = await settledState()
       await new Promise((res) => setTimeout(res, 1_000))
       const after = await settledState()
       const uris = after.receipts.map((x) => x.uri).sort()
-      return uris.length > 0 && JSON.stringify(before) === JSON.stringify(after) && JSON.stringify(after.settled) === JSON.stringify(uris) ? after : null
+      const settledRows = after.decided.filter((d) => d.outcome === 'settled').map((d) => d.uri)
+      const stable = JSON.stringify(before) === JSON.stringify(after)
+      return uris.length > 0 && stable && JSON.stringify(after.decided.map((d) => d.uri)) === JSON.stringify(uris) && JSON.stringify(after.settled) === JSON.stringify(settledRows) ? after : null
     },
-    'every receipt settled',
+    'every receipt decided, and every settlement published',
     120_000,
   )
   const receipts = receiptRecords.map((x) => x.uri).sort()
-  // Alice is charged only for jobs she authorized: each receipt's job record, and the authorization
+  expect(decided.map((d) => d.uri)).toEqual(receipts)
+  for (const d of decided.filter((x) => x.outcome === 'refused')) expect(d.code, d.uri).toBe('job-not-completed')
+  const settledUris = decided.filter((d) => d.outcome === 'settled').map((d) => d.uri)
+  expect(settledUris.length).toBeGreaterThan(0)
+  // Alice is charged only for jobs she authorized: each settled receipt's job record, and the authorization
   // it cites, are on her PDS.
   const jobs = new Map((await listAll(alice.did, ids.ComputeJob)).map((j) => [j.uri, j.value]))
   const auths = new Set((await listAll(alice.did, ids.ComputePaymentAuthorization)).map((a) => a.uri))
-  for (const rec of receiptRecords) {
+  for (const rec of receiptRecords.filter((r) => settledUris.includes(r.uri))) {
     const job = jobs.get((rec.value.job as { uri: string }).uri)
     expect(job, `the job of ${rec.uri}`).toBeDefined()
     expect(auths.has((job!.paymentAuthorization as { uri: string }).uri)).toBe(true)
   }
-  expect(settled).toEqual(receipts)
+  expect(settled).toEqual(settledUris)
   const books = readDb(opts.dbPath, (db) => ({
     rows: db.prepare("SELECT receipt_uri AS uri, amount, fee FROM settlements WHERE outcome = 'settled' ORDER BY receipt_uri").all() as { uri: string; amount: number; fee: number }[],
     txns: db.prepare("SELECT ref FROM ledger_txns WHERE kind = 'settlement' ORDER BY ref").pluck().all() as string[],
     unbalanced: db.prepare('SELECT txn_id FROM ledger_entries GROUP BY txn_id HAVING SUM(amount) != 0').pluck().all(),
     aliceBalance: db.prepare('SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account = ?').pluck().get(alice.did) as number,
     grants: db.prepare("SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e JOIN ledger_txns t ON t.id = e.txn_id WHERE t.kind != 'settlement' AND e.account = ?").pluck().get(alice.did) as number,
+    held: db.prepare('SELECT COALESCE(SUM(held), 0) FROM ledger_balances').pluck().get() as number,
+    holds: db.prepare('SELECT COALESCE(SUM(hold), 0) FROM exchange_jobs').pluck().get() as number,
   }))
-  expect(books.rows.map((x) => x.uri)).toEqual(receipts)
-  expect(books.txns.length).toBe(receipts.length)
+  expect(books.rows.map((x) => x.uri)).toEqual(settledUris)
+  expect(books.txns.length).toBe(settledUris.length)
   expect(new Set(books.txns).size).toBe(books.txns.length)
   expect(books.unbalanced).toEqual([])
+  expect(books.held).toBe(books.holds)
   // Alice paid each settled job once: her balance is what she was granted less the charges.
   const charged = books.rows.reduce((s, x) => s + x.amount, 0)
   expect(books.aliceBalance).toBe(books.grants - charged)
@@ -359,6 +374,6 @@ it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exc
   const details: Record<string, number> = {}
   for (const { outcome: o } of outcomes) if (o.kind === 'error' || o.kind === 'cut') details[`${o.kind}: ${o.detail}`] = (details[`${o.kind}: ${o.detail}`] ?? 0) + 1
   console.log(
-    `faults: seed ${seed}, ${ROUNDS} rounds: ${log.join('; ')}\nchats ${kinds.length}: ok ${kinds.filter((k) => k === 'ok').length}, ${JSON.stringify(details)}\nPDS requests met by each mode: ${JSON.stringify(faults.met)}; receipts settled ${receipts.length}`,
+    `faults: seed ${seed}, ${ROUNDS} rounds: ${log.join('; ')}\nchats ${kinds.length}: ok ${kinds.filter((k) => k === 'ok').length}, ${JSON.stringify(details)}\nPDS requests met by each mode: ${JSON.stringify(faults.met)}; receipts ${receipts.length}, settled ${settledUris.length}`,
   )
 }, 900_000)

@@ -200,6 +200,24 @@ export class DispatchBook {
     if (available < hold) throw new AdmissionError('insufficient_quota', `this job may cost up to ${hold} tokens, and your available balance is ${available}`)
   }
 
+  /**
+   * At start: jobs the last process was running when it stopped can never
+   * complete here (their requesters' streams were cut), so they end as
+   * failed and their holds come back. Returns how many.
+   */
+  recoverInterrupted(): number {
+    const c = this.db.$client
+    return c.transaction(() => {
+      const rows = c.prepare("SELECT job_uri AS jobUri, requester_did AS requesterDid, hold FROM exchange_jobs WHERE state IN ('admitted', 'running')").all() as { jobUri: string; requesterDid: string; hold: number }[]
+      const mark = c.prepare("UPDATE exchange_jobs SET state = 'failed', hold = 0, reserved = 0, updated_at = ? WHERE job_uri = ?")
+      for (const r of rows) {
+        mark.run(new Date().toISOString(), r.jobUri)
+        this.opts.ledger?.release(r.requesterDid, r.hold)
+      }
+      return rows.length
+    })()
+  }
+
   /** The job is sent to this machine (again on a failover: the last one is the contract). */
   dispatched(jobUri: string, p: { did: string; machine: string; recordUri: string; attestationKey: string | null }): void {
     this.db.$client
