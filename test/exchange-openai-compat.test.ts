@@ -172,6 +172,24 @@ describe('tool calling', () => {
     ])
   })
 
+  it('dev.cocore.inference.dispatch takes the same tools, and its chunk events name their channel', async () => {
+    const post = (extra: Record<string, unknown>) =>
+      fetch(`${svc.url}/xrpc/${ids.InferenceDispatch}`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'tool-1', prompt: 'weather in Oslo', maxTokensOut: 50, priceCeiling: { amount: 1000, currency: 'CC' }, ...extra }),
+      })
+    const text = await (await post({ tools, toolChoice: 'required', toolChoiceFunction: 'clock' })).text()
+    const chunks = text.split('\n\n').filter((e) => e.startsWith('event: chunk')).map((e) => JSON.parse(e.split('\ndata: ')[1]!) as { channel: string; text: string })
+    expect(chunks.map((c) => c.channel)).toEqual(['reasoning', 'tool_call', 'tool_call', 'tool_call'])
+    expect(JSON.parse(chunks[1]!.text)).toEqual([{ index: 0, id: 'call_up_1', type: 'function', function: { name: 'clock', arguments: '' } }])
+    const jobUri = (JSON.parse(text.split('\ndata: ')[1]!.split('\n')[0]!) as { jobUri: string }).jobUri
+    expect(await jobOf(jobUri)).toMatchObject({ tools, toolChoice: 'required', toolChoiceFunction: 'clock' })
+    const float = await post({ outputSchema: { name: 'x', schema: { type: 'number', maximum: 1.5 } } })
+    expect(float.status).toBe(400)
+    expect(await float.json()).toMatchObject({ error: 'InvalidRequest', message: expect.stringMatching(/outputSchema: it holds the number 1.5/) })
+  })
+
   it('refuses tools no machine serves, and malformed tool fields', async () => {
     expect(await fail(client().chat.completions.create({ model: 'plain-1', messages: ask, tools }))).toMatchObject({ status: 400, code: 'tool_calls_not_supported', param: 'tools', message: expect.stringContaining('tool-1') })
     const bad = (extra: Record<string, unknown>) => fail(client().chat.completions.create({ model: 'tool-1', messages: ask, ...extra } as never))

@@ -62,6 +62,15 @@ export function recordJsonProblem(value: unknown): string | null {
   return walk(value, 0)
 }
 
+/** Why these constraints cannot go on a record (the field and its problem), or null when they can. */
+export function constraintsProblem(c: JobConstraints): string | null {
+  for (const [field, v] of [['outputSchema', c.outputSchema], ['tools', c.tools]] as const) {
+    const problem = v === undefined ? null : recordJsonProblem(v)
+    if (problem) return `${field}: it ${problem}`
+  }
+  return constraintBytes(c) > MAX_CONSTRAINT_BYTES ? `outputSchema and tools: they are over ${MAX_CONSTRAINT_BYTES >> 10} KB together` : null
+}
+
 /** Canonical size of the constraints (their record fields); throws CanonicalJsonError on what recordJsonProblem refuses. */
 export const constraintBytes = (c: JobConstraints): number => canonicalBytes({ outputSchema: c.outputSchema, tools: c.tools }).length
 

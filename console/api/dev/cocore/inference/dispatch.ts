@@ -13,6 +13,7 @@ import { streamSSE } from 'hono/streaming'
 import { consoleLogger as log } from '../../../../../src/logger.ts'
 import type { InferenceDispatchInput } from '../../../../../src/lexicon/generated/types.ts'
 import { encodeInput, inputCommitment, type InputFormat } from '../../../../../src/protocol/input.ts'
+import { constraintsProblem, type JobConstraints } from '../../../../../src/protocol/job-constraints.ts'
 import { InvalidRequestError, MethodNotImplementedError, XrpcError } from '../../../../../src/xrpc/errors.ts'
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import { admit, AdmissionError } from '../../../../exchange/admission.ts'
@@ -54,7 +55,7 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
   }
 
   let job: Omit<JobInput, 'signal'>
-  let open: ((provider: { did: string; key: string }, ciphertext: string) => string) | null = null
+  let open: ((provider: { did: string; key: string }, ciphertext: string, channel: string) => string) | null = null
   let wipe = () => {}
   if (input.sealed) {
     const sealed = input.sealed
@@ -86,10 +87,24 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
   } else {
     const plaintext = encodeInput([{ role: 'user', content: input.prompt }])
     const sealer = new ReceiptSealer(plaintext)
-    open = (p, ciphertext) => sealer.open(p, ciphertext)
+    open = (p, ciphertext, channel) => sealer.open(p, ciphertext, channel)
     wipe = () => sealer.wipe()
     job = { route, inputCommitment: inputCommitment(plaintext), inputFormat: 'messages-v1', inputBytes: plaintext.length, maxTokensOut: input.maxTokensOut, params: {}, ceiling: input.priceCeiling, seal: sealer.seal }
   }
+
+  // The job's public constraints, published on its record and sent to the provider (as the network passes them on).
+  const constraints: JobConstraints = {
+    ...(input.outputSchema ? { outputSchema: input.outputSchema } : {}),
+    ...(input.tools?.length ? { tools: input.tools } : {}),
+    ...(input.tools?.length && input.toolChoice ? { toolChoice: input.toolChoice } : {}),
+    ...(input.tools?.length && input.toolChoiceFunction ? { toolChoiceFunction: input.toolChoiceFunction } : {}),
+  }
+  const problem = constraintsProblem(constraints)
+  if (problem) {
+    wipe()
+    throw new InvalidRequestError(`the job record could not hold ${problem}`)
+  }
+  if (constraints.outputSchema || constraints.tools) job.constraints = constraints
 
   const ac = new AbortController()
   c.req.raw.signal.addEventListener('abort', () => ac.abort())
@@ -115,7 +130,9 @@ export default async function dispatch(deps: ApiDeps, _params: unknown, c: Conte
           provider = { did: e.providerDid, key: e.encryptionPubKey }
           await send('meta', { jobUri: e.jobUri, jobCid: e.jobCid, authUri: e.authUri, inputCommitment: e.inputCommitment, providerDid: e.providerDid, sessionId: e.sessionId, encryptionPubKey: e.encryptionPubKey, tier: 'best-effort' })
         } else if (e.kind === 'chunk') {
-          await send('chunk', open ? { seq: e.seq, channel: 'content', text: open(provider!, e.ciphertext) } : { seq: e.seq, channel: 'content', ciphertext: e.ciphertext })
+          // The channel as the provider tagged it: the answer, reasoning, or a tool call's JSON fragment.
+          const channel = e.channel ?? 'content'
+          await send('chunk', open ? { seq: e.seq, channel, text: open(provider!, e.ciphertext, channel) } : { seq: e.seq, channel, ciphertext: e.ciphertext })
         } else {
           inference.usage.add(caller.did, caller.keyId ?? null, { tokensIn: e.tokensIn, tokensOut: e.tokensOut })
           await send('complete', { tokensIn: e.tokensIn, tokensOut: e.tokensOut, finishReason: e.finishReason, receiptUri: e.receiptUri ?? null, tier: 'best-effort' })
