@@ -85,6 +85,8 @@ export interface ProviderAgentOpts {
   heartbeatMs?: number
   /** No frame from the exchange for this long: the connection is presumed dead and replaced (default 60 s). */
   silenceMs?: number
+  /** A keepalive for a job that has sent nothing this long (default 10 s, as on the network). */
+  keepaliveMs?: number
   /** Reconnection backoff: the first pause, doubled per failure up to the cap (default 1 s to 60 s). */
   reconnect?: { initialMs: number; maxMs: number }
 }
@@ -212,6 +214,7 @@ export class ProviderAgent extends EventEmitter<AgentEvents> {
       writer,
       send: (frame) => this.send(frame),
       maxConcurrent: this.opts.maxConcurrent,
+      keepaliveMs: this.opts.keepaliveMs,
       extended: () => this.extended !== false,
       proBonoFor: (requester) => this.proBono?.mode === 'any' || (this.proBono?.mode === 'direct' && Array.isArray(this.proBono.dids) && this.proBono.dids.includes(requester)),
     })
