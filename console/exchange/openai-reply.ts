@@ -40,10 +40,13 @@ export function toolCallDeltas(text: string): ToolCallDelta[] | null {
   const out: ToolCallDelta[] = []
   for (const d of raw) {
     if (!d || typeof d !== 'object') return null
-    const { index, id, type, function: fn } = d as Record<string, unknown>
+    // Some servers send null for a field a fragment does not carry: the same as leaving it out.
+    const given = (v: unknown) => (v === null ? undefined : v)
+    const r = d as Record<string, unknown>
+    const [index, id, type, fn] = [r.index, given(r.id), given(r.type), given(r.function)]
     if (!Number.isSafeInteger(index) || (index as number) < 0 || (index as number) >= MAX_CALLS) return null
-    if ((id !== undefined && !str(id)) || (type !== undefined && type !== 'function') || (fn !== undefined && (!fn || typeof fn !== 'object'))) return null
-    const f = fn as { name?: unknown; arguments?: unknown } | undefined
+    if ((id !== undefined && !str(id)) || (type !== undefined && type !== 'function') || (fn !== undefined && typeof fn !== 'object')) return null
+    const f = fn === undefined ? undefined : { name: given((fn as Record<string, unknown>).name), arguments: given((fn as Record<string, unknown>).arguments) }
     if (f && ((f.name !== undefined && !str(f.name)) || (f.arguments !== undefined && !str(f.arguments)))) return null
     out.push({
       index: index as number,
