@@ -27,6 +27,7 @@ import type { ComputeAttestation, ComputeJob, ComputeProvider, ComputeReceipt } 
 import { validateRecord } from '../src/lexicon/validate.ts'
 import { attestationChallengePayload, PROTOCOL_VERSION, type InferenceRequestFrame, type ProviderFrame } from '../src/protocol/agent.ts'
 import { encodeInput, inputCommitment, type ChatMessage } from '../src/protocol/input.ts'
+import type { JobCompletion } from '../console/exchange/gateway.ts'
 import { AGENT_VERSION, answerChallenge, ProviderAgent, type ProviderAgentOpts } from '../src/provider/agent.ts'
 import { BuiltinEngine } from '../src/provider/engine.ts'
 import { JobRunner } from '../src/provider/jobs.ts'
@@ -147,6 +148,40 @@ describe('provider agent', () => {
       const now = svc.gateway!.machinesOf(host.did)[0]
       return now && now.socket !== p.socket && now.attested
     }, 'registered and attested on a new connection')
+  })
+
+  it('keeps a job running across a dropped connection and resumes it on the new one: each chunk reaches the exchange once, in order', async () => {
+    const p = svc.gateway!.machinesOf(host.did)[0]!
+    expect(p).toMatchObject({ extended: true, streamResume: true })
+    const messages: ChatMessage[] = [{ role: 'user', content: 'Name three rivers in Europe.' }]
+    const plaintext = encodeInput(messages)
+    const sealed = sealPrompt(plaintext, b64(agent.keys.encryption.publicKey))
+    const seqs: number[] = []
+    const done = await new Promise<JobCompletion>((resolve, reject) => {
+      const request = {
+        job_uri: `at://${alice.did}/${ids.ComputeJob}/3kresume`,
+        job_cid: 'bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm',
+        requester_did: alice.did,
+        requester_pub_key: sealed.ephemeralPublicKey,
+        model: MODEL,
+        max_tokens_out: 64,
+        ciphertext: sealed.sealed,
+        input_format: 'messages-v1',
+        input_commitment: inputCommitment(plaintext),
+        params: {},
+      }
+      svc.gateway!.startJob(p, request, {
+        // The connection drops after the second chunk; the engine goes on.
+        chunk: (seq) => seqs.push(seq) === 2 && p.socket.terminate(),
+        keepalive: () => {},
+        complete: resolve,
+        fail: (code, message) => reject(new Error(`${code}: ${message}`)),
+      })
+    })
+    const expected = new BuiltinEngine().plan({ model: MODEL, messages, maxTokens: 64, params: {} })
+    expect(seqs).toEqual(expected.pieces.map((_, i) => i))
+    expect(done).toMatchObject({ tokens_out: expected.completion.tokensOut, final_seq: expected.pieces.length })
+    expect(svc.gateway!.machinesOf(host.did)[0]!.socket).not.toBe(p.socket)
   })
 
   it('signs challenge answers over the canonical payload', () => {
