@@ -20,7 +20,7 @@ import { ids } from '../src/lexicon/generated/ids.ts'
 import type { InferenceRequestFrame } from '../src/protocol/agent.ts'
 import { signInWithBrowser } from './fixture/console.ts'
 import { connectScripted, publishScriptedRecord, writeReceipt, type Behaviour, type ScriptedProvider, type ScriptedRecord } from './fixture/scripted-provider.ts'
-import { startStack, type Stack } from './fixture/stack.ts'
+import { settlingExchange, startStack, type Stack } from './fixture/stack.ts'
 import { waitFor } from './fixture/wait.ts'
 
 const POLICY = { grant: 5_000, floor: 100, tokenRate: { inputPerMTok: 1_000_000, outputPerMTok: 2_000_000 } }
@@ -92,15 +92,7 @@ function checkBooks() {
 beforeAll(async () => {
   stack = await startStack({
     accounts: ['alice.test', 'bob.test', 'carl.test', 'market.test', 'mallory.test'],
-    console: ([, , , market], av, net) => ({
-      index: av.consoleIndex(),
-      exchangeDid: market.did,
-      exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password: market.password },
-      policy: POLICY,
-      settleEveryMs: 100,
-      outboxRetry: { firstMs: 100, maxMs: 400 },
-      firstChunkTimeoutMs: 3000,
-    }),
+    console: ([, , , market], av, net) => settlingExchange(market, av, net, { policy: POLICY, firstChunkTimeoutMs: 3000 }),
   })
   ;({ av, svc } = stack)
   ;[alice, bob, carl, market, mallory] = stack.accounts as LocalAccount[] as [LocalAccount, LocalAccount, LocalAccount, LocalAccount, LocalAccount]

@@ -23,7 +23,7 @@ import { signInWithBrowser } from './fixture/console.ts'
 import { ReferenceProvider, referenceReply, type ReferenceProviderOpts } from './fixture/reference-provider.ts'
 import { resumeVectors } from './fixture/resume-vectors.ts'
 import { publishScriptedRecord } from './fixture/scripted-provider.ts'
-import { startStack, type Stack } from './fixture/stack.ts'
+import { settlingExchange, startStack, type Stack } from './fixture/stack.ts'
 import { waitFor } from './fixture/wait.ts'
 
 /** The network's uniform rate: one token of balance per model token, each way. */
@@ -38,15 +38,7 @@ const wsUrl = () => svc.localUrl.replace('http', 'ws')
 beforeAll(async () => {
   stack = await startStack({
     accounts: ['alice.test', 'market.test'],
-    console: ([, market], av, net) => ({
-      index: av.consoleIndex(),
-      exchangeDid: market.did,
-      exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password: market.password },
-      policy: POLICY,
-      settleEveryMs: 100,
-      outboxRetry: { firstMs: 100, maxMs: 400 },
-      firstChunkTimeoutMs: 5000,
-    }),
+    console: ([, market], av, net) => settlingExchange(market, av, net, { policy: POLICY, firstChunkTimeoutMs: 5000 }),
   })
   svc = stack.svc
   ;[alice, market] = stack.accounts as LocalAccount[] as [LocalAccount, LocalAccount]
