@@ -102,6 +102,212 @@ export const rejections = sqliteTable(
 )
 
 // ---------------------------------------------------------------------------
+// Aggregates of the read API, kept by triggers on `records` and `accounts`
+// (migration 0007) in the transaction that changes the rows they summarise,
+// so a read costs a few index lookups whatever the size of the index. Each is
+// a function of the rows (and, for the trailing windows, of where the windows
+// start), whatever order they were written in: a backfill or resync rebuilds
+// exactly what live indexing built. Times are records' own (`sort_at`).
+
+/** Where each trailing window of receipts starts now: receipts at or after `at` are counted in it. Moved forward by the indexer (appview/indexer/windows.ts). */
+export const activityWindows = sqliteTable('activity_windows', {
+  /** hour | day | week | month */
+  name: text('name').primaryKey(),
+  at: text('at').notNull(),
+})
+
+/** Per account and collection: its records, the oldest dated and the newest `sort_at` ('' when none). */
+export const accountCollections = sqliteTable(
+  'account_collections',
+  {
+    did: text('did').notNull(),
+    collection: text('collection').notNull(),
+    n: integer('n').notNull(),
+    firstAt: text('first_at').notNull(),
+    lastAt: text('last_at').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.did, t.collection] })],
+)
+
+/**
+ * One row per account with at least one record: the directory (listAccounts)
+ * and getProfile's counts. `hidden` copies the account's status so the
+ * directory walks only visible accounts; `handle` is the one the directory
+ * shows and searches (the DID document's, else the profile's).
+ */
+export const accountStats = sqliteTable(
+  'account_stats',
+  {
+    did: text('did').primaryKey(),
+    records: integer('records').notNull(),
+    jobs: integer('jobs').notNull(),
+    receipts: integer('receipts').notNull(),
+    machines: integer('machines').notNull(),
+    /** Tokens (in + out) of its receipts, all time. */
+    tokens: integer('tokens').notNull(),
+    /** Oldest dated record; '' when none is dated. */
+    joinedAt: text('joined_at').notNull(),
+    /** Newest record; '' when none is dated. */
+    lastAt: text('last_at').notNull(),
+    hidden: integer('hidden').notNull(),
+    handle: text('handle'),
+  },
+  (t) => [
+    index('account_stats_recent').on(sql`${t.lastAt} DESC`, t.did).where(sql`${t.hidden} = 0`),
+    index('account_stats_newest').on(sql`${t.joinedAt} DESC`, t.did).where(sql`${t.hidden} = 0`),
+    index('account_stats_providers').on(sql`${t.lastAt} DESC`, t.did).where(sql`${t.hidden} = 0 AND ${t.machines} > 0`),
+  ],
+)
+
+/**
+ * Per account and week (the Monday, 'YYYY-MM-DD'; '' for undated records):
+ * getProfile's series. `trusted`: accounts (visible) whose first friend record
+ * naming this one falls in the week.
+ */
+export const accountWeeks = sqliteTable(
+  'account_weeks',
+  {
+    did: text('did').notNull(),
+    week: text('week').notNull(),
+    jobs: integer('jobs').notNull().default(0),
+    receipts: integer('receipts').notNull().default(0),
+    tokens: integer('tokens').notNull().default(0),
+    machines: integer('machines').notNull().default(0),
+    trusted: integer('trusted').notNull().default(0),
+  },
+  (t) => [primaryKey({ columns: [t.did, t.week] })],
+)
+
+/**
+ * Each (friender, subject) pair of friend records, with its oldest record (by
+ * sort_at, then uri) and whether either end is hidden: listFriendEdges and
+ * listIncomingFriends page through it.
+ */
+export const friendEdges = sqliteTable(
+  'friend_edges',
+  {
+    friender: text('friender').notNull(),
+    subject: text('subject').notNull(),
+    n: integer('n').notNull(),
+    firstAt: text('first_at').notNull(),
+    firstUri: text('first_uri').notNull(),
+    /** The oldest record's createdAt as written, when it is a string. */
+    createdAt: text('created_at'),
+    frienderHidden: integer('friender_hidden').notNull(),
+    subjectHidden: integer('subject_hidden').notNull(),
+  },
+  (t) => [
+    primaryKey({ columns: [t.friender, t.subject] }),
+    index('friend_edges_listed').on(t.friender, t.subject).where(sql`${t.frienderHidden} = 0 AND ${t.subjectHidden} = 0 AND ${t.friender} <> ${t.subject}`),
+    index('friend_edges_incoming').on(t.subject, t.frienderHidden, sql`${t.firstAt} DESC`, t.friender),
+  ],
+)
+
+/** Visible accounts with a friend record naming `subject`. */
+export const friendCounts = sqliteTable('friend_counts', {
+  subject: text('subject').primaryKey(),
+  n: integer('n').notNull(),
+})
+
+/** Network-wide counts: `friend_edges`, the pairs listFriendEdges lists. */
+export const indexCounts = sqliteTable('index_counts', {
+  name: text('name').primaryKey(),
+  n: integer('n').notNull(),
+})
+
+/**
+ * Receipts naming a model, per model and provider: all time and in each
+ * trailing window (see activity_windows). Rows of hidden providers are kept;
+ * reads leave them out.
+ */
+export const modelActivity = sqliteTable(
+  'model_activity',
+  {
+    model: text('model').notNull(),
+    provider: text('provider').notNull(),
+    requests: integer('requests').notNull(),
+    tokens: integer('tokens').notNull(),
+    hourRequests: integer('hour_requests').notNull(),
+    hourTokens: integer('hour_tokens').notNull(),
+    dayRequests: integer('day_requests').notNull(),
+    dayTokens: integer('day_tokens').notNull(),
+    weekRequests: integer('week_requests').notNull(),
+    weekTokens: integer('week_tokens').notNull(),
+    monthRequests: integer('month_requests').notNull(),
+    monthTokens: integer('month_tokens').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.model, t.provider] })],
+)
+
+/** Provider records (machines) listing a model in supportedModels, per model and account. */
+export const modelMachines = sqliteTable(
+  'model_machines',
+  {
+    model: text('model').notNull(),
+    did: text('did').notNull(),
+    machines: integer('machines').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.model, t.did] })],
+)
+
+/**
+ * The latency samples of the trailing week: receipts of visible accounts with
+ * completedAt >= startedAt, their milliseconds and histogram bucket (the value
+ * to three significant digits).
+ */
+export const latencySamples = sqliteTable(
+  'latency_samples',
+  {
+    uri: text('uri').primaryKey(),
+    provider: text('provider').notNull(),
+    model: text('model'),
+    sortAt: text('sort_at').notNull(),
+    ms: integer('ms').notNull(),
+    bucket: integer('bucket').notNull(),
+  },
+  (t) => [
+    index('latency_samples_time').on(t.sortAt, t.uri),
+    index('latency_samples_provider').on(t.provider, t.sortAt, t.uri),
+    index('latency_samples_model').on(t.model, t.sortAt, t.uri),
+  ],
+)
+
+/** Per scope (kind 'all' with key '', 'provider' with its DID, 'model' with its id): samples per bucket. */
+export const latencyHist = sqliteTable(
+  'latency_hist',
+  {
+    kind: text('kind').notNull(),
+    key: text('key').notNull(),
+    bucket: integer('bucket').notNull(),
+    n: integer('n').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.kind, t.key, t.bucket] })],
+)
+
+/**
+ * Per scope: sample count and sum, and for p50 and p95 the bucket holding the
+ * nearest-rank sample with the count of samples below it (moved by at most
+ * one bucket per sample added or removed), and the newest sample.
+ */
+export const latencyStats = sqliteTable(
+  'latency_stats',
+  {
+    kind: text('kind').notNull(),
+    key: text('key').notNull(),
+    n: integer('n').notNull(),
+    sum: integer('sum').notNull(),
+    p50: integer('p50').notNull(),
+    below50: integer('below50').notNull(),
+    p95: integer('p95').notNull(),
+    below95: integer('below95').notNull(),
+    lastAt: text('last_at').notNull(),
+    lastUri: text('last_uri').notNull(),
+    lastMs: integer('last_ms').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.kind, t.key] })],
+)
+
+// ---------------------------------------------------------------------------
 // Console tables. The console keeps its own SQLite file (data/console.sqlite);
 // the migrations are shared, so each file simply leaves the other's tables empty.
 
