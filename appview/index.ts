@@ -11,6 +11,8 @@ import { XrpcError } from '../src/xrpc/errors.ts'
 import { appviewLogger as log } from '../src/logger.ts'
 import type { ComputeModelActivityOutput } from '../src/lexicon/generated/types.ts'
 import modelActivity from './api/dev/cocore/compute/modelActivity.ts'
+import { modelsDirectory, providerLeaderboard, type LeaderboardEntry, type ModelDirectoryEntry } from './api/aggregates.ts'
+import { startUpkeep } from './indexer/aggregates.ts'
 import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
 
@@ -38,6 +40,10 @@ export interface ConsoleIndex {
   record(uri: string): (IndexedProvider & { did: string; collection: string }) | undefined
   /** Receipt activity per model and provider, as dev.cocore.compute.modelActivity answers it (the model directory). */
   modelActivity(): ComputeModelActivityOutput
+  /** Every model visible machines offer or receipts name, with its machines and activity, busiest first. */
+  modelsDirectory(): ModelDirectoryEntry[]
+  /** The providers that served the most requests in the last 30 days. */
+  providerLeaderboard(limit?: number): LeaderboardEntry[]
 }
 
 export interface AppViewOpts {
@@ -73,6 +79,7 @@ export class AppView implements AsyncDisposable {
   readonly idResolver: IdResolver
   readonly indexer: Indexer
   private server: Server | null = null
+  private upkeep: { stop(): void } | null = null
   private readonly opts: AppViewOpts
   url = ''
 
@@ -93,6 +100,8 @@ export class AppView implements AsyncDisposable {
   }
 
   async start(): Promise<this> {
+    // The aggregates' trailing windows and the planner's statistics, in a reader as in an indexer (both keep the index).
+    this.upkeep = startUpkeep(this.db, { onError: (err) => log.warn('aggregate upkeep failed', { err }) })
     if (this.opts.index !== false) this.indexer.start()
     if (this.opts.port !== undefined) {
       // Loaded only when serving: an indexer-only process never loads the read API.
@@ -122,10 +131,14 @@ export class AppView implements AsyncDisposable {
       receiptsForJob: (jobUri) => this.store.receiptsForJob(jobUri),
       record: (uri) => this.store.record(uri),
       modelActivity: () => modelActivity({ db: this.db }, {}),
+      modelsDirectory: () => modelsDirectory(this.db, Date.now()),
+      providerLeaderboard: (limit) => providerLeaderboard(this.db, Date.now(), limit),
     }
   }
 
   async stop(): Promise<void> {
+    this.upkeep?.stop()
+    this.upkeep = null
     await this.indexer.stop()
     if (this.server) {
       const server = this.server

@@ -1,14 +1,18 @@
 /**
  * Two AppViews on the same firehose converge to identical state, also when
  * one starts late and backfills, and a backfill from scratch reproduces what
- * the live indexer built. Pagination stays exact while rows arrive.
+ * the live indexer built: the records, and the aggregates kept from them
+ * (equal to their computation from scratch). Pagination stays exact while
+ * rows arrive.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { backfill } from '../appview/indexer/backfill.ts'
 import type { AppView } from '../appview/index.ts'
+import { advanceWindows } from '../appview/indexer/aggregates.ts'
 import { dumpIndex, startAppView, tempDbPath, waitCaughtUp } from './fixture/appview.ts'
+import { dumpAggregates, expectedAggregates } from './fixture/aggregates.ts'
 import { authorizationRecord, friend, jobRecord, profile, putRecord, putRecords } from '../src/dev/records.ts'
 
 let net: LocalNetwork
@@ -21,6 +25,17 @@ beforeAll(async () => {
 afterAll(async () => {
   await net?.close()
 })
+
+/** Both AppViews' aggregates, their windows moved to the same time, are the same, and what the records make of them from scratch. */
+function expectSameAggregates(a: AppView, b: AppView) {
+  const now = Date.now()
+  advanceWindows(a.db, now)
+  advanceWindows(b.db, now)
+  const dump = dumpAggregates(a.db)
+  expect(dump.account_stats!.length).toBeGreaterThan(0)
+  expect(dump).toEqual(expectedAggregates(a.db))
+  expect(dumpAggregates(b.db)).toEqual(dump)
+}
 
 /** Creates, updates, deletes, invalid records and a deactivation across several repos. */
 async function workload(round: number) {
@@ -50,6 +65,7 @@ describe('convergence', () => {
     const dump = dumpIndex(first)
     expect(dump.split('\n').length).toBeGreaterThan(60)
     expect(dumpIndex(second)).toBe(dump)
+    expectSameAggregates(first, second)
   })
 
   it('an AppView that starts late and backfills reaches the same state', async () => {
@@ -60,6 +76,7 @@ describe('convergence', () => {
     await waitCaughtUp(first, net)
     await waitCaughtUp(late, net)
     expect(dumpIndex(late)).toBe(dumpIndex(first))
+    expectSameAggregates(first, late)
     await late.stop()
   })
 
@@ -68,9 +85,11 @@ describe('convergence', () => {
     await waitCaughtUp(first, net)
     await backfill({ store: fresh.store, indexer: fresh.indexer, idResolver: fresh.idResolver, sources: [net.pdsUrl] })
     expect(dumpIndex(fresh)).toBe(dumpIndex(first))
+    expectSameAggregates(first, fresh)
     const before = fresh.db.$client.prepare('SELECT uri, indexed_at FROM records ORDER BY uri').all()
     await backfill({ store: fresh.store, indexer: fresh.indexer, idResolver: fresh.idResolver, sources: [net.pdsUrl] })
     expect(fresh.db.$client.prepare('SELECT uri, indexed_at FROM records ORDER BY uri').all()).toEqual(before)
+    expectSameAggregates(first, fresh)
     await fresh.stop()
     await first.stop()
     await second.stop()

@@ -629,7 +629,7 @@ describe('accounts, profiles and friends', () => {
 })
 
 describe('query plans', () => {
-  it('getProfile reads only the account’s own index ranges (EXPLAIN QUERY PLAN), never a network-wide range', async () => {
+  it('getProfile reads only the account’s own index ranges and kept aggregates (EXPLAIN QUERY PLAN), never a network-wide range', async () => {
     const w = world()
     const did = plc('planner')
     w.put(did, { $type: ids.AccountProfile, createdAt: ago(5) }, 'self')
@@ -645,15 +645,16 @@ describe('query plans', () => {
     } finally {
       client.prepare = prepare
     }
-    const reads = prepared.filter((sql) => /FROM records/.test(sql))
+    const tables = /\b(records|account_stats|account_weeks|friend_counts)\b/
+    const reads = prepared.filter((sql) => tables.test(sql))
     expect(reads.length).toBeGreaterThanOrEqual(6)
     for (const sql of reads) {
       const holes = (sql.match(/\?/g) ?? []).length
       const plan = (prepare(`EXPLAIN QUERY PLAN ${sql}`).all(...Array(holes).fill('x')) as { detail: string }[]).map((p) => p.detail)
-      const onRecords = plan.filter((d) => / records /.test(`${d} `))
-      expect(onRecords.length, sql).toBeGreaterThan(0)
-      // A SEARCH bounded by the account (did=? or subject_did=?), not a SCAN nor a range of a whole collection.
-      for (const d of onRecords) expect(d, sql).toMatch(/^SEARCH records USING (COVERING )?INDEX \w+ \(.*\b(did|subject_did)=\?/)
+      const onTables = plan.filter((d) => / (records|account_stats|account_weeks|friend_counts|p) /.test(`${d} `) && !/accounts_hidden/.test(d))
+      expect(onTables.length, sql).toBeGreaterThan(0)
+      // A SEARCH bounded by the account (did=? or subject=?), not a SCAN nor a range of a whole collection.
+      for (const d of onTables) expect(d, sql).toMatch(/^SEARCH \w+ USING (COVERING )?INDEX \w+ \(.*\b(did|subject|subject_did)=\?/)
     }
   })
 })

@@ -42,9 +42,6 @@ export function statement(db: Db, sql: string): Statement {
  */
 export const visible = (column = 'did') => `${column} NOT IN (SELECT did FROM accounts WHERE active = 0)`
 
-/** A receipt's tokens (in + out), in SQL over `body`: integers by the receipt lexicon; CAST guards sums against odd values. */
-export const RECEIPT_TOKENS = `(CAST(COALESCE(json_extract(body, '$.tokens.in'), 0) AS INTEGER) + CAST(COALESCE(json_extract(body, '$.tokens.out'), 0) AS INTEGER))`
-
 /** The columns of a record row as the views read them. */
 const RECORD_COLUMNS = 'uri, cid, did, collection, rkey, body, sort_at AS sortAt, indexed_at AS indexedAt'
 

@@ -1,6 +1,5 @@
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { AccountListAccountsOutput, AccountListAccountsParams } from '../../../../../src/lexicon/generated/types.ts'
-import { ACCOUNT_DIRECTORY, ACCOUNT_DIRECTORY_PARAMS } from '../../../aggregates.ts'
 import { decodeCursor, encodeCursor, statement, type ApiContext } from '../../../util.ts'
 
 interface Row {
@@ -8,30 +7,22 @@ interface Row {
   handle: string | null
   displayName: string | null
   avatarUrl: string | null
-  providerCount: number
+  machines: number
   lastAt: string
-  joinedAt: string | null
+  joinedAt: string
   sortKey: string
-  total: number
 }
 
 /** A non-empty string field of the profile body `p.body`, else NULL. */
 const textField = (path: string) => `CASE WHEN json_type(p.body, '${path}') = 'text' THEN NULLIF(json_extract(p.body, '${path}'), '') END`
 
 /**
- * Every account of the directory (aggregates.ts) with its handle and profile
- * details. `p` is the account's profile record (rkey self), `a` its accounts
- * row. An account none of whose records is dated sorts last by `newest`.
+ * The directory is `account_stats` (one row per account with records, kept by
+ * the indexer), walked in the order asked for by its partial index of visible
+ * accounts: a page reads its rows and no others. `sortKey` is `last_at` or
+ * `joined_at` ('' when no record is dated: such an account sorts last).
  */
-const directory = (sortBy: 'recent' | 'newest') => `
-  SELECT d.did AS did, d.last_at AS lastAt, d.joined_at AS joinedAt, d.provider_count AS providerCount,
-    ${sortBy === 'newest' ? "COALESCE(d.joined_at, '')" : 'd.last_at'} AS sortKey,
-    COALESCE(NULLIF(a.handle, ''), ${textField('$.handle')}) AS handle,
-    ${textField('$.displayName')} AS displayName,
-    ${textField('$.avatarUrl')} AS avatarUrl
-  FROM (${ACCOUNT_DIRECTORY}) d
-  LEFT JOIN accounts a ON a.did = d.did
-  LEFT JOIN records p ON p.did = d.did AND p.collection = ? AND p.rkey = 'self'`
+const SORT_COLUMN = { recent: 'last_at', newest: 'joined_at' } as const
 
 /**
  * The account directory: every visible DID with at least one indexed record,
@@ -47,53 +38,54 @@ export default function listAccounts(ctx: ApiContext, params: AccountListAccount
   const excludeViewerFriends = params.excludeViewerFriends ?? false
   const after = decodeCursor(params.cursor, ['string', 'string']) as [string, string] | undefined
   const q = params.q === undefined ? undefined : params.q.trim().replace(/^@/, '').toLowerCase()
+  const key = SORT_COLUMN[sortBy]
 
   // The SQL is built from fixed fragments by which filters apply (a bounded set of statements); values are bound, in text order.
-  const filters: string[] = []
-  const filterParams: (string | number)[] = []
-  if (providersOnly) filters.push('providerCount > 0')
+  const filters = ['s.hidden = 0']
+  const filterParams: string[] = []
+  if (providersOnly) filters.push('s.machines > 0')
   if (params.viewerDid) {
-    filters.push('did <> ?')
+    filters.push('s.did <> ?')
     filterParams.push(params.viewerDid)
     if (excludeViewerFriends) {
-      // The viewer's friend records, from the (did, collection, …) index. COALESCE: a NULL in a NOT IN list would exclude every row.
-      filters.push(`did NOT IN (SELECT COALESCE(subject_did, '') FROM records WHERE did = ? AND collection = ?)`)
+      // The viewer's friend records, from the (did, collection, …) index.
+      filters.push('s.did NOT IN (SELECT subject_did FROM records WHERE did = ? AND collection = ? AND subject_did IS NOT NULL)')
       filterParams.push(params.viewerDid, ids.AccountFriend)
     }
   }
   if (q !== undefined) {
-    filters.push('(instr(lower(handle), ?) > 0 OR instr(lower(did), ?) > 0)')
+    filters.push('(instr(lower(s.handle), ?) > 0 OR instr(lower(s.did), ?) > 0)')
     filterParams.push(q, q)
   }
-  const where = filters.length ? `WHERE ${filters.join(' AND ')}` : ''
-  const dir = directory(sortBy)
-  const dirParams = [...ACCOUNT_DIRECTORY_PARAMS, ids.AccountProfile]
+  const where = filters.join(' AND ')
 
-  // The total is counted over the filtered set before the page's keyset/offset applies.
-  const rows = statement(
+  const page = statement(
     ctx.db,
-    `SELECT * FROM (SELECT dir.*, COUNT(*) OVER () AS total FROM (${dir}) dir ${where})
-    ${after ? 'WHERE (sortKey < ? OR (sortKey = ? AND did > ?))' : ''}
-    ORDER BY sortKey DESC, did ASC
-    LIMIT ? ${after ? '' : 'OFFSET ?'}`,
-  ).all(...dirParams, ...filterParams, ...(after ? [after[0], after[0], after[1], limit + 1] : [limit + 1, offset])) as Row[]
+    `SELECT s.did AS did, s.handle AS handle, s.last_at AS lastAt, s.joined_at AS joinedAt, s.machines AS machines, s.sortKey AS sortKey,
+      ${textField('$.displayName')} AS displayName, ${textField('$.avatarUrl')} AS avatarUrl
+    FROM (
+      SELECT s.*, s.${key} AS sortKey FROM account_stats s WHERE ${where}
+      ${after ? `AND s.${key} <= ? AND (s.${key} < ? OR s.did > ?)` : ''}
+      ORDER BY s.${key} DESC, s.did ASC LIMIT ? ${after ? '' : 'OFFSET ?'}
+    ) s LEFT JOIN records p ON p.uri = 'at://' || s.did || '/${ids.AccountProfile}/self'
+    ORDER BY s.sortKey DESC, s.did ASC`,
+  ).all(...filterParams, ...(after ? [after[0], after[0], after[1], limit + 1] : [limit + 1, offset])) as Row[]
+  // The total is counted over the filtered set, before the page's keyset/offset applies.
+  const total = statement(ctx.db, `SELECT COUNT(*) FROM account_stats s WHERE ${where}`).pluck().get(...filterParams) as number
 
-  const page = rows.slice(0, limit)
-  const total =
-    rows[0]?.total ??
-    (after || offset > 0 ? ((statement(ctx.db, `SELECT COUNT(*) AS n FROM (${dir}) dir ${where}`).get(...dirParams, ...filterParams) as { n: number } | undefined)?.n ?? 0) : 0)
-  const last = page[page.length - 1]
+  const rows = page.slice(0, limit)
+  const last = rows[rows.length - 1]
   return {
     // Absent values are null, not left out, as the reference AppView answers.
-    accounts: page.map((r) => ({
+    accounts: rows.map((r) => ({
       did: r.did,
       handle: r.handle,
       displayName: r.displayName,
       avatarUrl: r.avatarUrl,
-      joinedAt: r.joinedAt,
+      joinedAt: r.joinedAt || null,
       lastActivityAt: r.lastAt || null,
-      providerCount: r.providerCount,
-      isProvider: r.providerCount > 0,
+      providerCount: r.machines,
+      isProvider: r.machines > 0,
     })),
     total,
     limit,
@@ -102,6 +94,6 @@ export default function listAccounts(ctx: ApiContext, params: AccountListAccount
     providersOnly,
     excludeViewerFriends,
     ...(params.q !== undefined ? { q: params.q } : {}),
-    ...(rows.length > limit && last ? { cursor: encodeCursor([last.sortKey, last.did]) } : {}),
+    ...(page.length > limit && last ? { cursor: encodeCursor([last.sortKey, last.did]) } : {}),
   }
 }

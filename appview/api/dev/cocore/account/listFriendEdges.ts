@@ -1,19 +1,15 @@
-import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { AccountListFriendEdgesOutput, AccountListFriendEdgesParams } from '../../../../../src/lexicon/generated/types.ts'
-import { decodeCursor, encodeCursor, statement, visible, type ApiContext } from '../../../util.ts'
-
-/** Friend records with a subject other than their author; an edge to a deactivated account would expose it: hidden as well. */
-const EDGES = `collection = ? AND subject_did IS NOT NULL AND did <> subject_did AND ${visible()} AND ${visible('subject_did')}`
+import { decodeCursor, encodeCursor, statement, type ApiContext } from '../../../util.ts'
 
 /**
- * A page of pairs in (friender, subject) order, walking the (collection, did,
- * subject_did) index. With MIN(), SQLite takes the bare `created_at` from the
- * row holding the minimum: the createdAt of the pair's oldest record.
+ * A page of `friend_edges` (one row per pair, kept by the indexer) in
+ * (friender, subject) order, from its partial index of the listed pairs:
+ * both ends visible, not a self-edge.
  */
 const edgesPage = (keyset: boolean) => `
-  SELECT did AS friender, subject_did AS subject, MIN(sort_at) AS first, json_extract(body, '$.createdAt') AS createdAt
-  FROM records WHERE ${EDGES} ${keyset ? 'AND (did, subject_did) > (?, ?)' : ''}
-  GROUP BY did, subject_did ORDER BY did, subject_did LIMIT ?`
+  SELECT friender, subject, first_at AS first, created_at AS createdAt FROM friend_edges
+  WHERE friender_hidden = 0 AND subject_hidden = 0 AND friender <> subject ${keyset ? 'AND (friender, subject) > (?, ?)' : ''}
+  ORDER BY friender, subject LIMIT ?`
 const FIRST_PAGE = edgesPage(false)
 const NEXT_PAGE = edgesPage(true)
 
@@ -21,18 +17,18 @@ const NEXT_PAGE = edgesPage(true)
 export default function listFriendEdges(ctx: ApiContext, params: AccountListFriendEdgesParams): AccountListFriendEdgesOutput {
   const limit = params.limit!
   const after = decodeCursor(params.cursor, ['string', 'string']) as [string, string] | undefined
-  const rows = (after ? statement(ctx.db, NEXT_PAGE).all(ids.AccountFriend, after[0], after[1], limit + 1) : statement(ctx.db, FIRST_PAGE).all(ids.AccountFriend, limit + 1)) as {
+  const rows = (after ? statement(ctx.db, NEXT_PAGE).all(after[0], after[1], limit + 1) : statement(ctx.db, FIRST_PAGE).all(limit + 1)) as {
     friender: string
     subject: string
     first: string
-    createdAt: unknown
+    createdAt: string | null
   }[]
   const page = rows.slice(0, limit)
   const last = page[page.length - 1]
-  const total = (statement(ctx.db, `SELECT COUNT(*) AS n FROM (SELECT DISTINCT did, subject_did FROM records WHERE ${EDGES})`).get(ids.AccountFriend) as { n: number }).n
+  const total = (statement(ctx.db, "SELECT n FROM index_counts WHERE name = 'friend_edges'").pluck().get() as number | undefined) ?? 0
   return {
     edges: page.map((r) => {
-      const createdAt = typeof r.createdAt === 'string' ? r.createdAt : r.first || undefined
+      const createdAt = r.createdAt ?? (r.first || undefined)
       return { friender: r.friender, subject: r.subject, ...(createdAt ? { createdAt } : {}) }
     }),
     total,

@@ -1,29 +1,24 @@
-import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { AccountListIncomingFriendsOutput, AccountListIncomingFriendsParams } from '../../../../../src/lexicon/generated/types.ts'
-import { decodeCursor, encodeCursor, statement, visible, type ApiContext } from '../../../util.ts'
+import { decodeCursor, encodeCursor, statement, type ApiContext } from '../../../util.ts'
 
 interface Row {
   friender: string
   uri: string
   sortAt: string
-  createdAt: unknown
+  createdAt: string | null
   handle: string | null
 }
 
-/** Friend records naming the subject: a range of the (collection, subject_did, sort_at, uri) index. */
-const INCOMING = `collection = ? AND subject_did = ? AND ${visible()}`
-
-/** Per friender, its oldest friend record to the subject; then the page, newest first, then by friender. */
+/**
+ * The subject's visible frienders in `friend_edges` (one row per pair, with
+ * its oldest record), newest first, then by friender: a range of its
+ * (subject, friender_hidden, first_at, friender) index.
+ */
 const incomingPage = (keyset: boolean) => `
-  WITH firsts AS (
-    SELECT did AS friender, uri, sort_at, json_extract(body, '$.createdAt') AS created_at,
-      ROW_NUMBER() OVER (PARTITION BY did ORDER BY sort_at, uri) AS rn
-    FROM records WHERE ${INCOMING}
-  )
-  SELECT f.friender AS friender, f.uri AS uri, f.sort_at AS sortAt, f.created_at AS createdAt, a.handle AS handle
-  FROM firsts f LEFT JOIN accounts a ON a.did = f.friender
-  WHERE f.rn = 1 ${keyset ? 'AND (f.sort_at < ? OR (f.sort_at = ? AND f.friender > ?))' : ''}
-  ORDER BY f.sort_at DESC, f.friender ASC
+  SELECT e.friender AS friender, e.first_uri AS uri, e.first_at AS sortAt, e.created_at AS createdAt, a.handle AS handle
+  FROM friend_edges e LEFT JOIN accounts a ON a.did = e.friender
+  WHERE e.subject = ? AND e.friender_hidden = 0 ${keyset ? 'AND e.first_at <= ? AND (e.first_at < ? OR e.friender > ?)' : ''}
+  ORDER BY e.first_at DESC, e.friender ASC
   LIMIT ?`
 const FIRST_PAGE = incomingPage(false)
 const NEXT_PAGE = incomingPage(true)
@@ -36,16 +31,14 @@ export default function listIncomingFriends(ctx: ApiContext, params: AccountList
   const limit = params.limit!
   const after = decodeCursor(params.cursor, ['string', 'string']) as [string, string] | undefined
   const rows = (
-    after
-      ? statement(ctx.db, NEXT_PAGE).all(ids.AccountFriend, params.did, after[0], after[0], after[1], limit + 1)
-      : statement(ctx.db, FIRST_PAGE).all(ids.AccountFriend, params.did, limit + 1)
+    after ? statement(ctx.db, NEXT_PAGE).all(params.did, after[0], after[0], after[1], limit + 1) : statement(ctx.db, FIRST_PAGE).all(params.did, limit + 1)
   ) as Row[]
   const page = rows.slice(0, limit)
-  const total = (statement(ctx.db, `SELECT COUNT(DISTINCT did) AS n FROM records WHERE ${INCOMING}`).get(ids.AccountFriend, params.did) as { n: number }).n
+  const total = (statement(ctx.db, 'SELECT n FROM friend_counts WHERE subject = ?').pluck().get(params.did) as number | undefined) ?? 0
   const last = page[page.length - 1]
   return {
     friends: page.map((r) => {
-      const createdAt = typeof r.createdAt === 'string' ? r.createdAt : r.sortAt || undefined
+      const createdAt = r.createdAt ?? (r.sortAt || undefined)
       return {
         friender: r.friender,
         ...(r.handle ? { frienderHandle: r.handle } : {}),
