@@ -41,6 +41,8 @@ function signedCommitData(commitBlock: Uint8Array | undefined, rev: string): str
 const revTime = (rev: string): number => (TID.is(rev) ? TID.fromStr(rev).timestamp() / 1000 : 0)
 /** Revs more than this far ahead of our clock are refused (atproto sync spec). */
 const MAX_CLOCK_SKEW_MS = 5 * 60_000
+/** Events applied in the store's group transaction are committed within this (see IndexStore: group commit). */
+const GROUP_COMMIT_MS = 10
 
 type Change =
   | { kind: 'commit'; did: string; link: ChainLink; ops: IndexOp[]; rejects: Rejection[] }
@@ -245,11 +247,44 @@ export class Indexer implements AsyncDisposable {
    */
   private readonly unsavedCursors = new Map<string, number>()
   private cursorTimer: NodeJS.Timeout | null = null
+  private groupTimer: NodeJS.Timeout | null = null
 
   constructor(opts: IndexerOpts) {
     this.opts = opts
     installNativeSignatureVerification()
     this.subs = opts.sources.map((source) => this.makeSub(source))
+    opts.store.onGroupLost = (err) => this.groupLost(err)
+  }
+
+  /**
+   * The group transaction could not be committed: the events in it are gone
+   * though their runners moved on. Every source stops at once and starts
+   * again from its committed cursor; cursors not yet written may be past the
+   * lost events, so they are dropped.
+   */
+  private groupLost(err: unknown): void {
+    log.error('index write failed; resubscribing every source from its persisted cursor', { err: err as Error })
+    this.unsavedCursors.clear()
+    for (const sub of this.subs) {
+      void sub.runner.close()
+      this.restart(sub.source)
+    }
+  }
+
+  /** Commits the group transaction soon (see IndexStore: group commit). */
+  private commitGroupSoon(): void {
+    this.groupTimer ??= setTimeout(() => {
+      this.groupTimer = null
+      this.commitGroup()
+    }, GROUP_COMMIT_MS)
+  }
+
+  private commitGroup(): void {
+    try {
+      this.opts.store.commitGroup()
+    } catch {
+      // Handled by groupLost.
+    }
   }
 
   /** A subscription to one source, resuming from that source's persisted cursor. */
@@ -331,14 +366,20 @@ export class Indexer implements AsyncDisposable {
     void this.retryResyncs()
   }
 
+  /** Commits the group transaction and the cursors (and heads) reached by events that wrote nothing. */
   private saveCursors(): void {
-    if (this.unsavedCursors.size === 0) return
     const { store } = this.opts
-    store.tx(() => {
-      for (const [source, seq] of this.unsavedCursors) store.setCursor(source, seq)
-      store.flushHeads()
-    })
-    this.unsavedCursors.clear()
+    try {
+      if (this.unsavedCursors.size === 0) return store.commitGroup()
+      store.tx(() => {
+        for (const [source, seq] of this.unsavedCursors) store.setCursor(source, seq)
+        store.flushHeads()
+      })
+      this.unsavedCursors.clear()
+    } catch (err) {
+      // A lost group was handled by groupLost; anything else is retried at the next tick.
+      log.warn('cursors not saved; will retry', { err: err as Error })
+    }
   }
 
   /** Highest seq of each source below which everything is applied. */
@@ -352,6 +393,8 @@ export class Indexer implements AsyncDisposable {
     if (this.cursorTimer) clearInterval(this.cursorTimer)
     await Promise.all(this.subs.map((s) => this.closeSub(s)))
     await this.retrying
+    if (this.groupTimer) clearTimeout(this.groupTimer)
+    this.groupTimer = null
     this.saveCursors()
   }
 
@@ -498,13 +541,14 @@ export class Indexer implements AsyncDisposable {
     const { store } = this.opts
     const unsaved = this.unsavedCursors.get(source)
     const save = cursor === undefined ? unsaved : unsaved === undefined ? cursor : Math.max(cursor, unsaved)
-    store.tx(() => {
+    store.txGrouped(() => {
       for (const c of changes) this.apply(c)
       if (save !== undefined) {
         store.setCursor(source, save)
         store.flushHeads()
       }
     })
+    this.commitGroupSoon()
     if (save !== undefined) this.unsavedCursors.delete(source)
     if (this.gapFound) {
       this.gapFound = false

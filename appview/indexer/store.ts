@@ -1,8 +1,17 @@
 /**
- * The index writer: every change to the AppView's tables goes through here,
- * one SQLite transaction per firehose event (rows + cursor together).
- * Writes use prepared statements rather than the query builder because this is
- * the ingest hot path; reads elsewhere use drizzle.
+ * The index writer: every change to the AppView's tables goes through here.
+ * Each firehose event's rows are written with its cursor, atomically. Writes
+ * use prepared statements rather than the query builder because this is the
+ * ingest hot path; reads elsewhere use drizzle.
+ *
+ * Group commit: a transaction's fixed cost (every page it dirties is written
+ * to the WAL at COMMIT, each index of `records` included) was a large part of
+ * what an event of ours cost. The indexer applies each event in a savepoint of one
+ * open transaction (`txGrouped`) and commits that transaction a few
+ * milliseconds later (`commitGroup`): events are still all-or-nothing, each
+ * with its cursor, and a crash loses only events whose cursor was not
+ * committed either. Any other write (`tx`) commits the group with it, so it
+ * is durable when it returns.
  */
 import { lexStringify } from '@atproto/lex-json'
 import type { Statement } from 'better-sqlite3'
@@ -84,6 +93,8 @@ export class IndexStore {
    * write the head too and leave the entry as written.
    */
   private readonly chain = new Map<string, RepoState & { unsaved: boolean }>()
+  /** The open group transaction (see the module comment), if any. */
+  private groupOpen = false
 
   constructor(db: Db) {
     this.db = db
@@ -124,14 +135,60 @@ export class IndexStore {
     this.tracked = new Set(c.prepare('SELECT did FROM repos').pluck().all() as string[])
   }
 
+  /** Runs `fn` in a transaction of its own, durable when this returns (an open group is committed first). */
   tx<T>(fn: () => T): T {
+    this.commitGroup()
+    return this.atomically(fn)
+  }
+
+  /**
+   * Runs `fn` atomically inside the group transaction, opening it if none is
+   * open: durable once `commitGroup` has run.
+   */
+  txGrouped<T>(fn: () => T): T {
+    // Inside someone's transaction already: a savepoint of it.
+    if (!this.groupOpen && !this.db.$client.inTransaction) {
+      this.db.$client.exec('BEGIN IMMEDIATE')
+      this.groupOpen = true
+    }
+    return this.atomically(fn)
+  }
+
+  /**
+   * Called when a group transaction could not be committed: everything
+   * written in it is gone, and whoever wrote it must start again from the
+   * committed cursors. The error is also thrown to the caller of the commit.
+   */
+  onGroupLost: ((err: unknown) => void) | null = null
+
+  /** Commits the group transaction, if one is open. */
+  commitGroup(): void {
+    if (!this.groupOpen) return
+    this.groupOpen = false
+    const c = this.db.$client
+    try {
+      c.exec('COMMIT')
+    } catch (err) {
+      if (c.inTransaction) c.exec('ROLLBACK')
+      this.forgetWrittenStates()
+      this.onGroupLost?.(err)
+      throw err
+    }
+  }
+
+  /** A transaction, or a savepoint of the group's. */
+  private atomically<T>(fn: () => T): T {
     try {
       return this.db.$client.transaction(fn)()
     } catch (err) {
-      // Rolled back: states read or changed inside may be wrong; only heads not yet written are kept (they are ahead of the database).
-      for (const [did, c] of this.chain) if (!c.unsaved) this.chain.delete(did)
+      this.forgetWrittenStates()
       throw err
     }
+  }
+
+  /** After a rollback: states read or changed inside may be wrong; only heads not yet written are kept (they are ahead of the database). */
+  private forgetWrittenStates(): void {
+    for (const [did, c] of this.chain) if (!c.unsaved) this.chain.delete(did)
   }
 
   getCursor(source: string): number | undefined {
