@@ -71,6 +71,8 @@ export interface AppViewOpts {
   replayFromStart?: boolean
   /** Pause before resubscribing to a source after its stream broke; default 3 s. */
   reconnectDelayMs?: number
+  /** See IndexerOpts.rawCommitFilter (default true). */
+  rawCommitFilter?: boolean
 }
 
 export class AppView implements AsyncDisposable {
@@ -96,7 +98,7 @@ export class AppView implements AsyncDisposable {
       // The operator's own sources: repo fetches may reach them on a private network.
       trusted: opts.sources,
     })
-    this.indexer = new Indexer({ store: this.store, idResolver: this.idResolver, sources: opts.sources, replayFromStart: opts.replayFromStart, reconnectDelayMs: opts.reconnectDelayMs })
+    this.indexer = new Indexer({ store: this.store, idResolver: this.idResolver, sources: opts.sources, replayFromStart: opts.replayFromStart, reconnectDelayMs: opts.reconnectDelayMs, rawCommitFilter: opts.rawCommitFilter })
   }
 
   async start(): Promise<this> {

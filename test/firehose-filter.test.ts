@@ -7,8 +7,10 @@
  */
 import { IdResolver } from '@atproto/identity'
 import { Firehose, FirehoseValidationError } from '@atproto/sync'
+import { Subscription } from '@atproto/xrpc-server'
 import { describe, expect, it } from 'vitest'
 import { isForeignCommit, skipValidationOfForeignCommits } from '../appview/indexer/indexer.ts'
+import { peekRawFrames } from '../appview/indexer/subscription.ts'
 
 const commit = (paths: string[], extra: Record<string, unknown> = {}) => ({
   $type: 'com.atproto.sync.subscribeRepos#commit',
@@ -42,5 +44,16 @@ describe('foreign-commit pre-filter', () => {
     expect(validate(commit(['dev.cocore.compute.receipt/1']))).toBeUndefined()
     expect(errors).toHaveLength(1)
     expect(errors[0]).toBeInstanceOf(FirehoseValidationError)
+  })
+
+  it("replaces the pinned library's subscription with one that shows raw frames first, keeping its options (and so its frame check)", () => {
+    const firehose = new Firehose({ service: 'ws://127.0.0.1:1', idResolver: new IdResolver(), handleEvent: async () => {}, onError: () => {} })
+    const holder = firehose as unknown as { sub: Subscription }
+    const before = holder.sub
+    expect(before).toBeInstanceOf(Subscription)
+    expect(peekRawFrames(firehose, () => false)).toBe(true)
+    expect(holder.sub).not.toBe(before)
+    expect(holder.sub).toBeInstanceOf(Subscription)
+    expect(holder.sub.opts).toBe(before.opts)
   })
 })

@@ -41,4 +41,20 @@ describe('OrderedRunner', () => {
     expect(runner.getCursor()).toBe(11)
     expect(discarded.sort()).toEqual([12, 13, 14])
   })
+
+  it('commits an event with nothing to await at once, or behind its repo\'s events in flight, in order', async () => {
+    const committed: [number, number | undefined][] = []
+    const runner = new OrderedRunner({ startCursor: undefined, commit: (seq, c) => committed.push([seq, c]), discard: () => {}, onFatal: () => {} })
+    runner.trackDone('did:a', 1)
+    expect(committed).toEqual([[1, 1]]) // no task, no tick: committed before trackDone returns
+    let release!: () => void
+    void runner.trackEvent('did:b', 2, () => new Promise<void>((r) => (release = r)))
+    runner.trackDone('did:c', 3) // another repo: at once, though the cursor must wait for seq 2
+    runner.trackDone('did:b', 4) // b has an event in flight: queued behind it
+    expect(committed).toEqual([[1, 1], [3, undefined]])
+    release()
+    await runner.idle()
+    expect(committed).toEqual([[1, 1], [3, undefined], [2, 3], [4, 4]])
+    expect(runner.getCursor()).toBe(4)
+  })
 })

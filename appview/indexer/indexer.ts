@@ -19,6 +19,8 @@ import { NSID_PREFIX, recordCollections } from '../../src/lexicon/generated/ids.
 import { OrderedRunner } from './runner.ts'
 import { fetchRepo, getRepoStatus, RepoFetchError, type FetchedRepo } from './repo-fetch.ts'
 import { prevDataOf, sinceOf, type CommitFrame } from './chain.ts'
+import { readForeignCommit } from './raw-commit.ts'
+import { peekRawFrames } from './subscription.ts'
 import type { ChainLink, IndexOp, IndexStore, RecordWrite } from './store.ts'
 
 const KNOWN = new Set<string>(recordCollections)
@@ -117,6 +119,11 @@ function wrapFrameCheck(firehose: Firehose, wrap: (current: FrameCheck) => Frame
 
 const MESSAGE_TYPES = new Set(['commit', 'sync', 'identity', 'account', 'info'].map((t) => `com.atproto.sync.subscribeRepos#${t}`))
 
+/** The highest seq taken from a subscription so far, shared by the library's frame check and the raw-frame path. */
+export interface SeqMark {
+  highest: number
+}
+
 /**
  * Around the library's frame check:
  *  - a frame of a type this lexicon does not know passes the library's check
@@ -134,9 +141,9 @@ const MESSAGE_TYPES = new Set(['commit', 'sync', 'identity', 'account', 'info'].
  */
 export function watchFrames(
   firehose: Firehose,
+  mark: SeqMark,
   on: { claims: (seq: number, repo: string, paths: string[]) => void; commit: (seq: number, frame: CommitFrame) => void; unknownType: (type: unknown) => void },
 ): void {
-  let highest = -1
   wrapFrameCheck(firehose, (check) => (value) => {
     const out = check(value) as ({ $type?: unknown; seq?: unknown; repo: string; ops: { path: string }[] } & CommitFrame) | undefined
     if (out === undefined) return out
@@ -145,8 +152,8 @@ export function watchFrames(
       return undefined
     }
     if (typeof out.seq !== 'number') return out
-    if (out.seq <= highest) return undefined
-    highest = out.seq
+    if (out.seq <= mark.highest) return undefined
+    mark.highest = out.seq
     if (out.$type === COMMIT_TYPE) {
       on.commit(out.seq, out)
       const paths = out.ops.map((op) => op.path).filter((p) => p.startsWith(NSID_PREFIX))
@@ -211,6 +218,8 @@ export interface IndexerStats {
   resyncs: number
   /** Commits that did not follow their repo's last one (events were missed): the repo was resynced. */
   gaps: number
+  /** Commits of other collections told from the raw frame bytes, never decoded (see raw-commit.ts). */
+  rawForeignCommits: number
 }
 
 export interface IndexerOpts {
@@ -224,10 +233,16 @@ export interface IndexerOpts {
   replayFromStart?: boolean
   /** Pause before resubscribing after the stream broke (an undecodable frame, an error frame); default 3 s. */
   reconnectDelayMs?: number
+  /**
+   * Tell commits of other collections from the raw frame bytes, without
+   * decoding them (default true). False: the library decodes every frame, the
+   * reference the ingest benchmark and the fuzz suite compare against.
+   */
+  rawCommitFilter?: boolean
 }
 
 export class Indexer implements AsyncDisposable {
-  readonly stats: IndexerStats = { events: 0, commitsApplied: 0, staleCommits: 0, recordsWritten: 0, recordsDeleted: 0, rejected: 0, purged: 0, resyncs: 0, gaps: 0 }
+  readonly stats: IndexerStats = { events: 0, commitsApplied: 0, staleCommits: 0, recordsWritten: 0, recordsDeleted: 0, rejected: 0, purged: 0, resyncs: 0, gaps: 0, rawForeignCommits: 0 }
   private readonly opts: IndexerOpts
   private readonly subs: Sub[]
   private readonly pending = new Map<string, Change[]>()
@@ -316,8 +331,23 @@ export class Indexer implements AsyncDisposable {
       handleEvent: (evt) => this.handleEvent(source, evt),
       onError: (err) => this.onError(source, err),
     })
+    const mark: SeqMark = { highest: -1 }
     skipValidationOfForeignCommits(firehose)
-    watchFrames(firehose, {
+    if (this.opts.rawCommitFilter !== false) {
+      peekRawFrames(firehose, (bytes) => {
+        const frame = readForeignCommit(bytes)
+        if (!frame) return false
+        // Sent again after a reconnect: dropped, as the frame check drops it.
+        if (frame.seq <= mark.highest) return true
+        mark.highest = frame.seq
+        this.stats.rawForeignCommits++
+        // No handler: what the commit changes (the head of a repo we track) is decided when it is committed.
+        frames.set(frame.seq, frame)
+        runner.trackDone(frame.repo, frame.seq)
+        return true
+      })
+    }
+    watchFrames(firehose, mark, {
       claims: (seq, repo, paths) => claims.set(seq, { repo, paths }),
       commit: (seq, frame) => frames.set(seq, frame),
       unknownType: (type) => {

@@ -44,6 +44,8 @@ class ConsecutiveSeqs {
   }
 }
 
+const nothing = async (): Promise<void> => {}
+
 export interface OrderedRunnerOpts {
   /** Cursor to resume from (read from the database at start). */
   startCursor: number | undefined
@@ -120,6 +122,31 @@ export class OrderedRunner implements EventRunner {
     slot.run = run
     this.partitions.set(did, run)
     return run
+  }
+
+  /**
+   * An event with nothing to await (all it does is decided when it is
+   * committed): committed at once, without a task, when its repo has no event
+   * in flight; otherwise queued behind them like any event, so a repo's events
+   * are still committed in order.
+   */
+  trackDone(did: string, seq: number): void {
+    if (this.closed) return
+    if (this.partitions.has(did)) {
+      void this.trackEvent(did, seq, nothing)
+      return
+    }
+    const item = this.seqs.push(seq)
+    try {
+      const cursor = this.seqs.peekComplete(item)
+      this.opts.commit(seq, cursor)
+      this.seqs.complete(item)
+      if (cursor !== undefined) this.cursor = Math.max(this.cursor ?? cursor, cursor)
+    } catch (err) {
+      this.closed = true
+      this.opts.discard(seq)
+      this.opts.onFatal(err)
+    }
   }
 
   private tryAcquire(): boolean {
