@@ -8,14 +8,23 @@
  *     paths for dev.cocore. — the floor of any consumer.
  *  3. SYSTEM: an AppView indexer (no HTTP) on a fresh SQLite DB reads the
  *     recording from a local replay server; timed from start until its cursor
- *     reaches the last seq of the recording.
+ *     reaches the last seq of the recording. Run twice per round: as it runs
+ *     (commits of other collections told from the raw frame bytes) and with
+ *     the library decoding every frame (`rawCommitFilter: false`, the slow
+ *     path). Both must end with the same index: rows, repos' sync state,
+ *     rejections and counters; the run fails otherwise.
+ *
+ * The machine is shared: each round measures the baseline and both systems
+ * one after the other, and besides wall time each reports the CPU time of the
+ * thread doing the work (the indexer's main thread; the replay server runs on
+ * its own), so "per CPU second" figures are what one core does.
  *
  * Options: --events N (use the first N frames; records N if the saved
  * recording is shorter), --runs R (default 3, median reported), --rerecord.
  * Writes the figures to data/bench/ingest.json.
  */
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { availableParallelism, loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { decodeFirst } from 'cborg'
@@ -24,7 +33,7 @@ import { AppView } from '../appview/index.ts'
 import { COCORE_PREFIX, DEFAULT_DIR, DEFAULT_EVENTS, loadRecording, recordFirehose, type Recording } from './record-firehose.ts'
 import { startReplayWorker, type ReplayHandle } from './replay-worker.ts'
 
-const TARGET_EVENTS_PER_SEC = 20_000
+const TARGET_EVENTS_PER_SEC = 50_000
 
 const { values: args } = parseArgs({
   options: {
@@ -105,9 +114,24 @@ function scan(frames: Buffer[]) {
   return { commits, cocoreCommits, cocoreOps, cocoreRecords: live.size, kinds }
 }
 
+/** The first lines where two index states differ (at most 10). */
+function diffLines(a: string, b: string): string {
+  const [x, y] = [a.split('\n'), b.split('\n')]
+  const out: string[] = []
+  for (let i = 0; i < Math.max(x.length, y.length) && out.length < 10; i++) if (x[i] !== y[i]) out.push(`- ${x[i] ?? ''}\n+ ${y[i] ?? ''}`)
+  return out.join('\n')
+}
+
+/** CPU seconds of the calling thread. */
+const threadCpu = () => {
+  const c = process.threadCpuUsage()
+  return (c.user + c.system) / 1e6
+}
+
 /** BASELINE: decode header + body of every frame and look for dev.cocore. ops. */
-function baseline(frames: Buffer[]): { seconds: number; matched: number } {
+function baseline(frames: Buffer[]): { seconds: number; cpuSeconds: number; matched: number } {
   const t0 = performance.now()
+  const c0 = threadCpu()
   let matched = 0
   for (const f of frames) {
     const [, rest] = decodeFirst(f, decodeOptions)
@@ -115,7 +139,7 @@ function baseline(frames: Buffer[]): { seconds: number; matched: number } {
     const ops = body.ops
     if (ops && ops.some((op) => op.path.startsWith(COCORE_PREFIX))) matched++
   }
-  return { seconds: (performance.now() - t0) / 1000, matched }
+  return { seconds: (performance.now() - t0) / 1000, cpuSeconds: threadCpu() - c0, matched }
 }
 
 interface SystemRun {
@@ -127,20 +151,46 @@ interface SystemRun {
   events: number
   records: number
   cpuSeconds: number
+  /** CPU time of the indexer's thread alone. */
+  threadCpuSeconds: number
   peakRss: number
   rssAtStart: number
   stats: AppView['indexer']['stats']
   rejections: { reason: string; collection: string; count: number }[]
+  /** The index at the end (see indexState), to compare the two paths. */
+  state: string
 }
 
-async function system(opts: { source: string; plcUrl: string; handlesViaPds: string; lastSeq: number; tmp: string; timeoutMs: number }): Promise<SystemRun> {
+/** Everything the index holds that does not depend on when it was written: rows, repos' sync state, rejection counts. */
+function indexState(av: AppView): string {
+  const c = av.db.$client
+  const q = (sql: string) => c.prepare(sql).all().map((r) => JSON.stringify(r))
+  return [
+    ...q('SELECT * FROM records ORDER BY uri').map((r) => r.replace(/"indexed_at":"[^"]*",?/, '')),
+    ...q('SELECT * FROM accounts ORDER BY did'),
+    ...q('SELECT * FROM repos ORDER BY did'),
+    ...q('SELECT * FROM cursors ORDER BY source'),
+    ...q('SELECT reason, collection, count FROM rejections ORDER BY reason, collection'),
+  ].join('\n')
+}
+
+async function system(opts: { source: string; plcUrl: string; handlesViaPds: string; lastSeq: number; tmp: string; timeoutMs: number; rawCommitFilter: boolean }): Promise<SystemRun> {
   const dbDir = mkdtempSync(join(opts.tmp, 'db-'))
   global.gc?.()
   const rss = new RssSampler().start()
   const rssAtStart = rss.peak
-  const av = new AppView({ dbPath: join(dbDir, 'appview.sqlite'), sources: [opts.source], plcUrl: opts.plcUrl, allowHttp: true, handlesViaPds: opts.handlesViaPds, replayFromStart: true })
+  const av = new AppView({
+    dbPath: join(dbDir, 'appview.sqlite'),
+    sources: [opts.source],
+    plcUrl: opts.plcUrl,
+    allowHttp: true,
+    handlesViaPds: opts.handlesViaPds,
+    replayFromStart: true,
+    rawCommitFilter: opts.rawCommitFilter,
+  })
   try {
     const cpu0 = process.cpuUsage()
+    const thread0 = threadCpu()
     const t0 = performance.now()
     let tFirst = 0
     let firstSeq = 0
@@ -164,8 +214,11 @@ async function system(opts: { source: string; plcUrl: string; handlesViaPds: str
       }, 2)
     })
     const tEnd = performance.now()
+    const threadCpuSeconds = threadCpu() - thread0
     const seconds = (tEnd - t0) / 1000
     const cpu = process.cpuUsage(cpu0)
+    // Stopped before reading the index: cursors and heads kept in memory are written on the way out.
+    await av.indexer.stop()
     const records = av.db.$client.prepare('SELECT count(*) FROM records').pluck().get() as number
     return {
       seconds,
@@ -174,10 +227,12 @@ async function system(opts: { source: string; plcUrl: string; handlesViaPds: str
       events: av.indexer.stats.events,
       records,
       cpuSeconds: (cpu.user + cpu.system) / 1e6,
+      threadCpuSeconds,
       peakRss: rss.stop(),
       rssAtStart,
       stats: { ...av.indexer.stats },
       rejections: av.store.rejectionCounts(),
+      state: indexState(av),
     }
   } finally {
     rss.stop()
@@ -220,30 +275,63 @@ async function main() {
     const full = n === recording.frames.length
     log(`${n} frames (${mb(bytes)} MB), ${mix.commits} commits, ${mix.cocoreCommits} touching dev.cocore.* (${mix.cocoreOps} ops), last seq ${lastSeq}`)
 
-    // (b) BASELINE
+    // (b) BASELINE and (c) SYSTEM, round after round: load from others on the machine hits all three alike.
     baseline(frames.slice(0, Math.min(n, 2000))) // warm-up
-    const base = Array.from({ length: runs }, () => baseline(frames))
-    const baseFps = median(base.map((b) => n / b.seconds))
-    log(`baseline: ${base.map((b) => Math.round(n / b.seconds)).join(', ')} frames/s (matched ${base[0]!.matched} commits)`)
-
-    // (c) SYSTEM
     replay = await startReplayWorker(n)
     // A saved recording's DIDs are not in any running PLC: the replay server serves their recorded documents.
     identity ??= { plcUrl: replay.httpUrl, handlesViaPds: replay.httpUrl }
-    const sys: SystemRun[] = []
+    const base: ReturnType<typeof baseline>[] = []
+    const fast: SystemRun[] = []
+    const slow: SystemRun[] = []
+    const describe = (run: SystemRun) =>
+      `${Math.round(n / run.seconds)} events/s wall (steady ${Math.round(run.steadyEventsPerSec)}/s after ${(run.startupSeconds * 1000).toFixed(0)} ms start-up), ` +
+      `${Math.round(n / run.threadCpuSeconds)} per indexer-thread CPU s, ${run.records} records, process cpu ${Math.round((100 * run.cpuSeconds) / run.seconds)}%, peak RSS ${mb(run.peakRss)} MB`
     for (let r = 0; r < runs; r++) {
-      const run = await system({ source: replay.url, ...identity, lastSeq, tmp, timeoutMs: 600_000 })
-      sys.push(run)
-      log(`system run ${r + 1}/${runs}: ${run.seconds.toFixed(2)} s, ${Math.round(n / run.seconds)} events/s (steady ${Math.round(run.steadyEventsPerSec)}/s after ${(run.startupSeconds * 1000).toFixed(0)} ms start-up), ${run.records} records, cpu ${Math.round((100 * run.cpuSeconds) / run.seconds)}%, peak RSS ${mb(run.peakRss)} MB`)
+      const b = baseline(frames)
+      base.push(b)
+      log(`round ${r + 1}/${runs} baseline: ${Math.round(n / b.seconds)} frames/s wall, ${Math.round(n / b.cpuSeconds)} per CPU s (matched ${b.matched} commits)`)
+      for (const rawCommitFilter of r % 2 ? [false, true] : [true, false]) {
+        const run = await system({ source: replay.url, ...identity, lastSeq, tmp, timeoutMs: 600_000, rawCommitFilter })
+        ;(rawCommitFilter ? fast : slow).push(run)
+        log(`round ${r + 1}/${runs} ${rawCommitFilter ? 'system' : 'slow path'}: ${describe(run)}`)
+      }
     }
-    const sysSeconds = median(sys.map((s) => s.seconds))
-    const sysEps = n / sysSeconds
-    const last = sys[sys.length - 1]!
-    const recordsOk = sys.every((s) => s.records === mix.cocoreRecords) && (!full || mix.cocoreRecords === recording.meta.writer.cocoreRecords)
+    const summary = (sys: SystemRun[]) => {
+      const seconds = median(sys.map((s) => s.seconds))
+      return {
+        seconds: Number(seconds.toFixed(3)),
+        eventsPerSec: Math.round(n / seconds),
+        eventsPerThreadCpuSec: Math.round(median(sys.map((s) => n / s.threadCpuSeconds))),
+        recordsPerSec: Math.round(sys[0]!.records / seconds),
+        runsEventsPerSec: sys.map((s) => Math.round(n / s.seconds)),
+        runsEventsPerThreadCpuSec: sys.map((s) => Math.round(n / s.threadCpuSeconds)),
+        steadyEventsPerSec: Math.round(median(sys.map((s) => s.steadyEventsPerSec))),
+        startupMs: Math.round(1000 * median(sys.map((s) => s.startupSeconds))),
+        cpuPercent: Math.round(100 * median(sys.map((s) => s.cpuSeconds / s.seconds))),
+        recordsIndexed: sys[sys.length - 1]!.records,
+        indexerStats: sys[sys.length - 1]!.stats,
+        rejections: sys[sys.length - 1]!.rejections,
+        peakRssMB: mb(Math.max(...sys.map((s) => s.peakRss))),
+        rssAtStartMB: mb(median(sys.map((s) => s.rssAtStart))),
+      }
+    }
+    const baseFps = median(base.map((b) => n / b.seconds))
+    const baseFpcs = median(base.map((b) => n / b.cpuSeconds))
+    const system_ = summary(fast)
+    const slowPath = summary(slow)
+    const recordsOk = fast.every((s) => s.records === mix.cocoreRecords) && (!full || mix.cocoreRecords === recording.meta.writer.cocoreRecords)
+    // The same index, whichever path: the slow path is today's reference.
+    const reference = slow[0]!.state
+    const sameIndex = [...fast, ...slow].every((s) => s.state === reference)
+    // Every counter but the one that says which path a commit took.
+    const counters = (s: SystemRun) => JSON.stringify({ ...s.stats, rawForeignCommits: 0 })
+    const sameCounters = [...fast, ...slow].every((s) => counters(s) === counters(slow[0]!))
+    const ok = recordsOk && sameIndex && sameCounters
 
     const result = {
       at: new Date().toISOString(),
       node: process.version,
+      load: { loadavg1m: Number(loadavg()[0]!.toFixed(2)), cpus: availableParallelism() },
       recording: {
         source,
         file: `${DEFAULT_DIR}/firehose.frames`,
@@ -258,27 +346,28 @@ async function main() {
         writer: recording.meta.writer,
       },
       runs,
-      baseline: { framesPerSec: Math.round(baseFps), runsFramesPerSec: base.map((b) => Math.round(n / b.seconds)), matchedCommits: base[0]!.matched },
+      baseline: {
+        framesPerSec: Math.round(baseFps),
+        framesPerCpuSec: Math.round(baseFpcs),
+        runsFramesPerSec: base.map((b) => Math.round(n / b.seconds)),
+        runsFramesPerCpuSec: base.map((b) => Math.round(n / b.cpuSeconds)),
+        matchedCommits: base[0]!.matched,
+      },
       system: {
-        seconds: Number(sysSeconds.toFixed(3)),
-        eventsPerSec: Math.round(sysEps),
-        recordsPerSec: Math.round(last.records / sysSeconds),
-        runsEventsPerSec: sys.map((s) => Math.round(n / s.seconds)),
-        steadyEventsPerSec: Math.round(median(sys.map((s) => s.steadyEventsPerSec))),
-        startupMs: Math.round(1000 * median(sys.map((s) => s.startupSeconds))),
-        cpuPercent: Math.round((100 * median(sys.map((s) => s.cpuSeconds / s.seconds)))),
-        recordsIndexed: last.records,
+        ...system_,
         recordsExpectedFromFrames: mix.cocoreRecords,
         recordsWrittenByRecorder: full ? recording.meta.writer.cocoreRecords : null,
         recordsMatch: recordsOk,
-        indexerStats: last.stats,
-        rejections: last.rejections,
-        peakRssMB: mb(Math.max(...sys.map((s) => s.peakRss))),
-        rssAtStartMB: mb(median(sys.map((s) => s.rssAtStart))),
       },
-      ratioSystemToBaseline: Number((sysEps / baseFps).toFixed(4)),
+      slowPath,
+      sameIndexAsSlowPath: sameIndex,
+      sameCountersAsSlowPath: sameCounters,
+      ratioSystemToBaseline: Number((system_.eventsPerSec / baseFps).toFixed(4)),
+      ratioSystemToBaselinePerCpuSec: Number((system_.eventsPerThreadCpuSec / baseFpcs).toFixed(4)),
+      ratioSystemToSlowPath: Number((system_.eventsPerSec / slowPath.eventsPerSec).toFixed(4)),
       targetEventsPerSec: TARGET_EVENTS_PER_SEC,
-      ratioSystemToTarget: Number((sysEps / TARGET_EVENTS_PER_SEC).toFixed(4)),
+      ratioSystemToTarget: Number((system_.eventsPerSec / TARGET_EVENTS_PER_SEC).toFixed(4)),
+      ratioSystemToTargetPerCpuSec: Number((system_.eventsPerThreadCpuSec / TARGET_EVENTS_PER_SEC).toFixed(4)),
       processMaxRssMB: mb(process.resourceUsage().maxRSS * 1024),
     }
 
@@ -286,21 +375,27 @@ async function main() {
       ['frames (events)', `${n}  (${mb(bytes)} MB, last seq ${lastSeq})`],
       ['commits / touching dev.cocore.*', `${mix.commits} / ${mix.cocoreCommits}  (${mix.cocoreOps} cocore ops)`],
       ['recording', source],
-      [`baseline decode (median of ${runs})`, `${result.baseline.framesPerSec} frames/s`],
-      [`system indexer (median of ${runs})`, `${result.system.eventsPerSec} events/s  (${result.system.seconds} s wall incl. start-up, process cpu ${result.system.cpuPercent}% incl. replay thread)`],
-      ['  steady (start-up excluded)', `${result.system.steadyEventsPerSec} events/s after ${result.system.startupMs} ms start-up`],
-      ['indexed records/s', `${result.system.recordsPerSec}`],
-      ['records indexed / expected', `${last.records} / ${mix.cocoreRecords}${full ? ` (recorder wrote ${recording.meta.writer.cocoreRecords})` : ''}  ${recordsOk ? 'OK' : 'MISMATCH'}`],
-      ['ratio system / baseline', `${result.ratioSystemToBaseline}`],
-      [`vs target ${TARGET_EVENTS_PER_SEC} events/s`, `${result.ratioSystemToTarget}x wall, ${(result.system.steadyEventsPerSec / TARGET_EVENTS_PER_SEC).toFixed(4)}x steady`],
-      ['peak RSS during system runs', `${result.system.peakRssMB} MB (at start ${result.system.rssAtStartMB} MB; process max ${result.processMaxRssMB} MB)`],
+      ['load', `1-min load average ${result.load.loadavg1m} on ${result.load.cpus} cores at the end`],
+      [`baseline decode (median of ${runs})`, `${result.baseline.framesPerSec} frames/s wall, ${result.baseline.framesPerCpuSec} per CPU s`],
+      [`system indexer (median of ${runs})`, `${system_.eventsPerSec} events/s wall, ${system_.eventsPerThreadCpuSec} per indexer-thread CPU s  (${system_.seconds} s wall incl. start-up, process cpu ${system_.cpuPercent}% incl. replay thread)`],
+      ['  steady (start-up excluded)', `${system_.steadyEventsPerSec} events/s after ${system_.startupMs} ms start-up`],
+      ['  raw-frame path', `${system_.indexerStats.rawForeignCommits} of ${system_.indexerStats.events} events never decoded`],
+      [`slow path, every frame decoded (median of ${runs})`, `${slowPath.eventsPerSec} events/s wall, ${slowPath.eventsPerThreadCpuSec} per indexer-thread CPU s`],
+      ['indexed records/s', `${system_.recordsPerSec}`],
+      ['records indexed / expected', `${system_.recordsIndexed} / ${mix.cocoreRecords}${full ? ` (recorder wrote ${recording.meta.writer.cocoreRecords})` : ''}  ${recordsOk ? 'OK' : 'MISMATCH'}`],
+      ['index and counters = slow path', `${sameIndex ? 'same index' : 'INDEX DIFFERS'}, ${sameCounters ? 'same counters' : 'COUNTERS DIFFER'}`],
+      ['ratio system / baseline', `${result.ratioSystemToBaseline} wall, ${result.ratioSystemToBaselinePerCpuSec} per CPU s`],
+      ['ratio system / slow path', `${result.ratioSystemToSlowPath} wall`],
+      [`vs target ${TARGET_EVENTS_PER_SEC} events/s`, `${result.ratioSystemToTarget}x wall, ${result.ratioSystemToTargetPerCpuSec}x per indexer-thread CPU s, ${(system_.steadyEventsPerSec / TARGET_EVENTS_PER_SEC).toFixed(4)}x steady`],
+      ['peak RSS during system runs', `${system_.peakRssMB} MB (at start ${system_.rssAtStartMB} MB; process max ${result.processMaxRssMB} MB)`],
     ]
     const w = Math.max(...rows.map((r) => r[0].length))
     process.stdout.write('\n' + rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n') + '\n')
     mkdirSync(DEFAULT_DIR, { recursive: true })
     writeFileSync(join(DEFAULT_DIR, 'ingest.json'), JSON.stringify(result, null, 2) + '\n')
     process.stdout.write(`\nwritten ${DEFAULT_DIR}/ingest.json\n`)
-    if (!recordsOk) process.exitCode = 1
+    if (!sameIndex) process.stderr.write(`index differs from the slow path's:\n${diffLines(reference, fast.concat(slow).find((s) => s.state !== reference)!.state)}\n`)
+    if (!ok) process.exitCode = 1
   } finally {
     await replay?.close()
     await closeNetwork?.()
