@@ -18,6 +18,7 @@ import type { LocalAccount } from '../src/dev/network.ts'
 import { putRecord } from '../src/dev/records.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { InferenceRequestFrame } from '../src/protocol/agent.ts'
+import { constraintHashes } from '../src/protocol/job-constraints.ts'
 import { signInWithBrowser } from './fixture/console.ts'
 import { connectScripted, publishScriptedRecord, writeReceipt, type Behaviour, type ScriptedProvider, type ScriptedRecord } from './fixture/scripted-provider.ts'
 import { settlingExchange, startStack, type Stack } from './fixture/stack.ts'
@@ -189,6 +190,21 @@ describe('a dishonest provider', () => {
     expect(book().get(failedReq.job_uri)).toMatchObject({ state: 'failed', hold: 0 })
     const late = await writeReceipt(dropper.acct, dropper.published, failedReq, { tokens: { in: 7, out: 1 }, price: 9 })
     expect(await decided(late.uri)).toMatchObject({ outcome: 'refused', finding_code: 'job-not-completed' })
+    checkBooks()
+  })
+
+  it('is refused when its receipt names other constraints than the job carried (structured output)', async () => {
+    const schema = { type: 'object', properties: { answer: { type: 'string' } } }
+    const res = await chat(alice, 'honest-1', { response_format: { type: 'json_schema', json_schema: { name: 'a', schema } } })
+    const req = requestOf(machines.rig!, res.cocore.job)
+    expect(req.output_schema).toMatchObject({ name: 'a', schema })
+    const other = await writeReceipt(machines.rig!.acct, machines.rig!.published, req, { tokens: HONEST, price: honestPrice, params: { outputSchemaHash: sha256Hex('{"type":"array"}') } })
+    expect(await decided(other.uri)).toMatchObject({ outcome: 'refused', finding_code: 'constraints-mismatch' })
+    // The right hash settles (a second job: the first is decided).
+    const res2 = await chat(alice, 'honest-1', { response_format: { type: 'json_schema', json_schema: { name: 'a', schema } } })
+    const req2 = requestOf(machines.rig!, res2.cocore.job)
+    const right = await writeReceipt(machines.rig!.acct, machines.rig!.published, req2, { tokens: HONEST, price: honestPrice, params: constraintHashes({ outputSchema: req2.output_schema }) })
+    expect(await decided(right.uri)).toMatchObject({ outcome: 'settled' })
     checkBooks()
   })
 

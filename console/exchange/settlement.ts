@@ -25,6 +25,7 @@ import { verifyReceipt } from '../../appview/verify/receipt.ts'
 import { uriDid } from '../../appview/indexer/columns.ts'
 import { toBytes } from '../../src/crypto/p256.ts'
 import { signDetached } from '../../src/crypto/signing.ts'
+import { constraintHashes } from '../../src/protocol/job-constraints.ts'
 import type { Db } from '../../src/db/index.ts'
 import { ids } from '../../src/lexicon/generated/ids.ts'
 import type { ComputeAttestation, ComputeJob, ComputePaymentAuthorization, ComputeReceipt } from '../../src/lexicon/generated/types.ts'
@@ -185,6 +186,12 @@ export class Settler {
       return { code: 'tokens-out-over-relayed', message: `the receipt claims ${r.tokens.out} output tokens; the job allowed ${row.maxTokensOut} and the exchange relayed at most ${bounds.out}` }
     }
     if (r.tokens.in > bounds.in) return { code: 'tokens-in-over-counted', message: `the receipt claims ${r.tokens.in} input tokens; the exchange counted at most ${bounds.in}` }
+    // A receipt that names the constraints it served must name the job's (older providers name none).
+    const expected = constraintHashes(job.body)
+    const named = (r.params ?? {}) as { outputSchemaHash?: string; toolSchemaHash?: string }
+    for (const field of ['outputSchemaHash', 'toolSchemaHash'] as const) {
+      if (named[field] !== undefined && named[field] !== expected[field]) return { code: 'constraints-mismatch', message: `the receipt's ${field} is not the hash of the job's ${field === 'outputSchemaHash' ? 'outputSchema' : 'tools'}` }
+    }
     if (row.proBono && (r.proBono !== true || r.price.amount !== 0)) return { code: 'pro-bono-charged', message: 'the job was dispatched pro bono: its receipt carries no charge' }
     if (r.price.amount > row.ceiling) return { code: 'over-ceiling', message: `price ${r.price.amount} exceeds the ceiling ${row.ceiling} held for the job` }
     const most = maxPrice(this.opts.policy, r.tokens)
