@@ -379,6 +379,32 @@ export const apiKeys = sqliteTable(
   (t) => [index('api_keys_did').on(t.did)],
 )
 
+/**
+ * Device pairings in flight (dev.cocore.devicePair.*): a device shows a user
+ * code, a signed-in account approves it, the device collects its API key
+ * once. Only keyed hashes of the device id and the user code are stored; the
+ * session (with the key's secret) only sealed, and only until it is
+ * collected. Rows go an hour after they expire.
+ */
+export const devicePairs = sqliteTable(
+  'device_pairs',
+  {
+    deviceHash: text('device_hash').primaryKey(),
+    /** Cleared once the pairing is over, so the code names nothing any more. */
+    codeHash: text('code_hash').unique(),
+    /** pending | approved | denied | consumed (expiry is read from expires_at) */
+    status: text('status').notNull(),
+    /** The approving account, and the key minted for the device. */
+    did: text('did'),
+    keyId: text('key_id'),
+    /** The session handed to the device, sealed (src/crypto/secretbox.ts). */
+    sealedSession: text('sealed_session'),
+    createdAt: text('created_at').notNull(),
+    expiresAt: text('expires_at').notNull(),
+  },
+  (t) => [index('device_pairs_expires').on(t.expiresAt)],
+)
+
 /** Daily usage per account (`key_id` '') and per key: counts and cost only, never content. */
 export const usageDaily = sqliteTable(
   'usage_daily',
