@@ -17,6 +17,8 @@ export function openDb(path: string): Db {
   sqlite.pragma('synchronous = NORMAL')
   sqlite.pragma('busy_timeout = 5000')
   sqlite.pragma('foreign_keys = ON')
+  // The aggregate triggers (migration 0007) pass rows through views, which SQLite holds in temporary tables: in memory, not files.
+  sqlite.pragma('temp_store = MEMORY')
   const db = drizzle(sqlite, { schema }) as Db
   migrate(db, { migrationsFolder: join(import.meta.dirname, 'migrations') })
   return db

@@ -185,45 +185,50 @@ CREATE TRIGGER `records_changed` AFTER UPDATE ON `records` BEGIN
 	INSERT INTO `record_changes` VALUES (-1, OLD.`uri`, OLD.`did`, OLD.`collection`, OLD.`rkey`, OLD.`sort_at`, OLD.`model`, OLD.`subject_did`, OLD.`body`);
 	INSERT INTO `record_changes` VALUES (1, NEW.`uri`, NEW.`did`, NEW.`collection`, NEW.`rkey`, NEW.`sort_at`, NEW.`model`, NEW.`subject_did`, NEW.`body`);
 END;--> statement-breakpoint
--- @NOTE Order matters here: account_stats' first and last times are recomputed from account_collections once it is up to date.
-CREATE TRIGGER `facts_accounts` INSTEAD OF INSERT ON `record_facts` BEGIN
-	INSERT INTO `account_collections` (`did`, `collection`, `n`, `first_at`, `last_at`)
-		SELECT NEW.`did`, NEW.`collection`, 1, NEW.`sort_at`, NEW.`sort_at` WHERE NEW.`sign` = 1
+CREATE TRIGGER `facts_accounts_added` INSTEAD OF INSERT ON `record_facts` WHEN NEW.`sign` = 1 BEGIN
+	INSERT INTO `account_collections` (`did`, `collection`, `n`, `first_at`, `last_at`) VALUES (NEW.`did`, NEW.`collection`, 1, NEW.`sort_at`, NEW.`sort_at`)
 		ON CONFLICT (`did`, `collection`) DO UPDATE SET `n` = `n` + 1,
 			`first_at` = CASE WHEN excluded.`first_at` <> '' AND (`first_at` = '' OR excluded.`first_at` < `first_at`) THEN excluded.`first_at` ELSE `first_at` END,
 			`last_at` = max(`last_at`, excluded.`last_at`);
-	UPDATE `account_collections` SET `n` = `n` - 1 WHERE NEW.`sign` = -1 AND `did` = NEW.`did` AND `collection` = NEW.`collection`;
-	DELETE FROM `account_collections` WHERE NEW.`sign` = -1 AND `did` = NEW.`did` AND `collection` = NEW.`collection` AND `n` = 0;
+	INSERT INTO `account_stats` (`did`, `records`, `jobs`, `receipts`, `machines`, `tokens`, `joined_at`, `last_at`, `hidden`, `handle`)
+		VALUES (NEW.`did`, 1, NEW.`collection` = 'dev.cocore.compute.job', NEW.`collection` = 'dev.cocore.compute.receipt', NEW.`collection` = 'dev.cocore.compute.provider',
+			NEW.`tokens`, NEW.`sort_at`, NEW.`sort_at`, 0, NULL)
+		ON CONFLICT (`did`) DO UPDATE SET `records` = `records` + 1, `jobs` = `jobs` + excluded.`jobs`, `receipts` = `receipts` + excluded.`receipts`,
+			`machines` = `machines` + excluded.`machines`, `tokens` = `tokens` + excluded.`tokens`,
+			`joined_at` = CASE WHEN excluded.`joined_at` <> '' AND (`joined_at` = '' OR excluded.`joined_at` < `joined_at`) THEN excluded.`joined_at` ELSE `joined_at` END,
+			`last_at` = max(`last_at`, excluded.`last_at`);
+	-- The account's first record: its status and handle.
+	UPDATE `account_stats` SET `hidden` = EXISTS (SELECT 1 FROM `accounts` WHERE `did` = NEW.`did` AND `active` = 0), `handle` = (SELECT `handle` FROM `account_handles` WHERE `did` = NEW.`did`)
+		WHERE `did` = NEW.`did` AND `records` = 1;
+END;--> statement-breakpoint
+-- @NOTE Order matters here: account_stats' first and last times are recomputed from account_collections once it is up to date.
+CREATE TRIGGER `facts_accounts_removed` INSTEAD OF INSERT ON `record_facts` WHEN NEW.`sign` = -1 BEGIN
+	UPDATE `account_collections` SET `n` = `n` - 1 WHERE `did` = NEW.`did` AND `collection` = NEW.`collection`;
+	DELETE FROM `account_collections` WHERE `did` = NEW.`did` AND `collection` = NEW.`collection` AND `n` = 0;
 	UPDATE `account_collections` SET
 			`first_at` = COALESCE((SELECT MIN(`sort_at`) FROM `records` WHERE `did` = NEW.`did` AND `collection` = NEW.`collection` AND `sort_at` > ''), ''),
 			`last_at` = COALESCE((SELECT MAX(`sort_at`) FROM `records` WHERE `did` = NEW.`did` AND `collection` = NEW.`collection`), '')
-		WHERE NEW.`sign` = -1 AND `did` = NEW.`did` AND `collection` = NEW.`collection` AND NEW.`sort_at` IN (`first_at`, `last_at`);
-	UPDATE `account_stats` SET `records` = `records` + NEW.`sign`,
-			`jobs` = `jobs` + NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.job'),
-			`receipts` = `receipts` + NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.receipt'),
-			`machines` = `machines` + NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.provider'),
-			`tokens` = `tokens` + NEW.`sign` * NEW.`tokens`,
-			`joined_at` = CASE WHEN NEW.`sign` = 1 AND NEW.`sort_at` <> '' AND (`joined_at` = '' OR NEW.`sort_at` < `joined_at`) THEN NEW.`sort_at` ELSE `joined_at` END,
-			`last_at` = CASE WHEN NEW.`sign` = 1 THEN max(`last_at`, NEW.`sort_at`) ELSE `last_at` END
+		WHERE `did` = NEW.`did` AND `collection` = NEW.`collection` AND NEW.`sort_at` IN (`first_at`, `last_at`);
+	UPDATE `account_stats` SET `records` = `records` - 1,
+			`jobs` = `jobs` - (NEW.`collection` = 'dev.cocore.compute.job'),
+			`receipts` = `receipts` - (NEW.`collection` = 'dev.cocore.compute.receipt'),
+			`machines` = `machines` - (NEW.`collection` = 'dev.cocore.compute.provider'),
+			`tokens` = `tokens` - NEW.`tokens`
 		WHERE `did` = NEW.`did`;
-	INSERT INTO `account_stats` (`did`, `records`, `jobs`, `receipts`, `machines`, `tokens`, `joined_at`, `last_at`, `hidden`, `handle`)
-		SELECT NEW.`did`, 1, NEW.`collection` = 'dev.cocore.compute.job', NEW.`collection` = 'dev.cocore.compute.receipt', NEW.`collection` = 'dev.cocore.compute.provider',
-			NEW.`tokens`, NEW.`sort_at`, NEW.`sort_at`, EXISTS (SELECT 1 FROM `accounts` WHERE `did` = NEW.`did` AND `active` = 0), NULL
-		WHERE NEW.`sign` = 1 AND NOT EXISTS (SELECT 1 FROM `account_stats` WHERE `did` = NEW.`did`);
-	DELETE FROM `account_stats` WHERE NEW.`sign` = -1 AND `did` = NEW.`did` AND `records` = 0;
+	DELETE FROM `account_stats` WHERE `did` = NEW.`did` AND `records` = 0;
 	UPDATE `account_stats` SET
 			`joined_at` = (SELECT COALESCE(MIN(NULLIF(`first_at`, '')), '') FROM `account_collections` WHERE `did` = NEW.`did`),
 			`last_at` = (SELECT COALESCE(MAX(`last_at`), '') FROM `account_collections` WHERE `did` = NEW.`did`)
-		WHERE NEW.`sign` = -1 AND `did` = NEW.`did` AND NEW.`sort_at` IN (`joined_at`, `last_at`);
-	-- A new row (its first record), or the profile record: the handle may change.
-	UPDATE `account_stats` SET `handle` = (SELECT `handle` FROM `account_handles` WHERE `did` = NEW.`did`)
-		WHERE `did` = NEW.`did` AND ((NEW.`sign` = 1 AND `records` = 1) OR (NEW.`collection` = 'dev.cocore.account.profile' AND NEW.`rkey` = 'self'));
+		WHERE `did` = NEW.`did` AND NEW.`sort_at` IN (`joined_at`, `last_at`);
+END;--> statement-breakpoint
+CREATE TRIGGER `facts_profile` INSTEAD OF INSERT ON `record_facts` WHEN NEW.`collection` = 'dev.cocore.account.profile' AND NEW.`rkey` = 'self' BEGIN
+	UPDATE `account_stats` SET `handle` = (SELECT `handle` FROM `account_handles` WHERE `did` = NEW.`did`) WHERE `did` = NEW.`did`;
 END;--> statement-breakpoint
 CREATE TRIGGER `facts_weeks` INSTEAD OF INSERT ON `record_facts`
 	WHEN NEW.`collection` IN ('dev.cocore.compute.job', 'dev.cocore.compute.receipt', 'dev.cocore.compute.provider') BEGIN
 	INSERT INTO `account_weeks` (`did`, `week`, `jobs`, `receipts`, `tokens`, `machines`)
-		SELECT NEW.`did`, NEW.`week`, NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.job'), NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.receipt'),
-			NEW.`sign` * NEW.`tokens`, NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.provider') WHERE true
+		VALUES (NEW.`did`, NEW.`week`, NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.job'), NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.receipt'),
+			NEW.`sign` * NEW.`tokens`, NEW.`sign` * (NEW.`collection` = 'dev.cocore.compute.provider'))
 		ON CONFLICT (`did`, `week`) DO UPDATE SET `jobs` = `jobs` + excluded.`jobs`, `receipts` = `receipts` + excluded.`receipts`,
 			`tokens` = `tokens` + excluded.`tokens`, `machines` = `machines` + excluded.`machines`;
 	DELETE FROM `account_weeks` WHERE NEW.`sign` = -1 AND `did` = NEW.`did` AND `week` = NEW.`week`
@@ -255,34 +260,38 @@ CREATE TRIGGER `facts_model_machines` INSTEAD OF INSERT ON `record_facts`
 		ON CONFLICT (`model`, `did`) DO UPDATE SET `machines` = `machines` + excluded.`machines`;
 	DELETE FROM `model_machines` WHERE NEW.`sign` = -1 AND `did` = NEW.`did` AND `machines` = 0;
 END;--> statement-breakpoint
-CREATE TRIGGER `facts_latency` INSTEAD OF INSERT ON `record_facts`
-	WHEN NEW.`collection` = 'dev.cocore.compute.receipt' BEGIN
-	DELETE FROM `latency_samples` WHERE NEW.`sign` = -1 AND `uri` = NEW.`uri`;
+-- Only receipts inside the week window are samples: the others cost one comparison.
+CREATE TRIGGER `facts_latency_added` INSTEAD OF INSERT ON `record_facts`
+	WHEN NEW.`sign` = 1 AND NEW.`collection` = 'dev.cocore.compute.receipt' AND NEW.`sort_at` >= (SELECT `at` FROM `activity_windows` WHERE `name` = 'week') BEGIN
 	INSERT INTO `latency_samples` (`uri`, `provider`, `model`, `sort_at`, `ms`, `bucket`)
 		SELECT `uri`, `provider`, `model`, `sort_at`, `ms`, `bucket` FROM `receipt_samples`
-		WHERE NEW.`sign` = 1 AND `uri` = NEW.`uri` AND `ms` >= 0 AND `sort_at` >= (SELECT `at` FROM `activity_windows` WHERE `name` = 'week')
-			AND NOT EXISTS (SELECT 1 FROM `accounts` WHERE `did` = NEW.`did` AND `active` = 0);
+		WHERE `uri` = NEW.`uri` AND `ms` >= 0 AND NOT EXISTS (SELECT 1 FROM `accounts` WHERE `did` = NEW.`did` AND `active` = 0);
+END;--> statement-breakpoint
+CREATE TRIGGER `facts_latency_removed` INSTEAD OF INSERT ON `record_facts` WHEN NEW.`sign` = -1 AND NEW.`collection` = 'dev.cocore.compute.receipt' BEGIN
+	DELETE FROM `latency_samples` WHERE `uri` = NEW.`uri`;
 END;--> statement-breakpoint
 -- A pair's first record is its oldest by (sort_at, uri); removing it finds the next from records_edges.
-CREATE TRIGGER `facts_friend_edges` INSTEAD OF INSERT ON `record_facts`
-	WHEN NEW.`collection` = 'dev.cocore.account.friend' AND NEW.`subject` IS NOT NULL BEGIN
+CREATE TRIGGER `facts_friend_edges_added` INSTEAD OF INSERT ON `record_facts`
+	WHEN NEW.`sign` = 1 AND NEW.`collection` = 'dev.cocore.account.friend' AND NEW.`subject` IS NOT NULL BEGIN
 	INSERT INTO `friend_edges` (`friender`, `subject`, `n`, `first_at`, `first_uri`, `created_at`, `friender_hidden`, `subject_hidden`)
-		SELECT NEW.`did`, NEW.`subject`, 1, NEW.`sort_at`, NEW.`uri`,
+		VALUES (NEW.`did`, NEW.`subject`, 1, NEW.`sort_at`, NEW.`uri`,
 			CASE WHEN json_type(NEW.`body`, '$.createdAt') = 'text' THEN json_extract(NEW.`body`, '$.createdAt') END,
 			EXISTS (SELECT 1 FROM `accounts` WHERE `did` = NEW.`did` AND `active` = 0),
-			EXISTS (SELECT 1 FROM `accounts` WHERE `did` = NEW.`subject` AND `active` = 0)
-		WHERE NEW.`sign` = 1
+			EXISTS (SELECT 1 FROM `accounts` WHERE `did` = NEW.`subject` AND `active` = 0))
 		ON CONFLICT (`friender`, `subject`) DO UPDATE SET `n` = `n` + 1,
 			`first_at` = CASE WHEN (excluded.`first_at`, excluded.`first_uri`) < (`first_at`, `first_uri`) THEN excluded.`first_at` ELSE `first_at` END,
 			`first_uri` = CASE WHEN (excluded.`first_at`, excluded.`first_uri`) < (`first_at`, `first_uri`) THEN excluded.`first_uri` ELSE `first_uri` END,
 			`created_at` = CASE WHEN (excluded.`first_at`, excluded.`first_uri`) < (`first_at`, `first_uri`) THEN excluded.`created_at` ELSE `created_at` END;
-	UPDATE `friend_edges` SET `n` = `n` - 1 WHERE NEW.`sign` = -1 AND `friender` = NEW.`did` AND `subject` = NEW.`subject`;
-	DELETE FROM `friend_edges` WHERE NEW.`sign` = -1 AND `friender` = NEW.`did` AND `subject` = NEW.`subject` AND `n` = 0;
+END;--> statement-breakpoint
+CREATE TRIGGER `facts_friend_edges_removed` INSTEAD OF INSERT ON `record_facts`
+	WHEN NEW.`sign` = -1 AND NEW.`collection` = 'dev.cocore.account.friend' AND NEW.`subject` IS NOT NULL BEGIN
+	UPDATE `friend_edges` SET `n` = `n` - 1 WHERE `friender` = NEW.`did` AND `subject` = NEW.`subject`;
+	DELETE FROM `friend_edges` WHERE `friender` = NEW.`did` AND `subject` = NEW.`subject` AND `n` = 0;
 	UPDATE `friend_edges` SET (`first_at`, `first_uri`, `created_at`) = (
 			SELECT `sort_at`, `uri`, CASE WHEN json_type(`body`, '$.createdAt') = 'text' THEN json_extract(`body`, '$.createdAt') END
 			FROM `records` WHERE `collection` = 'dev.cocore.account.friend' AND `did` = NEW.`did` AND `subject_did` = NEW.`subject`
 			ORDER BY `sort_at`, `uri` LIMIT 1)
-		WHERE NEW.`sign` = -1 AND `friender` = NEW.`did` AND `subject` = NEW.`subject` AND `first_uri` = NEW.`uri`;
+		WHERE `friender` = NEW.`did` AND `subject` = NEW.`subject` AND `first_uri` = NEW.`uri`;
 END;--> statement-breakpoint
 -- What a pair of friends adds to its subject's counts (when the friender is visible) and to the listed edges (both visible, not a self-edge).
 CREATE VIEW `friend_edge_changes` AS SELECT 0 AS `sign`, `friender`, `subject`, `first_at`, `friender_hidden`, `subject_hidden` FROM `friend_edges` WHERE 0;--> statement-breakpoint
@@ -315,52 +324,46 @@ END;--> statement-breakpoint
 -- the count below it. Adding or removing one sample moves the nearest rank by at most one, so a percentile
 -- moves by at most one non-empty bucket: one index step, never a walk of the histogram.
 CREATE VIEW `latency_changes` AS SELECT 0 AS `sign`, `kind`, `key`, 0 AS `bucket`, 0 AS `ms`, '' AS `sort_at`, '' AS `uri` FROM `latency_stats` WHERE 0;--> statement-breakpoint
-CREATE TRIGGER `latency_changes_apply` INSTEAD OF INSERT ON `latency_changes` BEGIN
-	INSERT INTO `latency_hist` (`kind`, `key`, `bucket`, `n`) VALUES (NEW.`kind`, NEW.`key`, NEW.`bucket`, NEW.`sign`)
-		ON CONFLICT (`kind`, `key`, `bucket`) DO UPDATE SET `n` = `n` + excluded.`n`;
-	DELETE FROM `latency_hist` WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND `bucket` = NEW.`bucket` AND `n` = 0;
-	UPDATE `latency_stats` SET `n` = `n` + NEW.`sign`, `sum` = `sum` + NEW.`sign` * NEW.`ms`,
-			`below50` = `below50` + NEW.`sign` * (NEW.`bucket` < `p50`), `below95` = `below95` + NEW.`sign` * (NEW.`bucket` < `p95`),
-			`last_at` = CASE WHEN NEW.`sign` = 1 AND (NEW.`sort_at`, NEW.`uri`) > (`last_at`, `last_uri`) THEN NEW.`sort_at` ELSE `last_at` END,
-			`last_uri` = CASE WHEN NEW.`sign` = 1 AND (NEW.`sort_at`, NEW.`uri`) > (`last_at`, `last_uri`) THEN NEW.`uri` ELSE `last_uri` END,
-			`last_ms` = CASE WHEN NEW.`sign` = 1 AND (NEW.`sort_at`, NEW.`uri`) > (`last_at`, `last_uri`) THEN NEW.`ms` ELSE `last_ms` END
-		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key`;
+CREATE TRIGGER `latency_changes_added` INSTEAD OF INSERT ON `latency_changes` WHEN NEW.`sign` = 1 BEGIN
+	INSERT INTO `latency_hist` (`kind`, `key`, `bucket`, `n`) VALUES (NEW.`kind`, NEW.`key`, NEW.`bucket`, 1)
+		ON CONFLICT (`kind`, `key`, `bucket`) DO UPDATE SET `n` = `n` + 1;
 	INSERT INTO `latency_stats` (`kind`, `key`, `n`, `sum`, `p50`, `below50`, `p95`, `below95`, `last_at`, `last_uri`, `last_ms`)
-		SELECT NEW.`kind`, NEW.`key`, 1, NEW.`ms`, NEW.`bucket`, 0, NEW.`bucket`, 0, NEW.`sort_at`, NEW.`uri`, NEW.`ms`
-		WHERE NEW.`sign` = 1 AND NOT EXISTS (SELECT 1 FROM `latency_stats` WHERE `kind` = NEW.`kind` AND `key` = NEW.`key`);
-	DELETE FROM `latency_stats` WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND `n` = 0;
-	UPDATE `latency_stats` SET (`last_at`, `last_uri`, `last_ms`) = (SELECT `sort_at`, `uri`, `ms` FROM `latency_samples` ORDER BY `sort_at` DESC, `uri` DESC LIMIT 1)
-		WHERE NEW.`sign` = -1 AND NEW.`kind` = 'all' AND `kind` = 'all' AND `key` = '' AND `last_uri` = NEW.`uri`;
-	UPDATE `latency_stats` SET (`last_at`, `last_uri`, `last_ms`) = (SELECT `sort_at`, `uri`, `ms` FROM `latency_samples` WHERE `provider` = NEW.`key` ORDER BY `sort_at` DESC, `uri` DESC LIMIT 1)
-		WHERE NEW.`sign` = -1 AND NEW.`kind` = 'provider' AND `kind` = 'provider' AND `key` = NEW.`key` AND `last_uri` = NEW.`uri`;
-	UPDATE `latency_stats` SET (`last_at`, `last_uri`, `last_ms`) = (SELECT `sort_at`, `uri`, `ms` FROM `latency_samples` WHERE `model` = NEW.`key` ORDER BY `sort_at` DESC, `uri` DESC LIMIT 1)
-		WHERE NEW.`sign` = -1 AND NEW.`kind` = 'model' AND `kind` = 'model' AND `key` = NEW.`key` AND `last_uri` = NEW.`uri`;
+		VALUES (NEW.`kind`, NEW.`key`, 1, NEW.`ms`, NEW.`bucket`, 0, NEW.`bucket`, 0, NEW.`sort_at`, NEW.`uri`, NEW.`ms`)
+		ON CONFLICT (`kind`, `key`) DO UPDATE SET `n` = `n` + 1, `sum` = `sum` + excluded.`sum`,
+			`below50` = `below50` + (excluded.`p50` < `p50`), `below95` = `below95` + (excluded.`p95` < `p95`),
+			`last_at` = CASE WHEN (excluded.`last_at`, excluded.`last_uri`) > (`last_at`, `last_uri`) THEN excluded.`last_at` ELSE `last_at` END,
+			`last_uri` = CASE WHEN (excluded.`last_at`, excluded.`last_uri`) > (`last_at`, `last_uri`) THEN excluded.`last_uri` ELSE `last_uri` END,
+			`last_ms` = CASE WHEN (excluded.`last_at`, excluded.`last_uri`) > (`last_at`, `last_uri`) THEN excluded.`last_ms` ELSE `last_ms` END;
 	UPDATE `latency_stats` SET
-			`p50` = CASE
-				WHEN `below50` >= (50 * `n` + 99) / 100
-					THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1)
-				WHEN `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50`), 0) < (50 * `n` + 99) / 100
-					THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p50` ORDER BY `h`.`bucket` LIMIT 1)
-				ELSE `p50` END,
-			`below50` = CASE
-				WHEN `below50` >= (50 * `n` + 99) / 100
-					THEN `below50` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1)
-				WHEN `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50`), 0) < (50 * `n` + 99) / 100
-					THEN `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50`), 0)
-				ELSE `below50` END,
-			`p95` = CASE
-				WHEN `below95` >= (95 * `n` + 99) / 100
-					THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1)
-				WHEN `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95`), 0) < (95 * `n` + 99) / 100
-					THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p95` ORDER BY `h`.`bucket` LIMIT 1)
-				ELSE `p95` END,
-			`below95` = CASE
-				WHEN `below95` >= (95 * `n` + 99) / 100
-					THEN `below95` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1)
-				WHEN `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95`), 0) < (95 * `n` + 99) / 100
-					THEN `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95`), 0)
-				ELSE `below95` END
+			`p50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
+			`below50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN `below50` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
+		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below50` >= (50 * `n` + 99) / 100 OR `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (50 * `n` + 99) / 100);
+	UPDATE `latency_stats` SET
+			`p95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
+			`below95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN `below95` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
+		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below95` >= (95 * `n` + 99) / 100 OR `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (95 * `n` + 99) / 100);
+END;--> statement-breakpoint
+CREATE TRIGGER `latency_changes_removed` INSTEAD OF INSERT ON `latency_changes` WHEN NEW.`sign` = -1 BEGIN
+	UPDATE `latency_hist` SET `n` = `n` - 1 WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND `bucket` = NEW.`bucket`;
+	DELETE FROM `latency_hist` WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND `bucket` = NEW.`bucket` AND `n` = 0;
+	UPDATE `latency_stats` SET `n` = `n` - 1, `sum` = `sum` - NEW.`ms`, `below50` = `below50` - (NEW.`bucket` < `p50`), `below95` = `below95` - (NEW.`bucket` < `p95`)
 		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key`;
+	DELETE FROM `latency_stats` WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND `n` = 0;
+	-- The newest sample, when it was the one removed.
+	UPDATE `latency_stats` SET (`last_at`, `last_uri`, `last_ms`) = (SELECT `sort_at`, `uri`, `ms` FROM `latency_samples` ORDER BY `sort_at` DESC, `uri` DESC LIMIT 1)
+		WHERE NEW.`kind` = 'all' AND `kind` = 'all' AND `key` = '' AND `last_uri` = NEW.`uri`;
+	UPDATE `latency_stats` SET (`last_at`, `last_uri`, `last_ms`) = (SELECT `sort_at`, `uri`, `ms` FROM `latency_samples` WHERE `provider` = NEW.`key` ORDER BY `sort_at` DESC, `uri` DESC LIMIT 1)
+		WHERE NEW.`kind` = 'provider' AND `kind` = 'provider' AND `key` = NEW.`key` AND `last_uri` = NEW.`uri`;
+	UPDATE `latency_stats` SET (`last_at`, `last_uri`, `last_ms`) = (SELECT `sort_at`, `uri`, `ms` FROM `latency_samples` WHERE `model` = NEW.`key` ORDER BY `sort_at` DESC, `uri` DESC LIMIT 1)
+		WHERE NEW.`kind` = 'model' AND `kind` = 'model' AND `key` = NEW.`key` AND `last_uri` = NEW.`uri`;
+	UPDATE `latency_stats` SET
+			`p50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
+			`below50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN `below50` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
+		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below50` >= (50 * `n` + 99) / 100 OR `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (50 * `n` + 99) / 100);
+	UPDATE `latency_stats` SET
+			`p95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
+			`below95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN `below95` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
+		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below95` >= (95 * `n` + 99) / 100 OR `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (95 * `n` + 99) / 100);
 END;--> statement-breakpoint
 CREATE TRIGGER `latency_samples_added` AFTER INSERT ON `latency_samples` BEGIN
 	INSERT INTO `latency_changes` SELECT 1, `k`.`kind`, `k`.`key`, NEW.`bucket`, NEW.`ms`, NEW.`sort_at`, NEW.`uri`
