@@ -7,6 +7,7 @@ import type { IdResolver } from '@atproto/identity'
 import { openDb, type Db } from '../src/db/index.ts'
 import { createIdResolver } from '../src/identity/index.ts'
 import { serveHttp, type Refusal } from '../src/net/http-server.ts'
+import { TrustedProxies } from '../src/net/client-address.ts'
 import { XrpcError } from '../src/xrpc/errors.ts'
 import { appviewLogger as log } from '../src/logger.ts'
 import type { ComputeModelActivityOutput } from '../src/lexicon/generated/types.ts'
@@ -15,6 +16,7 @@ import { modelsDirectory, providerLeaderboard, type LeaderboardEntry, type Model
 import { startUpkeep } from './indexer/aggregates.ts'
 import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
+import { didWebOf, type ConsoleLink } from './console-link.ts'
 
 /** What the console needs of the index when both run in one process. */
 export interface IndexedProvider {
@@ -73,6 +75,8 @@ export interface AppViewOpts {
   reconnectDelayMs?: number
   /** See IndexerOpts.rawCommitFilter (default true). */
   rawCommitFilter?: boolean
+  /** CIDRs of reverse proxies whose X-Forwarded-For names the client (COCORE_TRUSTED_PROXIES): the address forwarded calls are limited by. */
+  trustedProxies?: string[]
 }
 
 export class AppView implements AsyncDisposable {
@@ -82,6 +86,7 @@ export class AppView implements AsyncDisposable {
   readonly indexer: Indexer
   private server: Server | null = null
   private upkeep: { stop(): void } | null = null
+  private consoleLink: { link: ConsoleLink; did: string } | null = null
   private readonly opts: AppViewOpts
   url = ''
 
@@ -108,7 +113,7 @@ export class AppView implements AsyncDisposable {
     if (this.opts.port !== undefined) {
       // Loaded only when serving: an indexer-only process never loads the read API.
       const { createApp } = await import('./server.ts')
-      const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, publicUrl: this.opts.publicUrl })
+      const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, publicUrl: this.opts.publicUrl, console: () => this.consoleLink, trustedProxies: new TrustedProxies(this.opts.trustedProxies ?? []) })
       const host = this.opts.host ?? '127.0.0.1'
       await new Promise<void>((resolve) => {
         const refusalBody = (r: Refusal) => new XrpcError(r.status, r.code, r.message).toJSON()
@@ -120,6 +125,18 @@ export class AppView implements AsyncDisposable {
       log.info('appview listening', { url: this.url })
     }
     return this
+  }
+
+  /**
+   * Hands the console's methods (appview/console-link.ts) to the console in
+   * this process, once both have started. Service-auth tokens of those calls
+   * must name this AppView's DID: the did:web of its public URL, else of the
+   * address it listens on.
+   */
+  linkConsole(link: ConsoleLink): void {
+    const url = this.opts.publicUrl ?? this.url
+    if (!url) throw new Error('the AppView serves no HTTP: nothing to link the console to')
+    this.consoleLink = { link, did: didWebOf(url) }
   }
 
   consoleIndex(): ConsoleIndex {

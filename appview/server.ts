@@ -5,6 +5,9 @@ import type { IdResolver } from '@atproto/identity'
 import type { Db } from '../src/db/index.ts'
 import { appviewLogger as log } from '../src/logger.ts'
 import { xrpcErrorHandler, xrpcRouter } from '../src/xrpc/server.ts'
+import { MethodNotImplementedError } from '../src/xrpc/errors.ts'
+import { contextClientAddress, TrustedProxies } from '../src/net/client-address.ts'
+import { CONSOLE_METHODS, didWebOf, forwardedRequest, type ConsoleLink } from './console-link.ts'
 import { handlers } from './api/index.ts'
 import type { Indexer } from './indexer/indexer.ts'
 import type { IndexStore } from './indexer/store.ts'
@@ -18,6 +21,10 @@ export interface AppDeps {
   idResolver?: IdResolver
   publicUrl?: string
   validateOutput?: boolean
+  /** The console and the DID the AppView answers for, once linked (appview/console-link.ts). */
+  console?: () => { link: ConsoleLink; did: string } | null
+  /** Reverse proxies whose X-Forwarded-For names the client (COCORE_TRUSTED_PROXIES). */
+  trustedProxies?: TrustedProxies
 }
 
 export function createApp(deps: AppDeps): Hono {
@@ -48,13 +55,22 @@ export function createApp(deps: AppDeps): Hono {
   // did:web for the AppView service, so clients can address it as a service DID.
   app.get('/.well-known/did.json', (c) => {
     const base = new URL(deps.publicUrl ?? new URL(c.req.url).origin)
-    const did = `did:web:${encodeURIComponent(base.host)}`
+    const did = didWebOf(base.origin)
     return c.json({
       '@context': ['https://www.w3.org/ns/did/v1'],
       id: did,
       service: [{ id: '#cocore_appview', type: 'CocoreAppView', serviceEndpoint: base.origin }],
     })
   })
+
+  // The network's AppView serves these too; here they are the console's, handed over as they came.
+  for (const nsid of CONSOLE_METHODS) {
+    app.all(`/xrpc/${nsid}`, (c) => {
+      const linked = deps.console?.()
+      if (!linked) throw new MethodNotImplementedError(nsid)
+      return linked.link.fetch(forwardedRequest(c.req.raw), { clientAddress: contextClientAddress(c, deps.trustedProxies ?? TrustedProxies.none), audience: linked.did })
+    })
+  }
 
   app.route('/', xrpcRouter<ApiContext>({ handlers, ctx: { db: deps.db, idResolver: deps.idResolver }, log, validateOutput: deps.validateOutput ?? process.env.NODE_ENV !== 'production' }))
   return app
