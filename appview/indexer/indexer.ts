@@ -63,14 +63,30 @@ export interface Rejection {
   uri: string | null
 }
 
-/** Checks one record before indexing: known collection, at most 1 MB, valid for its lexicon. */
-export function checkRecord(collection: string, uri: string, record: unknown, size: number): Rejection | null {
+/**
+ * Records found valid, by collection and CID, most recently found last.
+ * Bounded. A CID names the record's bytes, so the verdict for the same
+ * collection and CID cannot change while this process runs (its lexicons are
+ * fixed): a resync, which reads every record of a repo again, validates only
+ * the new ones.
+ */
+const validRecords = new Set<string>()
+const VALID_RECORDS_MAX = 100_000
+
+/** Checks one record before indexing: known collection, at most 1 MB, valid for its lexicon. `cid`, when given, lets a record found valid before skip validation. */
+export function checkRecord(collection: string, uri: string, record: unknown, size: number, cid?: string): Rejection | null {
   if (!KNOWN.has(collection)) return { reason: 'unknown-collection', collection, uri }
   if (size > MAX_RECORD_BYTES) return { reason: 'too-large', collection, uri }
+  const key = cid === undefined ? undefined : `${collection} ${cid}`
+  if (key !== undefined && validRecords.has(key)) return null
   const v = validateRecord(collection, record)
   if (!v.success) {
     log.warn('invalid record not indexed', { uri, reason: v.reason, detail: v.message })
     return { reason: `invalid-${v.reason}`, collection, uri }
+  }
+  if (key !== undefined) {
+    validRecords.add(key)
+    if (validRecords.size > VALID_RECORDS_MAX) validRecords.delete(validRecords.values().next().value!)
   }
   return null
 }
@@ -672,7 +688,7 @@ export class Indexer implements AsyncDisposable {
     if (last && repo.rev < last) return
     const writes: RecordWrite[] = []
     for (const r of repo.records) {
-      const rejection = checkRecord(r.collection, r.uri, r.record, r.size)
+      const rejection = checkRecord(r.collection, r.uri, r.record, r.size, r.cid)
       if (rejection) this.reject(rejection)
       else writes.push(r)
     }

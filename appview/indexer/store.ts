@@ -73,7 +73,7 @@ const CHAIN_CACHE_MAX = 50_000
 export class IndexStore {
   readonly db: Db
   private readonly st: Record<
-    'upsert' | 'del' | 'getRev' | 'repoState' | 'setRev' | 'advanceRev' | 'setHead' | 'needsResync' | 'setCursor' | 'getCursor' | 'reject' | 'ensureAccount' | 'setHandle' | 'setStatus' | 'purgeRecords' | 'purgeAccount' | 'clearResync' | 'urisOfDid' | 'markResync',
+    'upsert' | 'del' | 'getRev' | 'repoState' | 'setRev' | 'advanceRev' | 'setHead' | 'needsResync' | 'setCursor' | 'getCursor' | 'reject' | 'ensureAccount' | 'setHandle' | 'setStatus' | 'purgeRecords' | 'purgeAccount' | 'clearResync' | 'cidsOfDid' | 'markResync',
     Statement
   >
   /**
@@ -130,7 +130,7 @@ export class IndexStore {
       purgeRecords: c.prepare('DELETE FROM records WHERE did = ?'),
       purgeAccount: c.prepare('DELETE FROM accounts WHERE did = ?'),
       clearResync: c.prepare('UPDATE repos SET needs_resync = 0 WHERE did = ?'),
-      urisOfDid: c.prepare('SELECT uri FROM records WHERE did = ?').pluck(),
+      cidsOfDid: c.prepare('SELECT uri, cid FROM records WHERE did = ?').raw(),
     }
     this.tracked = new Set(c.prepare('SELECT did FROM repos').pluck().all() as string[])
   }
@@ -332,16 +332,19 @@ export class IndexStore {
    * Must run inside `tx`.
    */
   replaceRepo(did: string, rev: string, data: string | null, writes: RecordWrite[]): { upserted: number; removed: number } {
+    const stored = new Map(this.st.cidsOfDid.all(did) as [string, string][])
     const keep = new Set(writes.map((w) => w.uri))
     let removed = 0
-    for (const uri of this.st.urisOfDid.all(did) as string[]) {
+    for (const uri of stored.keys()) {
       if (!keep.has(uri)) {
         this.st.del.run(uri)
         removed++
       }
     }
     this.st.ensureAccount.run(did)
-    for (const w of writes) this.applyOp(w)
+    // A record stored with the same CID is the same record: the upsert would change nothing (it keeps the row as it
+    // is), so it is not run, nor its body serialized. A resync of an unchanged repo writes no row.
+    for (const w of writes) if (stored.get(w.uri) !== w.cid) this.applyOp(w)
     // The snapshot's commit is the head, unless live commits seen meanwhile are newer.
     const state = this.repoState(did)
     const ahead = state?.head != null && state.head > rev
