@@ -16,6 +16,8 @@ import { oauthSessionInfo, resealStale, stateStore, type ResealReport } from './
 import { exportAccount } from './export.ts'
 import { AuditLog, ConsoleSessions } from './sessions.ts'
 import { ApiKeys, KeyGate, RateLimiter, UsageCounters } from './api-keys.ts'
+import { DevicePairs, PairingGate, type PairingLimits } from './device-pairs.ts'
+import { forwardedFrom } from './api/index.ts'
 import { Publisher } from './publisher.ts'
 import { Wiper } from './wipe.ts'
 import { ProviderGateway } from './exchange/gateway.ts'
@@ -40,6 +42,7 @@ import { ServiceAuth } from './service-auth.ts'
 import { XrpcError } from '../src/xrpc/errors.ts'
 import { knobs } from '../src/config.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
+import type { ConsoleLink } from '../appview/console-link.ts'
 
 export interface ConsoleOpts {
   port: number
@@ -86,6 +89,8 @@ export interface ConsoleOpts {
   apiKeyIpFailuresPerMinute?: number
   /** Tokens (in + out) one account may use per UTC day on the inference API. */
   dailyTokenLimit?: number
+  /** Device pairing: starts and polls per minute from one client address; a pairing's lifetime (tests shorten it). */
+  devicePair?: Partial<PairingLimits> & { ttlMs?: number }
   /** Exchange tuning (tests shorten it): a provider silent this long after a job is sent is passed over. */
   firstChunkTimeoutMs?: number
   /** Gateway heartbeat interval (tests shorten it). */
@@ -110,12 +115,18 @@ export interface ConsoleService {
   wiper: Wiper
   /** Rows sealed under an older key, re-sealed under the current one after the start. */
   resealed: Promise<ResealReport | null>
+  /** What the AppView in this process hands the console's methods to (AppView.linkConsole). */
+  appviewLink: ConsoleLink
   close(): Promise<void>
 }
 
 export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   const trusted = new TrustedProxies(opts.trustedProxies ?? [])
-  const clientIp = (c: { env: unknown }) => contextClientAddress(c, trusted)
+  // A call the AppView forwarded comes with the address the AppView saw.
+  const clientIp = (c: { env: unknown }) => {
+    const forwarded = forwardedFrom(c)
+    return forwarded ? forwarded.clientAddress : contextClientAddress(c, trusted)
+  }
   const box = new SecretBox(
     loadKeyring({ env: opts.secretKey, file: opts.secretKeyFile ?? join(opts.dataDir, 'secret.key'), production: opts.mode === 'production' ? { dataDir: opts.dataDir } : undefined }),
   )
@@ -211,12 +222,13 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   const inference: InferenceDeps | undefined = exchange
     ? { exchange, usage, hasPdsSession: (did) => hasPdsSession$.get(did) !== undefined, economy }
     : undefined
-  // Service-auth tokens must name the exchange's DID: the one DID this console answers for.
-  const serviceAuth = opts.exchangeDid ? new ServiceAuth({ audience: opts.exchangeDid, idResolver }) : undefined
-  const api: ApiDeps = { keys: new ApiKeys(db), usage, audit, sessions, inference, serviceAuth }
+  // Service-auth tokens made to the console must name the exchange's DID, the one DID it answers for (none: it
+  // takes only the AppView's forwarded calls, whose tokens name the AppView's).
+  const serviceAuth = new ServiceAuth({ audience: opts.exchangeDid, idResolver })
+  const keys = new ApiKeys(db)
   // One gate for XRPC and /v1: a client address guessing keys is slowed on both.
   const gate = new KeyGate(
-    api.keys,
+    keys,
     {
       perKeyPerMinute: opts.apiKeyRatePerMinute ?? knobs.apiKeyRatePerMinute.default,
       perAddressPerMinute: opts.apiKeyIpRatePerMinute ?? knobs.apiKeyIpRatePerMinute.default,
@@ -224,6 +236,27 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     },
     (ip) => sessions.hashIp(ip),
   )
+  const pairs = new DevicePairs({
+    db,
+    box,
+    consoleUrl: url,
+    ttlMs: opts.devicePair?.ttlMs,
+    revokeKey: (did, keyId, why) => {
+      if (keys.revoke(did, keyId)) audit.record(did, 'api-key-revoke', null, { key: keyId, via: why })
+    },
+  })
+  const pairingLimits: PairingLimits = {
+    startsPerMinute: opts.devicePair?.startsPerMinute ?? knobs.devicePairStartsPerMinute.default,
+    pollsPerMinute: opts.devicePair?.pollsPerMinute ?? knobs.devicePairPollsPerMinute.default,
+  }
+  const pairing = {
+    pairs,
+    gate: new PairingGate(gate, pairingLimits, (ip) => sessions.hashIp(ip)),
+    // The DID document's handle, unverified: the device only shows it.
+    handleOf: (did: string) => idResolver.did.resolveAtprotoData(did).then((d) => (d.handle && d.handle !== 'handle.invalid' ? d.handle : did), () => did),
+    apiBase: url,
+  }
+  const api: ApiDeps = { keys, usage, audit, sessions, inference, serviceAuth, pairing }
   app = createConsoleApp({
     oauth,
     states: stateStore(db, box),
@@ -277,6 +310,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     db,
     wiper,
     resealed,
+    appviewLink: { fetch: async (req, forwarded) => (app ? app.fetch(req, { forwarded }) : starting(req, opts.mode === 'production')) },
     gateway,
     exchange,
     economy,

@@ -9,6 +9,12 @@
  * Tighter than `verifyJwt` alone, as the reference AppView is: a lifetime of
  * at most five minutes, each `jti` accepted once, and the issuer an account
  * (a DID, not a `did#service`).
+ *
+ * Two doors, one audience each: a call made to the console must name the
+ * exchange's DID; a call the AppView forwarded (appview/console-link.ts) must
+ * name the AppView's, which is what a PDS mints when it proxies to
+ * `#cocore_appview`. Either way the token is checked, and its `jti` spent,
+ * here.
  */
 import type { IdResolver } from '@atproto/identity'
 import { verifyJwt } from '@atproto/xrpc-server'
@@ -26,26 +32,30 @@ const MAX_SEEN = 100_000
 export const isServiceAuthToken = (token: string): boolean => /^[\w-]+\.[\w-]+\.[\w-]*$/.test(token)
 
 export class ServiceAuth {
-  /** This service's DID: the `aud` every token must name. */
-  readonly audience: string
+  /** This service's DID: the `aud` every token made to the console must name (none: only forwarded calls are taken). */
+  readonly audience: string | undefined
   private readonly idResolver: IdResolver
   /** jti -> expiry (ms) of tokens already accepted. In memory: per process, like the rate limits. */
   private readonly seen = new Map<string, number>()
 
-  constructor(opts: { audience: string; idResolver: IdResolver }) {
+  constructor(opts: { audience: string | undefined; idResolver: IdResolver }) {
     this.audience = opts.audience
     this.idResolver = opts.idResolver
   }
 
   /**
-   * The DID a token authenticates for the method `lxm`.
+   * The DID a token authenticates for the method `lxm`. `audience`: the DID the
+   * token must name, when not this service's own (the AppView's, for a call it forwarded).
    * @throws AuthRequiredError (401) naming what is wrong, as `verifyJwt` names it (BadJwt, JwtExpired,
-   *   BadJwtAudience, BadJwtLexiconMethod, BadJwtIss, BadJwtSignature) or JwtReplayed.
+   *   BadJwtAudience, BadJwtLexiconMethod, BadJwtIss, BadJwtSignature) or JwtReplayed, and AuthRequired with no audience.
    */
-  async verify(token: string, lxm: string, now = Date.now()): Promise<string> {
+  async verify(token: string, lxm: string, opts: { audience?: string; now?: number } = {}): Promise<string> {
+    const audience = opts.audience ?? this.audience
+    const now = opts.now ?? Date.now()
+    if (!audience) throw new AuthRequiredError('this console has no service DID: service-auth tokens are not accepted', 'AuthRequired')
     let payload: Awaited<ReturnType<typeof verifyJwt>>
     try {
-      payload = await verifyJwt(token, this.audience, lxm, async (iss, force) => {
+      payload = await verifyJwt(token, audience, lxm, async (iss, force) => {
         if (iss.includes('#')) throw new AuthRequiredError('the token is issued by a service, not an account', 'BadJwtIss')
         return this.idResolver.did.resolveAtprotoKey(iss, force)
       })
@@ -83,17 +93,18 @@ export class ServiceAuth {
 }
 
 /**
- * The DID a service-auth bearer authenticates for `lxm`. Checking a token may
- * fetch the issuer's DID document, so the address limits of API keys apply
- * first, and a refused token counts as a refused key.
+ * The DID a service-auth bearer authenticates for `lxm` (and `audience`, see
+ * ServiceAuth.verify). Checking a token may fetch the issuer's DID document,
+ * so the address limits of API keys apply first, and a refused token counts
+ * as a refused key.
  * @throws RateLimitExceededError, AuthRequiredError (as ServiceAuth.verify names it)
  */
-export async function admitServiceAuth(gate: KeyGate, serviceAuth: ServiceAuth | undefined, token: string, lxm: string, ip: string | undefined): Promise<string> {
+export async function admitServiceAuth(gate: KeyGate, serviceAuth: ServiceAuth | undefined, token: string, lxm: string, ip: string | undefined, audience?: string): Promise<string> {
   const blocked = gate.admitAddress(ip)
   if (blocked > 0) throw new RateLimitExceededError(blocked)
   try {
     if (!serviceAuth) throw new AuthRequiredError('this console has no service DID: service-auth tokens are not accepted', 'AuthRequired')
-    return await serviceAuth.verify(token, lxm)
+    return await serviceAuth.verify(token, lxm, { audience })
   } catch (err) {
     gate.refused(ip)
     throw err

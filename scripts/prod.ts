@@ -30,6 +30,7 @@ const appview = await new AppView({
   port: config.appviewPort,
   host: config.host,
   publicUrl: config.appviewUrl,
+  trustedProxies: config.trustedProxies,
 }).start()
 const consoleSrv = await startConsole({
   port: config.consolePort,
@@ -47,6 +48,7 @@ const consoleSrv = await startConsole({
   apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,
   trustedProxies: config.trustedProxies,
   dailyTokenLimit: config.dailyTokenLimit,
+  devicePair: { startsPerMinute: config.devicePairStartsPerMinute, pollsPerMinute: config.devicePairPollsPerMinute },
   index: appview.consoleIndex(),
   exchangeDid: config.exchangeDid || undefined,
   exchangeAccount:
@@ -57,6 +59,8 @@ const consoleSrv = await startConsole({
   signingKey: config.exchangeSigningKey || undefined,
   appviewUrl: config.appviewUrl,
 })
+// Reference clients send the API-key, dispatch and pairing methods to the AppView: it hands them to the console.
+appview.linkConsole(consoleSrv.appviewLink)
 log.info('started', { sources: config.firehoseSources, appview: appview.url, console: consoleSrv.url })
 
 shutdownOn(['SIGINT', 'SIGTERM'], [() => consoleSrv.close(), () => appview.stop()])

@@ -61,6 +61,7 @@ const appview = await new AppView({
   port: config.appviewPort,
   host: config.host,
   publicUrl: config.appviewPublicUrl || undefined,
+  trustedProxies: config.trustedProxies,
 }).start()
 
 // Seed: profiles, a friendship, a provider with its attestation, and one job with its signed receipt.
@@ -89,6 +90,7 @@ const consoleSrv = await startConsole({
   apiKeyIpFailuresPerMinute: config.apiKeyIpFailuresPerMinute,
   trustedProxies: config.trustedProxies,
   dailyTokenLimit: config.dailyTokenLimit,
+  devicePair: { startsPerMinute: config.devicePairStartsPerMinute, pollsPerMinute: config.devicePairPollsPerMinute },
   index: appview.consoleIndex(),
   exchangeDid: market.did,
   // The demo exchange account runs the ledger and publishes its policy and settlements on its repo.
@@ -100,6 +102,8 @@ const consoleSrv = await startConsole({
   appviewUrl: appview.url,
   demoAccounts: demo.map((d) => ({ handle: d.handle, password, role: d.role })),
 })
+// Reference clients send the API-key, dispatch and pairing methods to the AppView: it hands them to the console.
+appview.linkConsole(consoleSrv.appviewLink)
 
 // The demo provider: rig.test's machine, on the built-in deterministic engine. It publishes its own
 // provider and attestation records and registers once the AppView has indexed them.

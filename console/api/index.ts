@@ -4,7 +4,9 @@
  * authenticated here first: a console session, `Authorization: Bearer <api
  * key>` (rate-limited per client address and per key, and counted per day;
  * see KeyGate), or `Authorization: Bearer <service-auth JWT>` for the method
- * it names (console/service-auth.ts).
+ * it names (console/service-auth.ts). The AppView forwards the ones the
+ * network's AppView serves (appview/console-link.ts); their tokens name the
+ * AppView's DID.
  */
 import type { Context, MiddlewareHandler } from 'hono'
 import { getCookie } from 'hono/cookie'
@@ -14,12 +16,16 @@ import { AuthRequiredError, ForbiddenError, RateLimitExceededError } from '../..
 import type { QueryHandler } from '../../src/xrpc/server.ts'
 import type { KeyGate } from '../api-keys.ts'
 import { admitServiceAuth, isServiceAuthToken } from '../service-auth.ts'
+import type { Forwarded } from '../../appview/console-link.ts'
 import { sessionCaller } from './key-actions.ts'
 import type { ApiDeps, Caller } from './context.ts'
 import createApiKey from './dev/cocore/account/createApiKey.ts'
 import deleteApiKey from './dev/cocore/account/deleteApiKey.ts'
 import listApiKeys from './dev/cocore/account/listApiKeys.ts'
 import revokeApiKey from './dev/cocore/account/revokeApiKey.ts'
+import confirm from './dev/cocore/devicePair/confirm.ts'
+import poll from './dev/cocore/devicePair/poll.ts'
+import start from './dev/cocore/devicePair/start.ts'
 import dispatch from './dev/cocore/inference/dispatch.ts'
 import getBalance from './org/cocoreexchange/ledger/getBalance.ts'
 import getPolicy from './org/cocoreexchange/ledger/getPolicy.ts'
@@ -31,6 +37,9 @@ export const handlers = {
   [ids.AccountDeleteApiKey]: deleteApiKey,
   [ids.AccountListApiKeys]: listApiKeys,
   [ids.AccountRevokeApiKey]: revokeApiKey,
+  [ids.DevicePairConfirm]: confirm,
+  [ids.DevicePairPoll]: poll,
+  [ids.DevicePairStart]: start,
   [ids.InferenceDispatch]: dispatch,
   [ids.OrgCocoreexchangeLedgerGetBalance]: getBalance,
   [ids.OrgCocoreexchangeLedgerListEntries]: listEntries,
@@ -38,8 +47,8 @@ export const handlers = {
   [ids.OrgCocoreexchangeLedgerGetTreasury]: getTreasury,
 } as unknown as Record<string, QueryHandler<ApiDeps>>
 
-/** Methods anyone may call, signed in or not (they show no account's data). */
-const PUBLIC = new Set<string>([ids.OrgCocoreexchangeLedgerGetPolicy, ids.OrgCocoreexchangeLedgerGetTreasury])
+/** Methods anyone may call, signed in or not (they show no account's data; a device pairs before it has a credential). */
+const PUBLIC = new Set<string>([ids.OrgCocoreexchangeLedgerGetPolicy, ids.OrgCocoreexchangeLedgerGetTreasury, ids.DevicePairStart, ids.DevicePairPoll])
 
 export interface AuthOpts {
   deps: ApiDeps
@@ -52,17 +61,24 @@ export interface AuthOpts {
 /** One answer for every unusable key, so nothing tells whether a key exists, was revoked or expired. */
 const INVALID_KEY = 'Invalid API key'
 
-/** The caller a service-auth token authenticates: its issuer, acting as in a session, for the method the token names (`lxm`) and no other. */
+/** A call the AppView forwarded: only the AppView (in this process) sets this. */
+export const forwardedFrom = (c: { env: unknown }): Forwarded | undefined => (c.env as { forwarded?: Forwarded } | undefined)?.forwarded
+
+/**
+ * The caller a service-auth token authenticates: its issuer, acting as in a session, for the method the token
+ * names (`lxm`) and no other, with the audience of the door it came in by (the AppView's DID when forwarded).
+ */
 async function serviceAuthCaller(opts: AuthOpts, c: Context, token: string, ip: string | undefined, ipHash: string | null): Promise<Caller> {
-  const did = await admitServiceAuth(opts.gate, opts.deps.serviceAuth, token, c.req.path.split('/').pop() ?? '', ip)
+  const did = await admitServiceAuth(opts.gate, opts.deps.serviceAuth, token, c.req.path.split('/').pop() ?? '', ip, forwardedFrom(c)?.audience)
   return { ...sessionCaller(did, ipHash), via: 'service-auth' }
 }
 
 export function authenticate(opts: AuthOpts): MiddlewareHandler {
   return async (c, next) => {
+    const ip = opts.clientIp(c)
+    c.set('clientAddress', ip)
     if (PUBLIC.has(c.req.path.split('/').pop() ?? '')) return next()
     const { deps } = opts
-    const ip = opts.clientIp(c)
     const ipHash = deps.sessions.hashIp(ip)
     const header = c.req.header('authorization')
     let caller: Caller

@@ -392,7 +392,7 @@ export const devicePairs = sqliteTable(
     deviceHash: text('device_hash').primaryKey(),
     /** Cleared once the pairing is over, so the code names nothing any more. */
     codeHash: text('code_hash').unique(),
-    /** pending | approved | denied | consumed (expiry is read from expires_at) */
+    /** pending | approved | denied | consumed | expired (a pending or approved row past expires_at reads as expired before it is written so) */
     status: text('status').notNull(),
     /** The approving account, and the key minted for the device. */
     did: text('did'),
