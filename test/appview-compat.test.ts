@@ -3,13 +3,16 @@
  * on the real local network (PLC, PDS, firehose, AppView over HTTP, console):
  * every XRPC method the reference AppView serves is answered; getProfile's
  * aggregate, listAccounts' and listFriendEdges' items, field by field on
- * records published through the PDS, validated against the lexicons; and
+ * records published through the PDS, validated against the lexicons;
  * service-auth JWTs from the PDS as console credentials, pinned to their
- * method, audience and lifetime.
+ * method, audience and lifetime, made to the console or to the AppView
+ * (directly and through the PDS's `atproto-proxy`), which hands the
+ * console's methods over; and device pairing end to end.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { Secp256k1Keypair } from '@atproto/crypto'
 import { createServiceJwt } from '@atproto/xrpc-server'
+import { ConsoleSessions } from '../console/sessions.ts'
 import type { AppView } from '../appview/index.ts'
 import type { ConsoleService } from '../console/index.ts'
 import { LocalNetwork, type LocalAccount } from '../src/dev/network.ts'
@@ -19,6 +22,7 @@ import { P256Signer } from '../src/crypto/p256.ts'
 import { attestationRecord, authorizationRecord, jobRecord, providerRecord, putRecord } from '../src/dev/records.ts'
 import { startAppView, tempDbPath, waitCaughtUp } from './fixture/appview.ts'
 import { startTestConsole } from './fixture/console.ts'
+import { freePort } from './fixture/ports.ts'
 import { signedReceipt, usd } from './fixture/records.ts'
 
 type Json = Record<string, any>
@@ -46,6 +50,8 @@ let alice: LocalAccount
 let bob: LocalAccount
 let carol: LocalAccount
 let market: LocalAccount
+/** The AppView's DID: the audience of the tokens a PDS mints for `#cocore_appview`. */
+let appviewDid: string
 const refs: Record<string, { uri: string; cid: string }> = {}
 
 beforeAll(async () => {
@@ -54,8 +60,12 @@ beforeAll(async () => {
   bob = await net.createAccount('bob.test')
   carol = await net.createAccount('carol.test')
   market = await net.createAccount('market.test')
-  av = await startAppView(net, tempDbPath(), { http: true })
+  // Addressed as localhost, whose did:web a PDS resolves over http: the PDS can proxy to it.
+  const port = await freePort()
+  av = await startAppView(net, tempDbPath(), { http: true, port, publicUrl: `http://localhost:${port}` })
+  appviewDid = `did:web:localhost%3A${port}`
   svc = await startTestConsole(net, av.url, { index: av.consoleIndex(), exchangeDid: market.did })
+  av.linkConsole(svc.appviewLink)
 
   const put = (acct: LocalAccount, record: Json, rkey?: string) => putRecord(acct.agent, acct.did, record, rkey)
   const signer = P256Signer.generate()
@@ -130,12 +140,29 @@ describe('inventory: every XRPC method the reference AppView serves', () => {
     }
   })
 
-  it('the console asks for credentials on each authenticated method (401, as the reference without a token)', async () => {
-    for (const nsid of AUTHENTICATED) {
-      const res = await xrpc(svc.url, nsid)
-      expect(res.status, nsid).toBe(401)
-      expect(res.body.error).toBe('AuthRequired')
+  it('the console asks for credentials on each authenticated method (401, as the reference without a token), and so does the AppView, which hands them to it', async () => {
+    for (const base of [svc.url, av.url]) {
+      for (const nsid of [...AUTHENTICATED, ids.DevicePairConfirm]) {
+        const res = await xrpc(base, nsid, {}, lexicons.getDef(nsid)?.type === 'procedure' ? { method: 'POST' } : {})
+        expect(res.status, `${base} ${nsid}`).toBe(401)
+        expect(res.body.error).toBe('AuthRequired')
+      }
     }
+  })
+
+  it('device pairing is served without credentials on the AppView and on the console (/xrpc and /api/xrpc, where the network\'s agent calls)', async () => {
+    for (const base of [av.url, svc.url, `${svc.url}/api`]) {
+      const started = await xrpc(base, ids.DevicePairStart, {}, { method: 'POST' })
+      expect(started.status, base).toBe(200)
+      expectValid(ids.DevicePairStart, started.body)
+      expect((await xrpc(base, ids.DevicePairPoll, { deviceId: started.body.deviceId })).body).toEqual({ status: 'pending' })
+      expect((await xrpc(base, ids.DevicePairPoll)).status).toBe(400)
+    }
+  })
+
+  it('the AppView publishes #cocore_appview in its did:web document', async () => {
+    const doc = await (await fetch(`${av.url}/.well-known/did.json`)).json()
+    expect(doc).toMatchObject({ id: appviewDid, service: [{ id: '#cocore_appview', type: 'CocoreAppView', serviceEndpoint: `http://localhost:${new URL(av.url).port}` }] })
   })
 
   it('/healthz answers {"ok":true}', async () => {
@@ -324,5 +351,237 @@ describe('service-auth JWTs on the console', () => {
     } finally {
       await plain.close()
     }
+  })
+})
+
+/** A token minted by the account's PDS, as a reference client gets one (audience: the AppView unless told). */
+const mint = async (acct: LocalAccount, lxm: string, aud = appviewDid) => (await acct.agent.com.atproto.server.getServiceAuth({ aud, lxm })).data.token
+const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
+const postJson = (headers: Record<string, string>, input: unknown): RequestInit => ({ method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify(input) })
+const DISPATCH = { model: 'llama-3-8b', prompt: 'hi', maxTokensOut: 8, priceCeiling: { amount: 1000, currency: 'CC' } }
+
+describe('service-auth JWTs sent to the AppView, as reference clients send them', () => {
+  it('createApiKey, listApiKeys, revokeApiKey and deleteApiKey with the AppView as audience act on the issuer\'s keys at the console', async () => {
+    const created = await xrpc(av.url, ids.AccountCreateApiKey, {}, postJson(bearer(await mint(bob, ids.AccountCreateApiKey)), { name: 'via the AppView' }))
+    expect(created.status, JSON.stringify(created.body)).toBe(200)
+    expectValid(ids.AccountCreateApiKey, created.body)
+    expect(created.body.key).toMatchObject({ did: bob.did, name: 'via the AppView' })
+    // The console holds it: its own door (the exchange's audience) lists it too.
+    const direct = await xrpc(svc.url, ids.AccountListApiKeys, {}, { headers: bearer(await mint(bob, ids.AccountListApiKeys, market.did)) })
+    expect(direct.body.keys.map((k: Json) => k.id)).toEqual([created.body.key.id])
+    const listed = await xrpc(av.url, ids.AccountListApiKeys, {}, { headers: bearer(await mint(bob, ids.AccountListApiKeys)) })
+    expect(listed.body.keys.map((k: Json) => k.id)).toEqual([created.body.key.id])
+    expect((await xrpc(av.url, ids.AccountRevokeApiKey, {}, postJson(bearer(await mint(bob, ids.AccountRevokeApiKey)), { id: created.body.key.id }))).body).toEqual({ revoked: true })
+    expect((await xrpc(av.url, ids.AccountDeleteApiKey, {}, postJson(bearer(await mint(bob, ids.AccountDeleteApiKey)), { id: created.body.key.id }))).body).toEqual({ deleted: true })
+  })
+
+  it('dispatch with the AppView as audience gets past authentication (the exchange then asks for a console sign-in)', async () => {
+    const res = await xrpc(av.url, ids.InferenceDispatch, {}, postJson(bearer(await mint(alice, ids.InferenceDispatch)), DISPATCH))
+    expect(res.status, JSON.stringify(res.body)).toBe(403)
+    expect(res.body.error).toBe('PdsSessionRequired')
+  })
+
+  it('each door takes its own audience, the method the token names, once, for at most 5 minutes', async () => {
+    const refused = async (base: string, token: string, error: string, nsid = ids.AccountListApiKeys) => {
+      const res = await xrpc(base, nsid, {}, { headers: bearer(token) })
+      expect(res.status, JSON.stringify(res.body)).toBe(401)
+      expect(res.body.error).toBe(error)
+    }
+    // A token for the exchange is not one for the AppView, nor the other way round.
+    await refused(av.url, await mint(alice, ids.AccountListApiKeys, market.did), 'BadJwtAudience')
+    await refused(svc.url, await mint(alice, ids.AccountListApiKeys), 'BadJwtAudience')
+    await refused(av.url, await mint(alice, ids.AccountCreateApiKey), 'BadJwtLexiconMethod')
+    const wrongMethod = await xrpc(av.url, ids.InferenceDispatch, {}, postJson(bearer(await mint(alice, ids.AccountListApiKeys)), DISPATCH))
+    expect(wrongMethod.body.error).toBe('BadJwtLexiconMethod')
+
+    const once = await mint(alice, ids.AccountListApiKeys)
+    expect((await xrpc(av.url, ids.AccountListApiKeys, {}, { headers: bearer(once) })).status).toBe(200)
+    await refused(av.url, once, 'JwtReplayed')
+
+    const keypair = await net.net.pds.ctx.actorStore.keypair(alice.did)
+    const now = Math.floor(Date.now() / 1000)
+    const sign = (exp: number) => createServiceJwt({ iss: alice.did, aud: appviewDid, lxm: ids.AccountListApiKeys, keypair, exp })
+    expect((await xrpc(av.url, ids.AccountListApiKeys, {}, { headers: bearer(await sign(now + 60)) })).status).toBe(200)
+    await refused(av.url, await sign(now + 3600), 'BadJwt')
+    await refused(av.url, await sign(now - 10), 'JwtExpired')
+  })
+
+  it('the AppView hands over bearer credentials only, never the console\'s cookies', async () => {
+    const { token } = new ConsoleSessions(svc.db, Buffer.alloc(32)).create(alice.did, 'test', undefined)
+    const cookie = { cookie: `cocore_session=${token}` }
+    expect((await xrpc(svc.url, ids.AccountListApiKeys, {}, { headers: cookie })).status).toBe(200)
+    const res = await xrpc(av.url, ids.AccountListApiKeys, {}, { headers: cookie })
+    expect(res.status).toBe(401)
+    expect(res.body.error).toBe('AuthRequired')
+  })
+
+  it('an AppView with no console linked answers them as not implemented', async () => {
+    const alone = await startAppView(net, tempDbPath(), { http: true, index: false })
+    try {
+      const res = await xrpc(alone.url, ids.AccountListApiKeys, {}, { headers: bearer(await mint(alice, ids.AccountListApiKeys)) })
+      expect(res.status).toBe(501)
+      expect(res.body.error).toBe('MethodNotImplemented')
+    } finally {
+      await alone.stop()
+    }
+  })
+
+  it("reach the console through the PDS's atproto-proxy to the AppView's #cocore_appview", async () => {
+    const session = alice.agent.session!
+    const viaPds = (nsid: string, init: RequestInit = {}) =>
+      fetch(`${net.pdsUrl}/xrpc/${nsid}`, {
+        ...init,
+        headers: { ...(init.headers as Record<string, string>), authorization: `Bearer ${session.accessJwt}`, 'atproto-proxy': `${appviewDid}#cocore_appview` },
+      })
+    const created = await viaPds(ids.AccountCreateApiKey, postJson({}, { name: 'through my PDS' }))
+    const key = (await created.json()) as Json
+    expect(created.status, JSON.stringify(key)).toBe(200)
+    expect(key.key).toMatchObject({ did: alice.did, name: 'through my PDS' })
+    const listed = (await (await viaPds(ids.AccountListApiKeys)).json()) as Json
+    expect(listed.keys.map((k: Json) => k.id)).toContain(key.key.id)
+    const dispatched = await viaPds(ids.InferenceDispatch, postJson({}, DISPATCH))
+    expect(dispatched.status).toBe(403)
+    expect(((await dispatched.json()) as Json).error).toBe('PdsSessionRequired')
+    expect((await (await viaPds(ids.AccountDeleteApiKey, postJson({}, { id: key.key.id }))).json()) as Json).toEqual({ deleted: true })
+  })
+})
+
+describe('device pairing', () => {
+  const CODE = /^[ABCDEFGHJKMNPQRSTUVWXYZ23456789]{8}$/
+  const start = async (base = av.url, headers: Record<string, string> = {}) => {
+    const res = await xrpc(base, ids.DevicePairStart, {}, { method: 'POST', headers })
+    expect(res.status, JSON.stringify(res.body)).toBe(200)
+    return res.body as { deviceId: string; userCode: string; verificationUri: string; pollIntervalSecs: number; expiresInSecs: number }
+  }
+  const poll = (deviceId: string, base = av.url, headers: Record<string, string> = {}) => xrpc(base, ids.DevicePairPoll, { deviceId }, { headers })
+  /** Confirmed as the network's console does it: a service-auth token from the approver's PDS, to the AppView. */
+  const confirm = async (acct: LocalAccount, userCode: string, decision: 'approve' | 'deny', base = av.url, aud = appviewDid, headers: Record<string, string> = {}) =>
+    xrpc(base, ids.DevicePairConfirm, {}, postJson({ ...headers, ...bearer(await mint(acct, ids.DevicePairConfirm, aud)) }, { userCode, decision }))
+
+  it('start, poll pending, confirm with a PDS-minted token, poll the key once; the key works', async () => {
+    const started = await start()
+    expect(started).toMatchObject({ verificationUri: `${svc.url}/devices/new?code=${started.userCode}`, pollIntervalSecs: 3, expiresInSecs: 600 })
+    expect(started.userCode).toMatch(CODE)
+    expect(started.deviceId.length).toBeGreaterThanOrEqual(43)
+    expect((await poll(started.deviceId)).body).toEqual({ status: 'pending' })
+
+    // Nothing a guesser could use is stored: neither the code nor the device id.
+    const rows = JSON.stringify(svc.db.$client.prepare('SELECT * FROM device_pairs').all())
+    expect(rows).not.toContain(started.userCode)
+    expect(rows).not.toContain(started.deviceId)
+
+    // Typed as people type it: lower case, with a dash.
+    const typed = `${started.userCode.slice(0, 4)}-${started.userCode.slice(4)}`.toLowerCase()
+    const approved = await confirm(alice, typed, 'approve')
+    expect(approved.status, JSON.stringify(approved.body)).toBe(200)
+    expect(approved.body).toEqual({ ok: true, status: 'approved' })
+    // Single use: approved once.
+    const again = await confirm(alice, started.userCode, 'approve')
+    expect([again.status, again.body.error]).toEqual([409, 'Conflict'])
+
+    const got = await poll(started.deviceId)
+    expect(got.status, JSON.stringify(got.body)).toBe(200)
+    expectValid(ids.DevicePairPoll, got.body)
+    expect(got.body).toMatchObject({ status: 'session', session: { did: alice.did, handle: 'alice.test', apiBase: svc.url } })
+    const apiKey = got.body.session.apiKey as string
+    expect(apiKey).toMatch(/^cocore_/)
+    // Collected once: then consumed, its code names nothing, and no secret is left at rest.
+    expect(await poll(started.deviceId)).toMatchObject({ status: 410, body: { status: 'consumed' } })
+    expect((await confirm(alice, started.userCode, 'deny')).status).toBe(404)
+    expect(svc.db.$client.prepare('SELECT count(*) FROM device_pairs WHERE sealed_session IS NOT NULL').pluck().get()).toBe(0)
+
+    // The key is the account's: it gets past authentication (dispatch then asks for a console sign-in).
+    const used = await xrpc(svc.url, ids.InferenceDispatch, {}, postJson(bearer(apiKey), DISPATCH))
+    expect([used.status, used.body.error]).toEqual([403, 'PdsSessionRequired'])
+    const keys = (await xrpc(svc.url, ids.AccountListApiKeys, {}, { headers: bearer(await mint(alice, ids.AccountListApiKeys, market.did)) })).body.keys as Json[]
+    const paired = keys.find((k) => (k.name as string).startsWith('paired machine ('))!
+    expect(paired).toMatchObject({ scopes: ['inference', 'read'] })
+    expect(paired.lastUsedAt).toBeDefined()
+    const audit = svc.db.$client.prepare(`SELECT action, detail FROM audit_log WHERE did = ? AND action LIKE 'device-pair-%'`).all(alice.did) as { action: string; detail: string }[]
+    expect(audit.map((a) => a.action)).toEqual(['device-pair-approve'])
+    expect(JSON.parse(audit[0]!.detail)).toEqual({ key: paired.id, via: 'service-auth' })
+  })
+
+  it('guessed codes and device ids name nothing', async () => {
+    await start()
+    const res = await confirm(bob, 'ABCD2345', 'approve')
+    expect([res.status, res.body.error]).toEqual([404, 'NotFound'])
+    expect((await confirm(bob, 'not a code', 'approve')).status).toBe(404)
+    expect(await poll('A'.repeat(43))).toMatchObject({ status: 404, body: { status: 'unknown' } })
+  })
+
+  it('a denied pairing tells the device so and cannot be approved; its approver may deny it until the device collects, which revokes the key', async () => {
+    const denied = await start()
+    expect((await confirm(bob, denied.userCode, 'deny')).body).toEqual({ ok: true, status: 'denied' })
+    expect(await poll(denied.deviceId)).toMatchObject({ status: 403, body: { status: 'denied' } })
+    expect((await confirm(bob, denied.userCode, 'approve')).status).toBe(409)
+
+    const changed = await start()
+    expect((await confirm(bob, changed.userCode, 'approve')).body.status).toBe('approved')
+    // Another account cannot undo bob's approval.
+    expect((await confirm(carol, changed.userCode, 'deny')).status).toBe(409)
+    expect((await confirm(bob, changed.userCode, 'deny')).body).toEqual({ ok: true, status: 'denied' })
+    expect(await poll(changed.deviceId)).toMatchObject({ status: 403, body: { status: 'denied' } })
+    const keys = (await xrpc(av.url, ids.AccountListApiKeys, {}, { headers: bearer(await mint(bob, ids.AccountListApiKeys)) })).body.keys as Json[]
+    expect(keys.filter((k) => (k.name as string).startsWith('paired machine (')).map((k) => !!k.revokedAt)).toEqual([true])
+  })
+
+  describe('expiry and limits', () => {
+    let short: ConsoleService
+    let front: AppView
+    const TTL = 1500
+    beforeAll(async () => {
+      // Tight limits, a short lifetime, and an AppView whose X-Forwarded-For (from loopback) names the client.
+      short = await startTestConsole(net, av.url, { exchangeDid: market.did, devicePair: { ttlMs: TTL, startsPerMinute: 2, pollsPerMinute: 3 }, apiKeyIpFailuresPerMinute: 3 })
+      const port = await freePort()
+      front = await startAppView(net, tempDbPath(), { http: true, index: false, port, publicUrl: `http://localhost:${port}`, trustedProxies: ['127.0.0.1'] })
+      front.linkConsole(short.appviewLink)
+    })
+    afterAll(async () => {
+      await front?.stop()
+      await short?.close()
+    })
+    const from = (ip: string) => ({ 'x-forwarded-for': ip })
+    const frontDid = () => `did:web:localhost%3A${new URL(front.url).port}`
+
+    it('an expired pairing is refused; one approved but never collected expires too, and its key is revoked', async () => {
+      const waiting = await start(front.url, from('10.0.0.1'))
+      const approved = await start(front.url, from('10.0.0.2'))
+      expect((await confirm(carol, approved.userCode, 'approve', front.url, frontDid(), from('10.0.0.2'))).body.status).toBe('approved')
+      await new Promise((r) => setTimeout(r, TTL + 100))
+      expect(await poll(waiting.deviceId, front.url, from('10.0.0.1'))).toMatchObject({ status: 410, body: { status: 'expired' } })
+      expect(await poll(approved.deviceId, front.url, from('10.0.0.2'))).toMatchObject({ status: 410, body: { status: 'expired' } })
+      expect((await confirm(carol, waiting.userCode, 'approve', front.url, frontDid(), from('10.0.0.1'))).status).toBe(404)
+      const keys = (await xrpc(short.url, ids.AccountListApiKeys, {}, { headers: bearer(await mint(carol, ids.AccountListApiKeys, market.did)) })).body.keys as Json[]
+      expect(keys.map((k) => !!k.revokedAt)).toEqual([true])
+      expect(short.db.$client.prepare('SELECT count(*) FROM device_pairs WHERE sealed_session IS NOT NULL').pluck().get()).toBe(0)
+    })
+
+    it('starts and polls are limited per client address (the one the AppView saw), with Retry-After', async () => {
+      const a = await start(front.url, from('10.1.0.1'))
+      await start(front.url, from('10.1.0.1'))
+      const third = await fetch(`${front.url}/xrpc/${ids.DevicePairStart}`, { method: 'POST', headers: from('10.1.0.1') })
+      expect(third.status).toBe(429)
+      expect(Number(third.headers.get('retry-after'))).toBeGreaterThan(0)
+      // Another address is not held back; nor is the console's own door for its own peer.
+      await start(front.url, from('10.1.0.2'))
+      await start(short.url)
+      for (let i = 0; i < 3; i++) expect((await poll(a.deviceId, front.url, from('10.1.0.3'))).status).toBe(200)
+      expect((await poll(a.deviceId, front.url, from('10.1.0.3'))).status).toBe(429)
+    })
+
+    it('wrong codes and unknown device ids count as refused credentials of the address, and wrong codes against the account', async () => {
+      const guess = (acct: LocalAccount, ip: string) => confirm(acct, 'ZZZZ2222', 'approve', front.url, frontDid(), from(ip))
+      for (let i = 0; i < 3; i++) expect((await guess(alice, '10.2.0.1')).status).toBe(404)
+      // The address is now refused everything, a right code or an API-key call alike, before any lookup.
+      const blocked = await guess(alice, '10.2.0.1')
+      expect([blocked.status, blocked.body.error]).toEqual([429, 'RateLimitExceeded'])
+      expect((await poll('x'.repeat(43), front.url, from('10.2.0.1'))).status).toBe(429)
+      for (let i = 0; i < 3; i++) expect((await poll('y'.repeat(43), front.url, from('10.2.0.2'))).status).toBe(404)
+      expect((await poll('y'.repeat(43), front.url, from('10.2.0.2'))).status).toBe(429)
+      // Ten wrong codes from ten addresses: the account is held back, from any address.
+      for (let i = 0; i < 10; i++) expect((await guess(bob, `10.3.0.${i}`)).status).toBe(404)
+      expect((await guess(bob, '10.3.1.1')).status).toBe(429)
+    })
   })
 })
