@@ -514,6 +514,8 @@ export const exchangeJobs = sqliteTable(
     machine: text('machine'),
     providerRecordUri: text('provider_record_uri'),
     attestationKey: text('attestation_key'),
+    /** JSON: the brokerage countersignature's witness for that machine (authority, machineId, attestation, nonce); null when none was signed. */
+    witness: text('witness'),
     proBono: integer('pro_bono').notNull(),
     inputBytes: integer('input_bytes').notNull(),
     maxTokensOut: integer('max_tokens_out').notNull(),

@@ -1,0 +1,1 @@
+ALTER TABLE `exchange_jobs` ADD `witness` text;
