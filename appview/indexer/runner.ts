@@ -101,14 +101,9 @@ export class OrderedRunner implements EventRunner {
         if (this.closed) return this.opts.discard(seq)
         await handler()
         if (this.closed) return this.opts.discard(seq)
-        const cursor = this.seqs.peekComplete(item)
-        this.opts.commit(seq, cursor)
-        this.seqs.complete(item)
-        if (cursor !== undefined) this.cursor = Math.max(this.cursor ?? cursor, cursor)
+        this.commit(seq, item)
       } catch (err) {
-        this.closed = true
-        this.opts.discard(seq)
-        this.opts.onFatal(err)
+        this.fail(seq, err)
       } finally {
         this.release()
         if (this.partitions.get(did) === slot.run) {
@@ -138,15 +133,25 @@ export class OrderedRunner implements EventRunner {
     }
     const item = this.seqs.push(seq)
     try {
-      const cursor = this.seqs.peekComplete(item)
-      this.opts.commit(seq, cursor)
-      this.seqs.complete(item)
-      if (cursor !== undefined) this.cursor = Math.max(this.cursor ?? cursor, cursor)
+      this.commit(seq, item)
     } catch (err) {
-      this.closed = true
-      this.opts.discard(seq)
-      this.opts.onFatal(err)
+      this.fail(seq, err)
     }
+  }
+
+  /** Commits a finished event with the cursor it completes, if any, and moves the cursor. */
+  private commit(seq: number, item: { done: boolean }): void {
+    const cursor = this.seqs.peekComplete(item)
+    this.opts.commit(seq, cursor)
+    this.seqs.complete(item)
+    if (cursor !== undefined) this.cursor = Math.max(this.cursor ?? cursor, cursor)
+  }
+
+  /** A commit failed: nothing more is committed, so the persisted cursor never passes the failed event. */
+  private fail(seq: number, err: unknown): void {
+    this.closed = true
+    this.opts.discard(seq)
+    this.opts.onFatal(err)
   }
 
   private tryAcquire(): boolean {
