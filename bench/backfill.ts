@@ -35,6 +35,7 @@ import type { IdResolver } from '@atproto/identity'
 import { MemoryBlockstore, Repo, WriteOpAction, getFullRepo, type RecordWriteOp } from '@atproto/repo'
 import { openDb, type Db } from '../src/db/index.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
+import { diffLines, indexState } from './index-state.ts'
 import { DEFAULT_DIR } from './record-firehose.ts'
 
 /** The commit before the write path's optimisations. */
@@ -243,18 +244,6 @@ function extractBaseline(commit: string): string {
   return dir
 }
 
-/** The index as rows (no write times): to compare two write paths. */
-function indexState(db: Db): string {
-  const c = db.$client
-  const q = (sql: string) => c.prepare(sql).all().map((r) => JSON.stringify(r))
-  return [
-    ...q('SELECT * FROM records ORDER BY uri').map((r) => r.replace(/"indexed_at":"[^"]*",?/, '')),
-    ...q('SELECT * FROM accounts ORDER BY did'),
-    ...q('SELECT * FROM repos ORDER BY did'),
-    ...q('SELECT reason, collection, count FROM rejections ORDER BY reason, collection'),
-  ].join('\n')
-}
-
 interface Pass {
   seconds: number
   cpuSeconds: number
@@ -355,7 +344,10 @@ async function main() {
     mkdirSync(DEFAULT_DIR, { recursive: true })
     writeFileSync(join(DEFAULT_DIR, 'backfill.json'), JSON.stringify(result, null, 2) + '\n')
     process.stdout.write(`\nwritten ${DEFAULT_DIR}/backfill.json\n`)
-    if (!sameIndex) process.exitCode = 1
+    if (!sameIndex) {
+      process.stderr.write(`index differs from the baseline's:\n${diffLines(states[0]!, states.find((x) => x !== states[0])!)}\n`)
+      process.exitCode = 1
+    }
   } finally {
     rmSync(tmp, { recursive: true, force: true })
   }

@@ -31,6 +31,7 @@ import { decodeFirst } from 'cborg'
 import { decodeOptions } from '@atproto/lex-cbor'
 import { AppView } from '../appview/index.ts'
 import { COCORE_PREFIX, DEFAULT_DIR, DEFAULT_EVENTS, loadRecording, recordFirehose, type Recording } from './record-firehose.ts'
+import { diffLines, indexState } from './index-state.ts'
 import { startReplayWorker, type ReplayHandle } from './replay-worker.ts'
 
 const TARGET_EVENTS_PER_SEC = 50_000
@@ -114,14 +115,6 @@ function scan(frames: Buffer[]) {
   return { commits, cocoreCommits, cocoreOps, cocoreRecords: live.size, kinds }
 }
 
-/** The first lines where two index states differ (at most 10). */
-function diffLines(a: string, b: string): string {
-  const [x, y] = [a.split('\n'), b.split('\n')]
-  const out: string[] = []
-  for (let i = 0; i < Math.max(x.length, y.length) && out.length < 10; i++) if (x[i] !== y[i]) out.push(`- ${x[i] ?? ''}\n+ ${y[i] ?? ''}`)
-  return out.join('\n')
-}
-
 /** CPU seconds of the calling thread. */
 const threadCpu = () => {
   const c = process.threadCpuUsage()
@@ -159,19 +152,6 @@ interface SystemRun {
   rejections: { reason: string; collection: string; count: number }[]
   /** The index at the end (see indexState), to compare the two paths. */
   state: string
-}
-
-/** Everything the index holds that does not depend on when it was written: rows, repos' sync state, rejection counts. */
-function indexState(av: AppView): string {
-  const c = av.db.$client
-  const q = (sql: string) => c.prepare(sql).all().map((r) => JSON.stringify(r))
-  return [
-    ...q('SELECT * FROM records ORDER BY uri').map((r) => r.replace(/"indexed_at":"[^"]*",?/, '')),
-    ...q('SELECT * FROM accounts ORDER BY did'),
-    ...q('SELECT * FROM repos ORDER BY did'),
-    ...q('SELECT * FROM cursors ORDER BY source'),
-    ...q('SELECT reason, collection, count FROM rejections ORDER BY reason, collection'),
-  ].join('\n')
 }
 
 async function system(opts: { source: string; plcUrl: string; handlesViaPds: string; lastSeq: number; tmp: string; timeoutMs: number; rawCommitFilter: boolean }): Promise<SystemRun> {
@@ -232,7 +212,7 @@ async function system(opts: { source: string; plcUrl: string; handlesViaPds: str
       rssAtStart,
       stats: { ...av.indexer.stats },
       rejections: av.store.rejectionCounts(),
-      state: indexState(av),
+      state: indexState(av.db, { cursors: true }),
     }
   } finally {
     rss.stop()
