@@ -109,6 +109,16 @@ export const rejections = sqliteTable(
 // start), whatever order they were written in: a backfill or resync rebuilds
 // exactly what live indexing built. Times are records' own (`sort_at`).
 
+/**
+ * A counter every change of `records` and `accounts` moves (triggers of
+ * migration 0008): the same value means the same index, so an answer
+ * computed at it may be served again (the read API's cache of answers).
+ */
+export const indexVersion = sqliteTable('index_version', {
+  id: integer('id').primaryKey(),
+  n: integer('n').notNull(),
+})
+
 /** Where each trailing window of receipts starts now: receipts at or after `at` are counted in it. Moved forward by the indexer (appview/indexer/windows.ts). */
 export const activityWindows = sqliteTable('activity_windows', {
   /** hour | day | week | month */
