@@ -15,13 +15,13 @@ import { contextClientAddress, TrustedProxies } from '../src/net/client-address.
 import { authenticate, handlers } from './api/index.ts'
 import type { ApiDeps } from './api/context.ts'
 import { limitedAddress, type KeyGate, type RateLimiter } from './api-keys.ts'
-import { createKey, deleteKey, revokeKey, sessionCaller } from './api/key-actions.ts'
-import { InvalidRequestError, NotFoundError } from '../src/xrpc/errors.ts'
+import { confirmPairing, createKey, deleteKey, revokeKey, sessionCaller } from './api/key-actions.ts'
+import { InvalidRequestError, NotFoundError, XrpcError } from '../src/xrpc/errors.ts'
 import { OpenAiError } from './exchange/openai.ts'
 import { CALLBACK_PATH, CLIENT_METADATA_PATH, JWKS_PATH } from './oauth/client.ts'
 import type { stateStore } from './oauth/stores.ts'
 import { browserModules, MODULES_PATH } from './browser-modules.ts'
-import { accountPage, auditPage, chatPage, continueToPdsPage, dashboardPage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
+import { accountPage, auditPage, chatPage, continueToPdsPage, dashboardPage, devicePage, errorPage, friendsPage, keysPage, machinesPage, profilePage, sessionsPage, signInPage, wipePage } from './pages.ts'
 import type { Wiper } from './wipe.ts'
 import { InvalidRecordError, type Publisher } from './publisher.ts'
 import { SESSION_TTL_MS, type AuditLog, type ConsoleSession, type ConsoleSessions } from './sessions.ts'
@@ -411,6 +411,25 @@ export function createConsoleApp(deps: ConsoleDeps): Hono<Env> {
     if (c.req.param('action') === 'revoke') revokeKey(deps.api, caller, id)
     else deleteKey(deps.api, caller, id)
     return c.redirect('/keys', 303)
+  })
+
+  // A pairing device's verificationUri: its owner approves or denies the code it shows (dev.cocore.devicePair.confirm's page).
+  app.get('/devices/new', async (c) => {
+    if (!c.get('session')) return c.html(signInPage('Sign in to approve your device, then open the address it showed you again.'))
+    return c.html(devicePage(await who(c), (c.req.query('code') ?? '').slice(0, 20)))
+  })
+
+  app.post('/devices/new', requireSession, async (c) => {
+    const s = c.get('session')!
+    const form = await readForm(c)
+    const code = String(form.code ?? '').slice(0, 20)
+    try {
+      const done = await confirmPairing(deps.api, sessionCaller(s.did, deps.sessions.hashIp(ip(c))), ip(c), code, form.decision === 'approve' ? 'approve' : 'deny')
+      return c.html(devicePage(await who(c), '', { done }))
+    } catch (err) {
+      if (!(err instanceof XrpcError)) throw err
+      return c.html(devicePage(await who(c), code, { error: `Nothing done: ${err.message}.` }), err.status as 400)
+    }
   })
 
   // Your data: export and wipe.

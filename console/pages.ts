@@ -270,6 +270,22 @@ export function keysPage(
   )
 }
 
+/** Where a pairing device sends its owner (its verificationUri, `?code=`): the code it shows, to approve or deny. */
+export function devicePage(who: Who, code: string, opts: { done?: 'approved' | 'denied'; error?: string } = {}): Html {
+  const body =
+    opts.done === 'approved'
+      ? html`<p role="status">Approved. The device picks up its API key now; the key is on your <a href="/keys">API keys</a> page, where you can revoke it.</p>`
+      : opts.done === 'denied'
+        ? html`<p role="status">Denied. The device gets no key.</p>`
+        : html`<p>Approve only a device you are setting up yourself that shows this code: it gets an API key of your account (read and inference).</p>
+            <form method="post" action="/devices/new">
+              <p><label>Code<br /><input type="text" name="code" value="${code}" required maxlength="20" autocomplete="off" /></label></p>
+              <button type="submit" name="decision" value="approve">Approve</button>
+              <button type="submit" name="decision" value="deny">Deny</button>
+            </form>`
+  return layout('Pair a device', html`<h2>Pair a device</h2>${opts.error ? html`<p class="err" role="alert">${opts.error}</p>` : ''}${body}`, who)
+}
+
 export function accountPage(who: Who, opts: { error?: string } = {}): Html {
   return layout(
     'Your data',

@@ -21,7 +21,8 @@ import { lexicons } from '../src/lexicon/validate.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import { attestationRecord, authorizationRecord, jobRecord, providerRecord, putRecord } from '../src/dev/records.ts'
 import { startAppView, tempDbPath, waitCaughtUp } from './fixture/appview.ts'
-import { startTestConsole } from './fixture/console.ts'
+import { signInWithBrowser, startTestConsole } from './fixture/console.ts'
+import { launchBrowser } from './fixture/browser.ts'
 import { freePort } from './fixture/ports.ts'
 import { signedReceipt, usd } from './fixture/records.ts'
 
@@ -524,6 +525,25 @@ describe('device pairing', () => {
     expect(await poll(changed.deviceId)).toMatchObject({ status: 403, body: { status: 'denied' } })
     const keys = (await xrpc(av.url, ids.AccountListApiKeys, {}, { headers: bearer(await mint(bob, ids.AccountListApiKeys)) })).body.keys as Json[]
     expect(keys.filter((k) => (k.name as string).startsWith('paired machine (')).map((k) => !!k.revokedAt)).toEqual([true])
+  })
+
+  it('the verification page: the owner, signed in, approves the code the device shows; the device then collects its key', async () => {
+    const browser = await launchBrowser()
+    try {
+      const page = await signInWithBrowser(browser, svc.url, carol.handle, carol.password)
+      const started = await start()
+      await page.goto(started.verificationUri)
+      expect(await page.locator('input[name=code]').inputValue()).toBe(started.userCode)
+      await page.getByRole('button', { name: 'Approve' }).click()
+      expect(await page.getByRole('status').textContent()).toContain('Approved')
+      expect(await poll(started.deviceId)).toMatchObject({ status: 200, body: { status: 'session', session: { did: carol.did, handle: 'carol.test' } } })
+      // A code that names nothing: said so, nothing done.
+      await page.goto(`${svc.url}/devices/new?code=ZZZZ3333`)
+      await page.getByRole('button', { name: 'Deny' }).click()
+      expect(await page.getByRole('alert').textContent()).toContain('no pairing in progress uses this code')
+    } finally {
+      await browser.close()
+    }
   })
 
   describe('expiry and limits', () => {

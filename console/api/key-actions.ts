@@ -1,10 +1,12 @@
 /**
  * What can be done to an account's API keys, with its checks and its
- * activity entry, for both ways in: the XRPC methods and the keys page.
+ * activity entry, for both ways in: the XRPC methods and the console's pages
+ * (keys, and the device page that approves a pairing, which mints one).
  */
-import { InvalidRequestError } from '../../src/xrpc/errors.ts'
+import { InvalidRequestError, NotFoundError, RateLimitExceededError, XrpcError } from '../../src/xrpc/errors.ts'
 import { isWellFormed } from '../../src/xrpc/server.ts'
 import { SCOPES, type ApiKey, type Scope } from '../api-keys.ts'
+import { PairingError } from '../device-pairs.ts'
 import { requireScope, type ApiDeps, type Caller } from './context.ts'
 
 const DEFAULT_SCOPES: Scope[] = ['read', 'inference']
@@ -49,4 +51,45 @@ export function deleteKey(deps: ApiDeps, caller: Caller, id: string): boolean {
   const deleted = deps.keys.delete(caller.did, id)
   if (deleted) deps.audit.record(caller.did, 'api-key-delete', caller.ipHash, { key: id, via: caller.via })
   return deleted
+}
+
+/**
+ * Approves or denies the device pairing a user code names. Approving mints an
+ * API key of the caller's account (the default scopes; a calling key's limits
+ * apply, as to any key it creates), bound to the pairing for the device to
+ * collect once. A code that names no pairing counts against the address, as a
+ * refused key, and against the account.
+ * @throws XrpcError: 403 InsufficientScope, 404 NotFound (no pairing in progress uses the code),
+ *   409 Conflict (it is past approval), 429 RateLimitExceeded
+ */
+export async function confirmPairing(deps: ApiDeps, caller: Caller, ip: string | undefined, userCode: string, decision: 'approve' | 'deny'): Promise<'approved' | 'denied'> {
+  const { pairs, gate } = deps.pairing
+  requireScope(caller, 'keys:manage')
+  const wait = gate.admit('confirm', ip, caller.did)
+  if (wait > 0) throw new RateLimitExceededError(wait)
+  const state = pairs.stateOf(userCode)
+  if (!state) {
+    gate.missed(ip, caller.did)
+    throw new NotFoundError('no pairing in progress uses this code')
+  }
+  try {
+    if (decision === 'deny') {
+      pairs.deny(userCode, caller.did)
+      deps.audit.record(caller.did, 'device-pair-deny', caller.ipHash, { via: caller.via })
+      return 'denied'
+    }
+    if (state !== 'pending') throw new PairingError('conflict', `this pairing is already ${state}`)
+    const handle = await deps.pairing.handleOf(caller.did)
+    let keyId = ''
+    pairs.approve(userCode, caller.did, () => {
+      const { key, secret } = createKey(deps, caller, { name: `paired machine (${new Date().toISOString().slice(0, 10)})` })
+      keyId = key.id
+      return { keyId, session: { did: caller.did, handle, apiKey: secret, apiBase: deps.pairing.apiBase } }
+    })
+    deps.audit.record(caller.did, 'device-pair-approve', caller.ipHash, { key: keyId, via: caller.via })
+    return 'approved'
+  } catch (err) {
+    if (!(err instanceof PairingError)) throw err
+    throw err.kind === 'not-found' ? new NotFoundError(err.message) : new XrpcError(409, 'Conflict', err.message)
+  }
 }
