@@ -54,6 +54,3 @@ export function forwardedRequest(req: Request): Request {
   // The caller's signal goes along: a dispatch whose caller went away is cancelled at the provider.
   return new Request(req.url, { method: req.method, headers, body, signal: req.signal, duplex: 'half' } as RequestInit)
 }
-
-/** The did:web a service at `url` answers for (its host, the port percent-encoded). */
-export const didWebOf = (url: string): string => `did:web:${encodeURIComponent(new URL(url).host)}`

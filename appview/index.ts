@@ -16,7 +16,8 @@ import { modelsDirectory, providerLeaderboard, type LeaderboardEntry, type Model
 import { startUpkeep } from './indexer/aggregates.ts'
 import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
-import { didWebOf, type ConsoleLink } from './console-link.ts'
+import type { ConsoleLink } from './console-link.ts'
+import { didWebOf } from '../src/config.ts'
 
 /** What the console needs of the index when both run in one process. */
 export interface IndexedProvider {

@@ -36,6 +36,9 @@ const mode: Parse<'dev' | 'production'> = (s) => {
   return s
 }
 
+/** The did:web naming a URL's host (`%3A` before a port), as did:web spells it. */
+export const didWebOf = (url: string): string => `did:web:${encodeURIComponent(new URL(url).host)}`
+
 export class ConfigError extends Error {
   override name = 'ConfigError'
 }

@@ -8,6 +8,7 @@ import { CURVES, installNativeSignatureVerification } from '../src/crypto/native
 
 // Captured before the native verifiers are installed (nothing installs them at import time).
 const original = { secp256k1: secp256k1Plugin.verifySignature, p256: p256Plugin.verifySignature }
+const originalDecompress = { secp256k1: secp256k1Plugin.decompressPubkey, p256: p256Plugin.decompressPubkey }
 
 const n = { secp256k1: CURVES.secp256k1.halfOrder * 2n + 1n, p256: CURVES.p256.halfOrder * 2n + 1n }
 
@@ -62,4 +63,16 @@ describe('native commit-signature verification', () => {
       expect(expected.filter((x) => !x).length).toBeGreaterThanOrEqual(100)
     })
   }
+
+  it('remembers decompressed public keys, handing each caller its own copy', async () => {
+    installNativeSignatureVerification()
+    for (const [name, plugin, key] of [['secp256k1', secp256k1Plugin, await Secp256k1Keypair.create()], ['p256', p256Plugin, await P256Keypair.create()]] as const) {
+      const compressed = plugin.compressPubkey(key.publicKeyBytes())
+      const want = originalDecompress[name](compressed)
+      const a = plugin.decompressPubkey(compressed)
+      a.fill(0)
+      expect(plugin.decompressPubkey(compressed)).toEqual(want)
+      expect(() => plugin.decompressPubkey(new Uint8Array(33).fill(5))).toThrow()
+    }
+  })
 })

@@ -79,6 +79,20 @@ export function installNativeSignatureVerification(): void {
   for (const [plugin, curve] of plugins) {
     plugin.verifySignature = async (didKey: string, data: Uint8Array, sig: Uint8Array, opts?: { allowMalleableSig?: boolean }) =>
       verifyDidKeySignature(curve, didKey, data, sig, opts?.allowMalleableSig ?? false)
+    // @atproto/crypto parses the did:key before every verification, decompressing its point in pure JS (~70 us):
+    // the result is remembered (bounded), and each caller gets its own copy.
+    const decompress = plugin.decompressPubkey
+    const points = new Map<string, Uint8Array>()
+    plugin.decompressPubkey = (compressed: Uint8Array): Uint8Array => {
+      const k = Buffer.from(compressed).toString('hex')
+      let point = points.get(k)
+      if (!point) {
+        point = decompress(compressed)
+        if (points.size >= KEY_CACHE_MAX) points.delete(points.keys().next().value!)
+        points.set(k, point)
+      }
+      return point.slice()
+    }
   }
 }
 
