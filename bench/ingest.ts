@@ -146,6 +146,8 @@ interface SystemRun {
   cpuSeconds: number
   /** CPU time of the indexer's thread alone. */
   threadCpuSeconds: number
+  /** Events per CPU second of the indexer's thread from the first applied event to the last (start-up excluded). */
+  steadyEventsPerThreadCpuSec: number
   peakRss: number
   rssAtStart: number
   stats: AppView['indexer']['stats']
@@ -174,6 +176,7 @@ async function system(opts: { source: string; plcUrl: string; handlesViaPds: str
     const t0 = performance.now()
     let tFirst = 0
     let firstSeq = 0
+    let cpuFirst = 0
     await av.start()
     await new Promise<void>((resolve, reject) => {
       const deadline = t0 + opts.timeoutMs
@@ -183,6 +186,7 @@ async function system(opts: { source: string; plcUrl: string; handlesViaPds: str
         if (!tFirst && c !== undefined && c > 0) {
           tFirst = performance.now()
           firstSeq = c
+          cpuFirst = threadCpu()
         }
         if (c !== undefined && c >= opts.lastSeq) {
           clearInterval(timer)
@@ -194,7 +198,8 @@ async function system(opts: { source: string; plcUrl: string; handlesViaPds: str
       }, 2)
     })
     const tEnd = performance.now()
-    const threadCpuSeconds = threadCpu() - thread0
+    const threadCpuEnd = threadCpu()
+    const threadCpuSeconds = threadCpuEnd - thread0
     const seconds = (tEnd - t0) / 1000
     const cpu = process.cpuUsage(cpu0)
     // Stopped before reading the index: cursors and heads kept in memory are written on the way out.
@@ -208,6 +213,7 @@ async function system(opts: { source: string; plcUrl: string; handlesViaPds: str
       records,
       cpuSeconds: (cpu.user + cpu.system) / 1e6,
       threadCpuSeconds,
+      steadyEventsPerThreadCpuSec: (opts.lastSeq - firstSeq) / (threadCpuEnd - cpuFirst),
       peakRss: rss.stop(),
       rssAtStart,
       stats: { ...av.indexer.stats },
@@ -265,7 +271,7 @@ async function main() {
     const slow: SystemRun[] = []
     const describe = (run: SystemRun) =>
       `${Math.round(n / run.seconds)} events/s wall (steady ${Math.round(run.steadyEventsPerSec)}/s after ${(run.startupSeconds * 1000).toFixed(0)} ms start-up), ` +
-      `${Math.round(n / run.threadCpuSeconds)} per indexer-thread CPU s, ${run.records} records, process cpu ${Math.round((100 * run.cpuSeconds) / run.seconds)}%, peak RSS ${mb(run.peakRss)} MB`
+      `${Math.round(n / run.threadCpuSeconds)} per indexer-thread CPU s (steady ${Math.round(run.steadyEventsPerThreadCpuSec)}), ${run.records} records, process cpu ${Math.round((100 * run.cpuSeconds) / run.seconds)}%, peak RSS ${mb(run.peakRss)} MB`
     for (let r = 0; r < runs; r++) {
       const b = baseline(frames)
       base.push(b)
@@ -285,6 +291,7 @@ async function main() {
         recordsPerSec: Math.round(sys[0]!.records / seconds),
         runsEventsPerSec: sys.map((s) => Math.round(n / s.seconds)),
         runsEventsPerThreadCpuSec: sys.map((s) => Math.round(n / s.threadCpuSeconds)),
+        steadyEventsPerThreadCpuSec: Math.round(median(sys.map((s) => s.steadyEventsPerThreadCpuSec))),
         steadyEventsPerSec: Math.round(median(sys.map((s) => s.steadyEventsPerSec))),
         startupMs: Math.round(1000 * median(sys.map((s) => s.startupSeconds))),
         cpuPercent: Math.round(100 * median(sys.map((s) => s.cpuSeconds / s.seconds))),
@@ -344,10 +351,12 @@ async function main() {
       sameCountersAsSlowPath: sameCounters,
       ratioSystemToBaseline: Number((system_.eventsPerSec / baseFps).toFixed(4)),
       ratioSystemToBaselinePerCpuSec: Number((system_.eventsPerThreadCpuSec / baseFpcs).toFixed(4)),
+      ratioSystemToBaselinePerCpuSecSteady: Number((system_.steadyEventsPerThreadCpuSec / baseFpcs).toFixed(4)),
       ratioSystemToSlowPath: Number((system_.eventsPerSec / slowPath.eventsPerSec).toFixed(4)),
       targetEventsPerSec: TARGET_EVENTS_PER_SEC,
       ratioSystemToTarget: Number((system_.eventsPerSec / TARGET_EVENTS_PER_SEC).toFixed(4)),
       ratioSystemToTargetPerCpuSec: Number((system_.eventsPerThreadCpuSec / TARGET_EVENTS_PER_SEC).toFixed(4)),
+      ratioSystemToTargetPerCpuSecSteady: Number((system_.steadyEventsPerThreadCpuSec / TARGET_EVENTS_PER_SEC).toFixed(4)),
       processMaxRssMB: mb(process.resourceUsage().maxRSS * 1024),
     }
 
@@ -358,15 +367,15 @@ async function main() {
       ['load', `1-min load average ${result.load.loadavg1m} on ${result.load.cpus} cores at the end`],
       [`baseline decode (median of ${runs})`, `${result.baseline.framesPerSec} frames/s wall, ${result.baseline.framesPerCpuSec} per CPU s`],
       [`system indexer (median of ${runs})`, `${system_.eventsPerSec} events/s wall, ${system_.eventsPerThreadCpuSec} per indexer-thread CPU s  (${system_.seconds} s wall incl. start-up, process cpu ${system_.cpuPercent}% incl. replay thread)`],
-      ['  steady (start-up excluded)', `${system_.steadyEventsPerSec} events/s after ${system_.startupMs} ms start-up`],
+      ['  steady (start-up excluded)', `${system_.steadyEventsPerSec} events/s wall, ${system_.steadyEventsPerThreadCpuSec} per indexer-thread CPU s, after ${system_.startupMs} ms start-up`],
       ['  raw-frame path', `${system_.indexerStats.rawForeignCommits} of ${system_.indexerStats.events} events never decoded`],
-      [`slow path, every frame decoded (median of ${runs})`, `${slowPath.eventsPerSec} events/s wall, ${slowPath.eventsPerThreadCpuSec} per indexer-thread CPU s`],
+      [`slow path, every frame decoded (median of ${runs})`, `${slowPath.eventsPerSec} events/s wall, ${slowPath.eventsPerThreadCpuSec} per indexer-thread CPU s (steady ${slowPath.steadyEventsPerThreadCpuSec})`],
       ['indexed records/s', `${system_.recordsPerSec}`],
       ['records indexed / expected', `${system_.recordsIndexed} / ${mix.cocoreRecords}${full ? ` (recorder wrote ${recording.meta.writer.cocoreRecords})` : ''}  ${recordsOk ? 'OK' : 'MISMATCH'}`],
       ['index and counters = slow path', `${sameIndex ? 'same index' : 'INDEX DIFFERS'}, ${sameCounters ? 'same counters' : 'COUNTERS DIFFER'}`],
-      ['ratio system / baseline', `${result.ratioSystemToBaseline} wall, ${result.ratioSystemToBaselinePerCpuSec} per CPU s`],
+      ['ratio system / baseline', `${result.ratioSystemToBaseline} wall, ${result.ratioSystemToBaselinePerCpuSec} per CPU s (steady ${result.ratioSystemToBaselinePerCpuSecSteady})`],
       ['ratio system / slow path', `${result.ratioSystemToSlowPath} wall`],
-      [`vs target ${TARGET_EVENTS_PER_SEC} events/s`, `${result.ratioSystemToTarget}x wall, ${result.ratioSystemToTargetPerCpuSec}x per indexer-thread CPU s, ${(system_.steadyEventsPerSec / TARGET_EVENTS_PER_SEC).toFixed(4)}x steady`],
+      [`vs target ${TARGET_EVENTS_PER_SEC} events/s`, `${result.ratioSystemToTarget}x wall, ${result.ratioSystemToTargetPerCpuSec}x per indexer-thread CPU s (steady ${result.ratioSystemToTargetPerCpuSecSteady}x), ${(system_.steadyEventsPerSec / TARGET_EVENTS_PER_SEC).toFixed(4)}x steady wall`],
       ['peak RSS during system runs', `${system_.peakRssMB} MB (at start ${system_.rssAtStartMB} MB; process max ${result.processMaxRssMB} MB)`],
     ]
     const w = Math.max(...rows.map((r) => r[0].length))
