@@ -6,6 +6,10 @@ import type { Server } from 'node:http'
 import type { IdResolver } from '@atproto/identity'
 import { openDb, type Db } from '../src/db/index.ts'
 import { createIdResolver } from '../src/identity/index.ts'
+import { AuthorityResolver } from '../src/identity/authority.ts'
+import { ids } from '../src/lexicon/generated/ids.ts'
+import { statement } from './api/util.ts'
+import { NETWORK_BROKERAGE } from '../src/config.ts'
 import { serveHttp, type Refusal } from '../src/net/http-server.ts'
 import { TrustedProxies } from '../src/net/client-address.ts'
 import { XrpcError } from '../src/xrpc/errors.ts'
@@ -41,6 +45,8 @@ export interface ConsoleIndex {
   receiptsForJob(jobUri: string): (IndexedProvider & { did: string })[]
   /** One indexed record, or undefined. */
   record(uri: string): (IndexedProvider & { did: string; collection: string }) | undefined
+  /** The newest indexed attestation of `did` whose publicKey is `publicKey` (base64, as published): what that machine's receipts cite now. */
+  attestationFor(did: string, publicKey: string): IndexedProvider | undefined
   /** Receipt activity per model and provider, as dev.cocore.compute.modelActivity answers it (the model directory). */
   modelActivity(): ComputeModelActivityOutput
   /** Every model visible machines offer or receipts name, with its machines and activity, busiest first. */
@@ -78,6 +84,8 @@ export interface AppViewOpts {
   rawCommitFilter?: boolean
   /** CIDRs of reverse proxies whose X-Forwarded-For names the client (COCORE_TRUSTED_PROXIES): the address forwarded calls are limited by. */
   trustedProxies?: string[]
+  /** Brokerages whose countersignature verifyReceipt calls confidential (COCORE_TRUSTED_BROKERAGES; default: the network's). */
+  trustedBrokerages?: string[]
 }
 
 export class AppView implements AsyncDisposable {
@@ -85,6 +93,10 @@ export class AppView implements AsyncDisposable {
   readonly store: IndexStore
   readonly idResolver: IdResolver
   readonly indexer: Indexer
+  /** verifyReceipt's trust set: callers may add to it (the console's own brokerage, once it knows its DID). */
+  readonly trustedBrokerages: Set<string>
+  /** Brokerages' DID documents, for their countersignatures. */
+  readonly authorities: AuthorityResolver
   private server: Server | null = null
   private upkeep: { stop(): void } | null = null
   private consoleLink: { link: ConsoleLink; did: string } | null = null
@@ -104,6 +116,8 @@ export class AppView implements AsyncDisposable {
       // The operator's own sources: repo fetches may reach them on a private network.
       trusted: opts.sources,
     })
+    this.trustedBrokerages = new Set(opts.trustedBrokerages ?? [NETWORK_BROKERAGE])
+    this.authorities = new AuthorityResolver({ idResolver: this.idResolver })
     this.indexer = new Indexer({ store: this.store, idResolver: this.idResolver, sources: opts.sources, replayFromStart: opts.replayFromStart, reconnectDelayMs: opts.reconnectDelayMs, rawCommitFilter: opts.rawCommitFilter })
   }
 
@@ -114,7 +128,7 @@ export class AppView implements AsyncDisposable {
     if (this.opts.port !== undefined) {
       // Loaded only when serving: an indexer-only process never loads the read API.
       const { createApp } = await import('./server.ts')
-      const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, publicUrl: this.opts.publicUrl, console: () => this.consoleLink, trustedProxies: new TrustedProxies(this.opts.trustedProxies ?? []) })
+      const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, brokerage: { trusted: this.trustedBrokerages, authorities: this.authorities }, publicUrl: this.opts.publicUrl, console: () => this.consoleLink, trustedProxies: new TrustedProxies(this.opts.trustedProxies ?? []) })
       const host = this.opts.host ?? '127.0.0.1'
       await new Promise<void>((resolve) => {
         const refusalBody = (r: Refusal) => new XrpcError(r.status, r.code, r.message).toJSON()
@@ -150,10 +164,20 @@ export class AppView implements AsyncDisposable {
       receiptsAfter: (rowid, limit) => this.store.receiptsAfter(rowid, limit),
       receiptsForJob: (jobUri) => this.store.receiptsForJob(jobUri),
       record: (uri) => this.store.record(uri),
+      attestationFor: (did, publicKey) => this.attestationFor(did, publicKey),
       modelActivity: () => modelActivity({ db: this.db }, {}),
       modelsDirectory: () => modelsDirectory(this.db, Date.now()),
       providerLeaderboard: (limit) => providerLeaderboard(this.db, Date.now(), limit),
     }
+  }
+
+  private attestationFor(did: string, publicKey: string): IndexedProvider | undefined {
+    const row = statement(
+      this.db,
+      `SELECT uri, cid, body FROM records WHERE did = ? AND collection = ? AND json_extract(body, '$.publicKey') = ?
+         AND did NOT IN (SELECT did FROM accounts WHERE active = 0) ORDER BY julianday(json_extract(body, '$.attestedAt')) DESC, uri DESC LIMIT 1`,
+    ).get(did, ids.ComputeAttestation, publicKey) as { uri: string; cid: string; body: string } | undefined
+    return row ? { uri: row.uri, cid: row.cid, body: JSON.parse(row.body) as Record<string, unknown> } : undefined
   }
 
   async stop(): Promise<void> {

@@ -13,6 +13,7 @@ import { handlers } from './api/index.ts'
 import type { Indexer } from './indexer/indexer.ts'
 import type { IndexStore } from './indexer/store.ts'
 import type { ApiContext } from './api/util.ts'
+import type { AuthorityResolver } from '../src/identity/authority.ts'
 
 export interface AppDeps {
   db: Db
@@ -20,6 +21,8 @@ export interface AppDeps {
   /** Absent when this process serves reads only. */
   indexer?: Indexer
   idResolver?: IdResolver
+  /** verifyReceipt's trusted brokerages and their DID documents. */
+  brokerage?: { trusted: ReadonlySet<string>; authorities: AuthorityResolver }
   publicUrl?: string
   validateOutput?: boolean
   /** The console and the DID the AppView answers for, once linked (appview/console-link.ts). */
@@ -73,7 +76,7 @@ export function createApp(deps: AppDeps): Hono {
     })
   }
 
-  app.route('/', xrpcRouter<ApiContext>({ handlers, ctx: { db: deps.db, idResolver: deps.idResolver }, log, validateOutput: deps.validateOutput ?? process.env.NODE_ENV !== 'production' }))
+  app.route('/', xrpcRouter<ApiContext>({ handlers, ctx: { db: deps.db, idResolver: deps.idResolver, brokerage: deps.brokerage }, log, validateOutput: deps.validateOutput ?? process.env.NODE_ENV !== 'production' }))
   return app
 }
 

@@ -36,6 +36,9 @@ const mode: Parse<'dev' | 'production'> = (s) => {
   return s
 }
 
+/** The network's brokerage (its advisor, ADR 0004), trusted by default as the network's verifiers do. */
+export const NETWORK_BROKERAGE = 'did:web:advisor.cocore.dev'
+
 /** The did:web naming a URL's host (`%3A` before a port), as did:web spells it. */
 export const didWebOf = (url: string): string => `did:web:${encodeURIComponent(new URL(url).host)}`
 
@@ -65,6 +68,9 @@ export const knobs = {
   exchangePassword: knob('COCORE_EXCHANGE_PASSWORD', '', str, "An app password of the exchange account"),
   exchangePdsUrl: knob('COCORE_EXCHANGE_PDS_URL', '', str, "The exchange account's PDS (dev: the embedded one)"),
   exchangeSigningKey: knob('COCORE_EXCHANGE_SIGNING_KEY', '', str, 'The settlement signing key, a P-256 private JWK. Default: a key file `<dataDir>/exchange-signing-key.json` created on first start with mode 0600'),
+  brokerageDid: knob('COCORE_BROKERAGE_DID', '', str, "The exchange's brokerage DID: it countersigns each job at dispatch with the brokerage key (the network's ADR 0004). Default: the did:web of the console's public URL (`did:web:<host>`, `%3A<port>` when it has one), whose document the console serves at `/.well-known/did.json`; another DID must publish the key (logged at start) itself. `none`: no countersignatures"),
+  brokerageSigningKey: knob('COCORE_BROKERAGE_SIGNING_KEY', '', str, 'The brokerage key, a P-256 private JWK. Default: a key file `<dataDir>/brokerage-signing-key.json` created on first start with mode 0600'),
+  trustedBrokerages: knob('COCORE_TRUSTED_BROKERAGES', [] as string[], list, `Comma-separated brokerage DIDs whose countersignature verifyReceipt reports as \`confidential\`. Default: the network's (\`${NETWORK_BROKERAGE}\`) and this console's brokerage DID`),
   feeBps: knob('COCORE_FEE_BPS', 500, int, 'Exchange fee in basis points of each charge, paid to the treasury (waived on self-loop jobs)'),
   tokenGrant: knob('COCORE_TOKEN_GRANT', 1_000_000, int, "Welcome grant, in tokens, on an account's first sign-in"),
   tokenFloor: knob('COCORE_TOKEN_FLOOR', 1_000, int, 'Admission floor: the balance an account needs to start a job'),
@@ -118,6 +124,8 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   c.consoleDbPath = c.consoleDb ? resolve(c.consoleDb) : join(c.dataDir, ...(c.mode === 'dev' ? ['dev'] : []), 'console.sqlite')
   c.consoleUrl = c.consolePublicUrl || `http://${c.host}:${c.consolePort}`
   c.secretKeyFile = c.secretKeyFile ? resolve(c.secretKeyFile) : join(c.dataDir, 'secret.key')
+  c.brokerageDid ||= didWebOf(c.consoleUrl)
+  if (c.trustedBrokerages.length === 0) c.trustedBrokerages = [NETWORK_BROKERAGE, ...(c.brokerageDid === 'none' ? [] : [c.brokerageDid])]
   c.firehoseSources = [...(c.relayUrl ? [c.relayUrl] : []), ...c.pdsUrls].map(toWs)
   if (c.mode === 'production' && c.firehoseSources.length === 0) {
     throw new ConfigError('production mode needs COCORE_RELAY_URL or COCORE_PDS_URLS')

@@ -10,6 +10,7 @@
 import type { Statement } from 'better-sqlite3'
 import type { IdResolver } from '@atproto/identity'
 import type { Db } from '../../src/db/index.ts'
+import type { AuthorityResolver } from '../../src/identity/authority.ts'
 import { InvalidRequestError } from '../../src/xrpc/errors.ts'
 import type { DefsIndexedRecord } from '../../src/lexicon/generated/types.ts'
 
@@ -17,6 +18,8 @@ export interface ApiContext {
   db: Db
   /** For the few reads that need a DID document (the exchange's settlement key). */
   idResolver?: IdResolver
+  /** verifyReceipt: the brokerages it trusts, and their DID documents (absent: every countersignature is unverifiable). */
+  brokerage?: { trusted: ReadonlySet<string>; authorities: AuthorityResolver }
 }
 
 const prepared = new WeakMap<Db['$client'], Map<string, Statement>>()

@@ -1,8 +1,12 @@
 /**
  * Offline receipt verification: everything is checked against indexed,
- * signed records; nothing is fetched. Each failed check is one finding with a
- * stable code (the reference's codes where it has one).
+ * signed records and, for a brokerage countersignature, the DID document of
+ * its authority, which the caller resolves; nothing is fetched here. Each
+ * failed check is one finding with a stable code (the reference's codes where
+ * it has one).
  */
+import type { DidDocument } from '@atproto/identity'
+import { countersignatureVerifies } from '../../src/crypto/brokerage.ts'
 import { canonicalBytes, without } from '../../src/crypto/canonical-json.ts'
 import { p256PublicKey, toBytes } from '../../src/crypto/p256.ts'
 import { verifyAttestationSignature, verifyReceiptSignature } from '../../src/crypto/signing.ts'
@@ -10,6 +14,7 @@ import { ids } from '../../src/lexicon/generated/ids.ts'
 import type { ComputeAttestation, ComputeJob, ComputeReceipt, DefsVerifyFinding } from '../../src/lexicon/generated/types.ts'
 import { validateRecord } from '../../src/lexicon/validate.ts'
 import { uriDid } from '../indexer/columns.ts'
+import { p256KeysOf } from './settlement.ts'
 
 export interface IndexedBody<T> {
   uri: string
@@ -21,7 +26,19 @@ export interface IndexedBody<T> {
 export interface ReceiptVerdict {
   ok: boolean
   trustLevel: 'self-attested' | 'hardware-attested'
+  /** A brokerage the verifier trusts countersigned the dispatch (the network's ADR 0004). */
+  confidential: boolean
+  /** That brokerage, when `confidential`. */
+  brokerageAuthority?: string
   findings: DefsVerifyFinding[]
+}
+
+/** What the countersignature of a receipt is checked against. */
+export interface BrokerageTrust {
+  /** Brokerage DIDs whose countersignature makes a receipt confidential. */
+  trusted: ReadonlySet<string>
+  /** The DID document of the countersignature's authority; null when it could not be resolved. */
+  authorityDoc: DidDocument | null
 }
 
 const HEX64 = /^[0-9a-f]{64}$/
@@ -31,6 +48,7 @@ export function verifyReceipt(
   receipt: IndexedBody<ComputeReceipt>,
   job: IndexedBody<ComputeJob> | undefined,
   attestation: IndexedBody<ComputeAttestation> | undefined,
+  brokerage?: BrokerageTrust,
 ): ReceiptVerdict {
   const findings: DefsVerifyFinding[] = []
   const fail = (code: string, message: string) => findings.push({ severity: 'error', code, message })
@@ -94,6 +112,19 @@ export function verifyReceipt(
     if (r.tokens?.in !== 0 || r.tokens?.out !== 0) fail('pro-bono-nonzero-tokens', 'a pro bono receipt must count 0 tokens in and out')
   }
 
+  // Any brokerage's countersignature is checked against its own DID document; only a trusted one makes the receipt confidential.
+  let confidential = false
+  const cs = r.brokerageCountersignature
+  if (cs !== undefined) {
+    const authority = typeof cs.authority === 'string' ? cs.authority : ''
+    if (!brokerage?.authorityDoc || brokerage.authorityDoc.id !== authority) fail('brokerage-countersignature-invalid', `the DID document of ${authority || 'the countersignature authority'} could not be resolved`)
+    else if (!countersignatureVerifies(r, p256KeysOf(brokerage.authorityDoc).map((k) => k.key))) {
+      fail('brokerage-countersignature-invalid', `the countersignature of ${authority} does not verify, with a P-256 key of its DID document, for this job, requester, machine and attestation`)
+    } else if (brokerage.trusted.has(authority)) confidential = true
+    else findings.push({ severity: 'info', code: 'brokerage-untrusted', message: `countersigned by ${authority}, a brokerage this verifier does not trust` })
+  }
+
   // Hardware attestation chains (App Attest, MDA) are not verified here, so no receipt is promoted above self-attested.
-  return { ok: findings.length === 0, trustLevel: 'self-attested', findings }
+  const ok = !findings.some((f) => f.severity === 'error')
+  return { ok, trustLevel: 'self-attested', confidential: ok && confidential, ...(ok && confidential ? { brokerageAuthority: cs!.authority } : {}), findings }
 }

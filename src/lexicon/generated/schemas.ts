@@ -3262,6 +3262,15 @@ export const schemas: LexiconDoc[] = [
                   "hardware-attested"
                 ]
               },
+              "confidential": {
+                "type": "boolean",
+                "description": "Whether a brokerage this verifier trusts countersigned the dispatch (a valid brokerageCountersignature from a trusted authority)."
+              },
+              "brokerageAuthority": {
+                "type": "string",
+                "description": "DID of that trusted brokerage, when confidential is true.",
+                "format": "did"
+              },
               "findings": {
                 "type": "array",
                 "description": "Individual check results.",

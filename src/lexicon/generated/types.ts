@@ -1010,6 +1010,10 @@ export type ComputeVerifyReceiptOutput = {
   ok: boolean
   /** Attestation level established for the signing key. */
   trustLevel: "self-attested" | "hardware-attested"
+  /** Whether a brokerage this verifier trusts countersigned the dispatch (a valid brokerageCountersignature from a trusted authority). */
+  confidential?: boolean
+  /** DID of that trusted brokerage, when confidential is true. */
+  brokerageAuthority?: string
   /** Individual check results. */
   findings: Array<DefsVerifyFinding>
 }
