@@ -285,11 +285,16 @@ describe('listAccounts and listFriendEdges', () => {
   })
 })
 
+/** A token minted by the account's PDS, as a reference client gets one (audience: the AppView unless told). */
+const mint = async (acct: LocalAccount, lxm: string, aud = appviewDid) => (await acct.agent.com.atproto.server.getServiceAuth({ aud, lxm })).data.token
+const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
+const postJson = (headers: Record<string, string>, input: unknown): RequestInit => ({ method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify(input) })
+const DISPATCH = { model: 'llama-3-8b', prompt: 'hi', maxTokensOut: 8, priceCeiling: { amount: 1000, currency: 'CC' } }
+
 describe('service-auth JWTs on the console', () => {
-  /** A token minted by the account's PDS, as a reference client gets one. */
-  const pdsToken = async (acct: LocalAccount, lxm: string, aud = market.did) => (await acct.agent.com.atproto.server.getServiceAuth({ aud, lxm })).data.token
-  const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
-  const post = (token: string, input: unknown): RequestInit => ({ method: 'POST', headers: { ...bearer(token), 'content-type': 'application/json' }, body: JSON.stringify(input) })
+  /** A token for the console's own door: its audience is the exchange. */
+  const pdsToken = (acct: LocalAccount, lxm: string, aud = market.did) => mint(acct, lxm, aud)
+  const post = (token: string, input: unknown): RequestInit => postJson(bearer(token), input)
 
   it('are accepted for the method they name, acting for their issuer', async () => {
     const created = await xrpc(svc.url, ids.AccountCreateApiKey, {}, post(await pdsToken(alice, ids.AccountCreateApiKey), { name: 'from my PDS' }))
@@ -311,7 +316,7 @@ describe('service-auth JWTs on the console', () => {
   })
 
   it('reach dispatch: past authentication, the exchange asks for a console sign-in (no PDS session to publish the job)', async () => {
-    const input = { model: 'llama-3-8b', prompt: 'hi', maxTokensOut: 8, priceCeiling: { amount: 1000, currency: 'CC' } }
+    const input = DISPATCH
     const res = await xrpc(svc.url, ids.InferenceDispatch, {}, post(await pdsToken(alice, ids.InferenceDispatch), input))
     expect(res.status, JSON.stringify(res.body)).toBe(403)
     expect(res.body.error).toBe('PdsSessionRequired')
@@ -354,12 +359,6 @@ describe('service-auth JWTs on the console', () => {
     }
   })
 })
-
-/** A token minted by the account's PDS, as a reference client gets one (audience: the AppView unless told). */
-const mint = async (acct: LocalAccount, lxm: string, aud = appviewDid) => (await acct.agent.com.atproto.server.getServiceAuth({ aud, lxm })).data.token
-const bearer = (token: string) => ({ authorization: `Bearer ${token}` })
-const postJson = (headers: Record<string, string>, input: unknown): RequestInit => ({ method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify(input) })
-const DISPATCH = { model: 'llama-3-8b', prompt: 'hi', maxTokensOut: 8, priceCeiling: { amount: 1000, currency: 'CC' } }
 
 describe('service-auth JWTs sent to the AppView, as reference clients send them', () => {
   it('createApiKey, listApiKeys, revokeApiKey and deleteApiKey with the AppView as audience act on the issuer\'s keys at the console', async () => {
