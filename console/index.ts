@@ -33,6 +33,9 @@ import type { ApiDeps } from './api/context.ts'
 import { Economy } from './exchange/economy.ts'
 import { DEFAULT_POLICY, type EconomyPolicy } from './exchange/policy.ts'
 import { DispatchBook } from './exchange/dispatch-book.ts'
+import { Brokerage } from './exchange/brokerage.ts'
+import { loadSigningKey } from './exchange/signing-key.ts'
+import { AuthorityResolver } from '../src/identity/authority.ts'
 import { Ledger } from './exchange/ledger.ts'
 import pkg from '../package.json' with { type: 'json' }
 
@@ -40,7 +43,7 @@ const SOFTWARE_VERSION = `cocore-appview/${pkg.version}`
 import { createIdResolver } from '../src/identity/index.ts'
 import { ServiceAuth } from './service-auth.ts'
 import { XrpcError } from '../src/xrpc/errors.ts'
-import { knobs } from '../src/config.ts'
+import { didWebOf, knobs } from '../src/config.ts'
 import type { ConsoleIndex } from '../appview/index.ts'
 import type { ConsoleLink } from '../appview/console-link.ts'
 
@@ -70,6 +73,10 @@ export interface ConsoleOpts {
   policy?: Partial<EconomyPolicy>
   /** A private JWK (COCORE_EXCHANGE_SIGNING_KEY); default a key file in dataDir. */
   signingKey?: string
+  /** The brokerage's DID (COCORE_BROKERAGE_DID); default the did:web of the public URL, served here; `none`: no countersignatures. */
+  brokerageDid?: string
+  /** Its key, a private JWK (COCORE_BROKERAGE_SIGNING_KEY); default a key file in dataDir. */
+  brokerageSigningKey?: string
   /** Settlement tuning (tests shorten it). */
   settleEveryMs?: number
   outboxRetry?: { firstMs: number; maxMs: number }
@@ -109,6 +116,8 @@ export interface ConsoleService {
   /** The provider gateway and the exchange, when this console is an exchange. */
   gateway: ProviderGateway | null
   exchange: Exchange | null
+  /** The exchange's brokerage, which countersigns its dispatches. */
+  brokerage: Brokerage | null
   /** The ledger and settlements, when the exchange account's credentials are configured. */
   economy: Economy | null
   db: Db
@@ -181,9 +190,15 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
   let gateway: ProviderGateway | null = null
   let exchange: Exchange | null = null
   let economy: Economy | null = null
+  let brokerage: Brokerage | null = null
   const idResolver = createIdResolver({ plcUrl: opts.plcUrl ?? 'https://plc.directory', cacheSize: 10_000, cacheTtlSec: 600, allowHttp: opts.mode === 'dev' })
   if (opts.exchangeDid && opts.index) {
     const index = opts.index
+    const brokerageDid = opts.brokerageDid || didWebOf(url)
+    if (brokerageDid !== 'none') {
+      const key = loadSigningKey(opts.brokerageSigningKey, join(opts.dataDir, 'brokerage-signing-key.json'), 'COCORE_BROKERAGE_SIGNING_KEY')
+      brokerage = new Brokerage({ did: brokerageDid, key, attestationFor: (did, publicKey) => index.attestationFor(did, publicKey) })
+    }
     gateway = new ProviderGateway({
       exchangeDid: opts.exchangeDid,
       idResolver,
@@ -197,6 +212,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
       gateway,
       exchangeDid: opts.exchangeDid,
       book,
+      brokerage,
       beforeAdmit: (did) => void economy?.refresh(did),
       prepareJob: (did, spec) => publisher.prepareJob(did, spec),
       isFriend: (owner, subject) => index.isFriend(owner, subject),
@@ -215,6 +231,8 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
       settleEveryMs: opts.settleEveryMs,
       outbox: { retry: opts.outboxRetry, afterPublish: opts.settlementHooks?.afterPublish },
       afterDecide: opts.settlementHooks?.afterDecide,
+      brokerage,
+      authorities: new AuthorityResolver({ idResolver }),
     })
     if (economy.repo.did !== opts.exchangeDid) throw new Error(`the exchange account signs in as ${economy.repo.did}, not the configured exchange DID ${opts.exchangeDid}`)
   }
@@ -281,6 +299,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
             }),
           )
           .route('/', directoryRoutes(inference.exchange))
+          .route('/', brokerage ? brokerage.routes(url) : new Hono())
       : undefined,
     loginLimiter: new RateLimiter(opts.loginRatePerMinute ?? 30),
     oauthStateGc: () => void db.$client.prepare('DELETE FROM oauth_states WHERE created_at < ?').run(new Date(Date.now() - 3600_000).toISOString()),
@@ -313,6 +332,7 @@ export async function startConsole(opts: ConsoleOpts): Promise<ConsoleService> {
     appviewLink: { fetch: async (req, forwarded) => (app ? app.fetch(req, { forwarded }) : starting(req, opts.mode === 'production')) },
     gateway,
     exchange,
+    brokerage,
     economy,
     close: async () => {
       clearInterval(housekeeping)

@@ -31,6 +31,7 @@ const appview = await new AppView({
   host: config.host,
   publicUrl: config.appviewUrl,
   trustedProxies: config.trustedProxies,
+  trustedBrokerages: config.trustedBrokerages,
 }).start()
 const consoleSrv = await startConsole({
   port: config.consolePort,
@@ -57,6 +58,8 @@ const consoleSrv = await startConsole({
       : undefined,
   policy: policyFromConfig(config),
   signingKey: config.exchangeSigningKey || undefined,
+  brokerageDid: config.brokerageDid,
+  brokerageSigningKey: config.brokerageSigningKey || undefined,
   appviewUrl: config.appviewUrl,
 })
 // Reference clients send the API-key, dispatch and pairing methods to the AppView: it hands them to the console.

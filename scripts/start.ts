@@ -62,6 +62,7 @@ const appview = await new AppView({
   host: config.host,
   publicUrl: config.appviewPublicUrl || undefined,
   trustedProxies: config.trustedProxies,
+  trustedBrokerages: config.trustedBrokerages,
 }).start()
 
 // Seed: profiles, a friendship, a provider with its attestation, and one job with its signed receipt.
@@ -97,6 +98,8 @@ const consoleSrv = await startConsole({
   exchangeAccount: { pdsUrl: net.pdsUrl, identifier: market.handle, password },
   policy: policyFromConfig(config),
   signingKey: config.exchangeSigningKey || undefined,
+  brokerageDid: config.brokerageDid,
+  brokerageSigningKey: config.brokerageSigningKey || undefined,
   plcUrl: net.plcUrl,
   pdsUrl: net.pdsUrl,
   appviewUrl: appview.url,

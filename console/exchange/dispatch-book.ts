@@ -4,7 +4,8 @@
  * comes from a provider's or requester's word alone: the job and
  * authorization are kept as the exchange built them, the machine is the one
  * it sent the job to, the attestation key is the one that answered that
- * connection's challenge, and the counts are what it relayed.
+ * connection's challenge, the witness is what its countersignature for that
+ * machine signed, and the counts are what it relayed.
  *
  * Admission is one SQLite transaction: the daily-token reservation and the
  * balance check, the row, and a hold of the job's ceiling on the requester's
@@ -14,6 +15,7 @@
  */
 import type { UsageCounters } from '../api-keys.ts'
 import type { Db } from '../../src/db/index.ts'
+import type { Witness } from './brokerage.ts'
 import type { JobRecords } from '../publisher.ts'
 import { AdmissionError } from './admission.ts'
 import { InsufficientFundsError, type Ledger } from './ledger.ts'
@@ -37,6 +39,8 @@ export interface DispatchRow {
   machine: string | null
   providerRecordUri: string | null
   attestationKey: string | null
+  /** What this exchange's countersignature for the job witnessed (its nonce among it); null when it signed none. */
+  witness: Witness | null
   proBono: boolean
   inputBytes: number
   maxTokensOut: number
@@ -219,10 +223,10 @@ export class DispatchBook {
   }
 
   /** The job is sent to this machine (again on a failover: the last one is the contract). */
-  dispatched(jobUri: string, p: { did: string; machine: string; recordUri: string; attestationKey: string | null }): void {
+  dispatched(jobUri: string, p: { did: string; machine: string; recordUri: string; attestationKey: string | null; witness?: Witness | null }): void {
     this.db.$client
-      .prepare("UPDATE exchange_jobs SET provider_did = ?, machine = ?, provider_record_uri = ?, attestation_key = ?, state = 'running', updated_at = ? WHERE job_uri = ? AND state IN ('admitted', 'running')")
-      .run(p.did, p.machine, p.recordUri, p.attestationKey, new Date().toISOString(), jobUri)
+      .prepare("UPDATE exchange_jobs SET provider_did = ?, machine = ?, provider_record_uri = ?, attestation_key = ?, witness = ?, state = 'running', updated_at = ? WHERE job_uri = ? AND state IN ('admitted', 'running')")
+      .run(p.did, p.machine, p.recordUri, p.attestationKey, p.witness ? JSON.stringify(p.witness) : null, new Date().toISOString(), jobUri)
   }
 
   /** The job's records are on the requester's PDS. */
@@ -337,6 +341,7 @@ function toRow(r: Record<string, unknown>): DispatchRow {
     machine: (r.machine as string | null) ?? null,
     providerRecordUri: (r.provider_record_uri as string | null) ?? null,
     attestationKey: (r.attestation_key as string | null) ?? null,
+    witness: r.witness ? (JSON.parse(r.witness as string) as Witness) : null,
     proBono: r.pro_bono === 1,
     inputBytes: r.input_bytes as number,
     maxTokensOut: r.max_tokens_out as number,

@@ -20,7 +20,7 @@ import { ISSUANCE, Ledger } from './ledger.ts'
 import { Outbox, type OutboxOpts } from './outbox.ts'
 import { publishPolicy, type EconomyPolicy, type PublishedPolicy } from './policy.ts'
 import { ExchangeRepo, type ExchangeRepoOpts } from './repo.ts'
-import { Settler } from './settlement.ts'
+import { Settler, type SettlerOpts } from './settlement.ts'
 import { loadSigningKey, type SigningKey } from './signing-key.ts'
 
 export interface EconomyOpts {
@@ -36,6 +36,9 @@ export interface EconomyOpts {
   /** How often the settlement pipeline looks for new receipts. */
   settleEveryMs?: number
   outbox?: OutboxOpts & { everyMs?: number }
+  /** Brokerage countersignatures on receipts: this exchange's own brokerage and other brokerages' documents, see Settler. */
+  brokerage?: SettlerOpts['brokerage']
+  authorities?: SettlerOpts['authorities']
   /** Test hook, see Settler. */
   afterDecide?: (receiptUri: string) => void
 }
@@ -74,6 +77,8 @@ export class Economy {
       policy: opts.policy,
       refs: { policy: { uri: refs.policy.uri, cid: refs.policy.cid }, attestation: { uri: refs.attestation.uri, cid: refs.attestation.cid } },
       key,
+      brokerage: opts.brokerage,
+      authorities: opts.authorities,
       afterDecide: opts.afterDecide,
     })
   }

@@ -10,7 +10,8 @@
  *
  * Every job is admitted into the dispatch book first (dispatch-book.ts): its
  * ceiling comes from the policy (a requester's own only lowers it), and the
- * book learns where the job was sent and what was relayed, which is all that
+ * book learns where the job was sent, what the exchange's brokerage
+ * countersigned for it (brokerage.ts) and what was relayed, which is all that
  * settlement later trusts.
  *
  * The exchange never holds a prompt it could read here: callers hand it a
@@ -24,6 +25,7 @@ import type { InputFormat } from '../../src/protocol/input.ts'
 import { constraintFrameFields, type JobConstraints } from '../../src/protocol/job-constraints.ts'
 import { encSchemeOf, sealedPlaintextBytes, type EncScheme } from '../../src/crypto/enc-scheme.ts'
 import type { JobRecords, JobSpec } from '../publisher.ts'
+import type { Brokerage } from './brokerage.ts'
 import { tokenBounds, type DispatchBook, type Relayed } from './dispatch-book.ts'
 import type { ConnectedProvider, JobCompletion, JobSink, ProviderGateway } from './gateway.ts'
 import { CURRENCY } from './policy.ts'
@@ -107,6 +109,8 @@ export interface ExchangeOpts {
   exchangeDid: string
   /** Admission, holds and the record of where each job went. */
   book: DispatchBook
+  /** Countersigns each job at dispatch (absent: jobs go without). */
+  brokerage?: Brokerage | null
   prepareJob: (did: string, spec: JobSpec) => Promise<JobRecords>
   /** Runs before a job of `did` is admitted (the economy credits a refresh that is due). */
   beforeAdmit?: (did: string) => void
@@ -256,12 +260,16 @@ export class Exchange {
       ps = ps.filter((p) => p.did === r.requesterDid || this.opts.isFriend(p.did, r.requesterDid))
       if (ps.length === 0) fail('no_private_providers')
     } else if (r.tier === 'verified') {
-      // A machine's record saying it is hardware-attested is its own word; the evidence (App Attest or
-      // MDA chains, a brokerage countersignature) is not verified here yet, so the tier is not offered.
+      // The network routes its confidential tier (its advisor's recomputeConfidential, ADRs 0004-0006)
+      // only to a machine whose signed build answered a live code-identity challenge (APNs, a known-good
+      // cdHash), with SIP re-verified and, once enforced, a Secure Enclave key; the brokerage
+      // countersignature then ties that machine to the job. This exchange challenges the key live and
+      // countersigns, but has no code-identity leg: a machine's secureEnclaveAvailable, encScheme and
+      // tier are signed by the very key whose residency they claim, its own word. Not offered.
       throw new ExchangeError(
         'verified_tier_unavailable',
         503,
-        'the verified tier needs hardware-attestation evidence this exchange does not verify yet; no machine is offered on its own word',
+        "the verified tier needs a live code-identity check of the machine's signed build, which this exchange cannot run; a machine's attestation of its own Secure Enclave key is its own word, and no machine is offered on it",
       )
     } else if (r.tier === 'probono') {
       ps = ps.filter((p) => servesProBono(p.record, r.requesterDid))
@@ -367,8 +375,9 @@ export class Exchange {
           continue
         }
         const steps = new StepQueue(signal, this.opts.firstChunkTimeoutMs ?? 60_000)
+        const signed = this.opts.brokerage?.countersign(p, { uri: jobUri, cid: records.job.cid, requester: route.requesterDid }) ?? null
         // Before the job leaves: whatever this machine sends for it is judged against this entry.
-        book.dispatched(jobUri, { did: p.did, machine: p.encryptionPubKey, recordUri: p.record.uri, attestationKey: p.attestationKey })
+        book.dispatched(jobUri, { did: p.did, machine: p.encryptionPubKey, recordUri: p.record.uri, attestationKey: p.attestationKey, witness: signed?.witness ?? null })
         const start = () => this.opts.gateway.startJob(
           p,
           {
@@ -384,6 +393,7 @@ export class Exchange {
             params: input.params,
             ...(proBono ? { pro_bono: true } : {}),
             ...constraintFrameFields(input.constraints),
+            ...(signed ? { brokerage_countersignature: signed.countersignature } : {}),
           },
           steps,
         )

@@ -8,7 +8,11 @@
  *   2. its tokens are within what the job allowed and what was relayed, its
  *      price within the policy's rate and the ceiling held;
  *   3. the job and authorization are the ones stored at dispatch, so a
- *      requester deleting them afterwards strands nothing.
+ *      requester deleting them afterwards strands nothing;
+ *   4. a brokerage countersignature it carries verifies against its
+ *      authority's DID document (fetched for another brokerage's: the receipt
+ *      waits for it), and one of this exchange's own is the one it signed for
+ *      that job: the machine and nonce in the book. None is required.
  * Then, in one SQLite transaction: the decision row (unique per receipt, one
  * settled row per job and per authorization), the hold released, the ledger
  * movement, and the signed `settlement` record in the outbox, which
@@ -20,11 +24,13 @@
  * is looked at again when the job is ready, not polled.
  */
 import { TID } from '@atproto/common-web'
+import type { DidDocument } from '@atproto/identity'
 import type { ConsoleIndex } from '../../appview/index.ts'
 import { verifyReceipt } from '../../appview/verify/receipt.ts'
 import { uriDid } from '../../appview/indexer/columns.ts'
 import { toBytes } from '../../src/crypto/p256.ts'
 import { signDetached } from '../../src/crypto/signing.ts'
+import type { AuthorityResolver } from '../../src/identity/authority.ts'
 import { constraintHashes } from '../../src/protocol/job-constraints.ts'
 import type { Db } from '../../src/db/index.ts'
 import { ids } from '../../src/lexicon/generated/ids.ts'
@@ -47,6 +53,10 @@ export interface SettlerOpts {
   /** The published policy and attestation the settlements cite. */
   refs: { policy: StrongRef; attestation: StrongRef }
   key: SigningKey
+  /** This exchange's brokerage: its own countersignatures are checked with its key, against the book. */
+  brokerage?: { did: string; document: DidDocument } | null
+  /** Other brokerages' DID documents (absent: their countersignatures cannot be checked, and are refused). */
+  authorities?: AuthorityResolver
   /** Test hook: runs after a decision is committed and before anything is published. */
   afterDecide?: (receiptUri: string) => void
 }
@@ -149,8 +159,26 @@ export class Settler {
     // Completed or cancelled, but the requester's records are not on its PDS yet: judged once they are.
     if (!READY.has(row.state) || !row.recorded) return false
     const attestation = this.opts.index.record(receipt.body.attestation?.uri ?? '') as unknown as Indexed<ComputeAttestation> | undefined
-    const finding = this.check(receipt, row, attestation)
+    const authorityDoc = this.authorityDoc(receipt, row)
+    if (authorityDoc === undefined) return false // looked at again once the authority's document is in
+    const finding = this.check(receipt, row, attestation, authorityDoc)
     return finding ? this.refuse(receipt, row, finding, true) : this.settle(receipt, row)
+  }
+
+  /**
+   * The DID document of the receipt's countersigning brokerage: this
+   * exchange's own, another's from the cache, or undefined while it is
+   * fetched (the job is ready again when it is in); null without one.
+   */
+  private authorityDoc(receipt: Indexed<ComputeReceipt>, row: DispatchRow): DidDocument | null | undefined {
+    const authority = receipt.body.brokerageCountersignature?.authority
+    if (typeof authority !== 'string') return null
+    const { brokerage, authorities } = this.opts
+    if (brokerage && authority === brokerage.did) return brokerage.document
+    if (!authorities) return null
+    const doc = authorities.peek(authority)
+    if (doc === undefined) void authorities.resolve(authority).then(() => this.ready.add(row.jobUri))
+    return doc
   }
 
   /**
@@ -166,15 +194,22 @@ export class Settler {
   }
 
   /** The first reason this receipt of the dispatched provider cannot be settled, or null. */
-  check(receipt: Indexed<ComputeReceipt>, row: DispatchRow, attestation: Indexed<ComputeAttestation> | undefined): Finding | null {
+  check(receipt: Indexed<ComputeReceipt>, row: DispatchRow, attestation: Indexed<ComputeAttestation> | undefined, authorityDoc: DidDocument | null = null): Finding | null {
     const r = receipt.body
     if (r.job.cid !== row.jobCid) return { code: 'job-cid-mismatch', message: 'the receipt names another version of the job than the one dispatched' }
     // The stored job, not the requester's repo: deleting it afterwards changes nothing.
     const job: Indexed<ComputeJob> = { uri: row.jobUri, cid: row.jobCid, did: row.requesterDid, body: row.jobRecord as unknown as ComputeJob }
-    const verdict = verifyReceipt(receipt, job, attestation)
-    if (!verdict.ok) return verdict.findings[0]!
+    // Whom a verifier trusts decides nothing here: the exchange pays whatever the tier (as the network's does).
+    const verdict = verifyReceipt(receipt, job, attestation, { trusted: new Set(), authorityDoc })
+    if (!verdict.ok) return verdict.findings.find((f) => f.severity === 'error')!
     if (!row.attestationKey || !sameKey(attestation!.body.publicKey, row.attestationKey)) {
       return { code: 'attestation-key-mismatch', message: "the receipt is not signed by the attestation key that answered the dispatched connection's challenge" }
+    }
+    // Ours verified above: it must also be the one signed for this job's machine, not another dispatch's.
+    const cs = r.brokerageCountersignature
+    const w = row.witness
+    if (cs && cs.authority === this.opts.brokerage?.did && (!w || cs.machineId !== w.machineId || cs.nonce !== w.nonce)) {
+      return { code: 'brokerage-witness-mismatch', message: "the receipt's countersignature by this exchange is not the one it signed for the machine it sent this job to" }
     }
     const a = row.authRecord as unknown as ComputePaymentAuthorization
     if (uriDid(row.authUri) !== r.requester) return { code: 'requester-mismatch', message: "the authorization is not on the receipt requester's repo" }

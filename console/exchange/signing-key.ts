@@ -1,9 +1,13 @@
 /**
- * The exchange's settlement signing key: P-256, in `COCORE_EXCHANGE_SIGNING_KEY`
- * (a private JWK) or a key file created on first start with mode 0600 and
- * refused when others can read it. Its public half is published in the
- * exchange's `exchangeAttestation` (and may be added to its DID document as
- * `#exchange-signing-key`); settlements are signed with it.
+ * The exchange's P-256 keys, each in an environment variable (a private JWK)
+ * or a key file created on first start with mode 0600 and refused when others
+ * can read it:
+ *  - the settlement signing key (`COCORE_EXCHANGE_SIGNING_KEY`): its public
+ *    half is published in the exchange's `exchangeAttestation` (and may be
+ *    added to its DID document as `#exchange-signing-key`); settlements are
+ *    signed with it;
+ *  - the brokerage key (`COCORE_BROKERAGE_SIGNING_KEY`), published in the
+ *    brokerage's DID document: dispatch countersignatures (brokerage.ts).
  */
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { dirname } from 'node:path'
@@ -30,13 +34,13 @@ function fromJwk(jwk: Record<string, string>, where: string): SigningKey {
   return { signer, publicJwk, fingerprint: jwkFingerprint(publicJwk) }
 }
 
-export function loadSigningKey(fromEnv: string | undefined, file: string): SigningKey {
+export function loadSigningKey(fromEnv: string | undefined, file: string, envName = 'COCORE_EXCHANGE_SIGNING_KEY'): SigningKey {
   if (fromEnv) {
     try {
-      return fromJwk(JSON.parse(fromEnv) as Record<string, string>, 'COCORE_EXCHANGE_SIGNING_KEY')
+      return fromJwk(JSON.parse(fromEnv) as Record<string, string>, envName)
     } catch (err) {
       if (err instanceof SigningKeyError) throw err
-      throw new SigningKeyError('COCORE_EXCHANGE_SIGNING_KEY is not a JSON private JWK')
+      throw new SigningKeyError(`${envName} is not a JSON private JWK`)
     }
   }
   if (!existsSync(file)) {

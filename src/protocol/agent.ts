@@ -26,6 +26,7 @@
  * published key, each reply chunk by the provider back to the requester's
  * ephemeral key.
  */
+import type { BrokerageCountersignatureWire } from '../crypto/brokerage.ts'
 import { fromB64, toB64 } from '../crypto/seal.ts'
 import type { JobConstraints } from './job-constraints.ts'
 
@@ -234,6 +235,8 @@ export interface InferenceRequestFrame extends Framed {
   tools?: JobConstraints['tools']
   tool_choice?: string
   tool_choice_function?: string
+  /** The dispatching brokerage's countersignature (the network's ADR 0004): the provider copies it onto its receipt as `brokerageCountersignature`. */
+  brokerage_countersignature?: BrokerageCountersignatureWire
 }
 
 export type ResumeStatus = 'resume' | 'completed' | 'rejected'
