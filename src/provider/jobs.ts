@@ -6,7 +6,9 @@
  * engine, seals each piece back to the requester's ephemeral key, sends a
  * keepalive when nothing was sent for a while, and completes with the URI of
  * a signed receipt, written right after (the rkey is chosen up front, so the
- * exchange need not wait for the PDS).
+ * exchange need not wait for the PDS). The dispatching brokerage's
+ * countersignature, when the request carries one, goes onto the receipt as it
+ * came, outside what this machine signs.
  *
  * A job it cannot run is refused with `inference_error` to an exchange with
  * our extensions; the network has no such frame, so to a reference exchange
@@ -19,9 +21,11 @@
 import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { TID } from '@atproto/common-web'
+import { fromWireCountersignature } from '../crypto/brokerage.ts'
 import { providerChannel } from '../crypto/enc-scheme.ts'
 import type { SealChannel } from '../crypto/seal.ts'
 import { ids } from '../lexicon/generated/ids.ts'
+import { validateRecord } from '../lexicon/validate.ts'
 import type { FinishReason, InferenceErrorCode, InferenceRequestFrame, ProviderFrame } from '../protocol/agent.ts'
 import { decodeMessages, inputCommitment, InputError, type InputMessage } from '../protocol/input.ts'
 import { constraintHashes, constraintsOfFrame, type JobConstraints } from '../protocol/job-constraints.ts'
@@ -224,6 +228,7 @@ export class JobRunner extends EventEmitter<JobEvents> {
       this.stats.completed++
       this.emit('job-complete', { sessionId, receiptUri, tokensIn: done.tokensIn, tokensOut: done.tokensOut, finishReason: done.finishReason })
       if (!jobCid) return
+      const countersignature = fromWireCountersignature(req.brokerage_countersignature)
       const proBono = req.pro_bono ?? (!this.extended() && this.opts.proBonoFor?.(req.requester_did) === true)
       const receipt: ReceiptInput = {
         job: { uri: req.job_uri, cid: jobCid },
@@ -239,6 +244,8 @@ export class JobRunner extends EventEmitter<JobEvents> {
         // With the hashes of the schema and tools it served under, as the network's receipts carry them.
         params: { ...receiptParams(req.max_tokens_out, params), ...constraintHashes(req.constraints) },
         proBono,
+        // The dispatching brokerage's witness, copied as it came (the network's agent does the same).
+        ...(countersignature ? { brokerageCountersignature: countersignature } : {}),
       }
       const write = this.publish(sessionId, rkey, receipt).finally(() => this.writes.delete(write))
       this.writes.add(write)
@@ -258,7 +265,12 @@ export class JobRunner extends EventEmitter<JobEvents> {
   private async publish(sessionId: string, rkey: string, input: ReceiptInput): Promise<void> {
     const uri = `at://${this.opts.did}/${ids.ComputeReceipt}/${rkey}`
     try {
-      const receipt = receiptRecord(input, this.opts.keys)
+      let receipt = receiptRecord(input, this.opts.keys)
+      // A countersignature the lexicon refuses would spoil the whole receipt: it is left off instead.
+      if (receipt.brokerageCountersignature && !validateRecord(ids.ComputeReceipt, receipt).success) {
+        log.warn('brokerage countersignature left off the receipt: not a valid one', { sessionId })
+        receipt = receiptRecord({ ...input, brokerageCountersignature: undefined }, this.opts.keys)
+      }
       // Same rkey and bytes on every attempt: a write that did land is not duplicated.
       const ref = await withRetry(() => this.opts.writer.put(ids.ComputeReceipt, rkey, receipt), {
         ...(this.opts.receiptRetry ?? { attempts: 4, firstDelayMs: 1000 }),

@@ -5,7 +5,7 @@
  */
 import { signAttestation, signReceipt } from '../crypto/signing.ts'
 import { ids } from '../lexicon/generated/ids.ts'
-import type { ComputeAttestation, ComputeDefsModelPrice, ComputeProvider, ComputeReceipt, ComputeReceiptGenerationParams } from '../lexicon/generated/types.ts'
+import type { ComputeAttestation, ComputeDefsModelPrice, ComputeProvider, ComputeReceipt, ComputeReceiptBrokerageCountersignature, ComputeReceiptGenerationParams } from '../lexicon/generated/types.ts'
 import type { GenerationParams } from '../protocol/agent.ts'
 import type { ProviderKeys } from './keys.ts'
 import { machineFingerprint, type MachineFacts } from './machine.ts'
@@ -133,10 +133,12 @@ export interface ReceiptInput {
   params: ComputeReceiptGenerationParams
   /** Served free under the provider's pro bono policy: the network's rule is price 0 and no tokens counted. */
   proBono: boolean
+  /** The dispatching brokerage's countersignature, as the request carried it: on the receipt, outside what the key signs. */
+  brokerageCountersignature?: ComputeReceiptBrokerageCountersignature
 }
 
 export function receiptRecord(r: ReceiptInput, keys: ProviderKeys): ComputeReceipt & { $type: string } {
-  return signReceipt(
+  const signed = signReceipt(
     {
       $type: ids.ComputeReceipt,
       job: { uri: r.job.uri, cid: r.job.cid },
@@ -154,4 +156,6 @@ export function receiptRecord(r: ReceiptInput, keys: ProviderKeys): ComputeRecei
     },
     keys.signer,
   )
+  // Added after signing, as the network's agent does (receipt.rs): the brokerage signs it, not this machine.
+  return r.brokerageCountersignature ? { ...signed, brokerageCountersignature: r.brokerageCountersignature } : signed
 }
