@@ -46,13 +46,15 @@ interface Machine {
 }
 const machines: Record<string, Machine> = {}
 
-async function machine(handle: string, model: string, behaviour: Behaviour, extra: Record<string, unknown> = {}, opts: Partial<Parameters<typeof connectScripted>[4]> = {}): Promise<Machine> {
+type ConnectOpts = Partial<Parameters<typeof connectScripted>[4]> & { attestationClaims?: Record<string, unknown> }
+
+async function machine(handle: string, model: string, behaviour: Behaviour, extra: Record<string, unknown> = {}, opts: ConnectOpts = {}): Promise<Machine> {
   const acct = await stack.net.createAccount(handle)
   return connectMachine(acct, model, behaviour, extra, opts)
 }
 
-async function connectMachine(acct: LocalAccount, model: string, behaviour: Behaviour, extra: Record<string, unknown> = {}, opts: Partial<Parameters<typeof connectScripted>[4]> = {}): Promise<Machine> {
-  const published = await publishScriptedRecord(acct, model, extra, { attestation: true })
+async function connectMachine(acct: LocalAccount, model: string, behaviour: Behaviour, extra: Record<string, unknown> = {}, { attestationClaims, ...opts }: ConnectOpts = {}): Promise<Machine> {
+  const published = await publishScriptedRecord(acct, model, extra, { attestation: true, attestationClaims })
   await waitFor(() => av.db.$client.prepare('SELECT 1 FROM records WHERE uri = ?').get(published.attestation!.uri), `${acct.handle} records indexed`)
   const p = await connectScripted(svc.localUrl.replace('http', 'ws'), acct, market.did, published, { behaviour, models: [model], ...opts })
   return { acct, published, p }
@@ -108,7 +110,7 @@ beforeAll(async () => {
   machines.flood = await machine('flood.test', 'flood-1', 'flood', {}, { floodChunks: 20_000 })
   machines.dropper = await machine('dropper.test', 'drop-1', 'drop-after-first')
   machines.giver = await machine('giver.test', 'give-1', 'reply', { proBono: { mode: 'any' } })
-  machines.attested = await machine('claims.test', 'claim-1', 'reply', { trustLevel: 'hardware-attested', tier: 'attested-confidential' })
+  machines.attested = await machine('claims.test', 'claim-1', 'reply', { trustLevel: 'hardware-attested', tier: 'attested-confidential' }, { attestationClaims: { secureEnclaveAvailable: true, sipEnabled: true, secureBootEnabled: true } })
 }, 180_000)
 
 afterAll(async () => {
@@ -219,10 +221,16 @@ describe('a dishonest provider', () => {
     checkBooks()
   })
 
-  it('is never offered on the verified tier on its own word (a record claiming hardware attestation)', async () => {
+  it('is never offered on the verified tier on its own word (a record claiming hardware attestation, an attestation claiming a Secure Enclave key), even live-challenged and countersigned', async () => {
     const claims = machines.attested!
     expect(await chat(alice, 'claim-1', {}, '/verified').catch((e) => e)).toMatchObject({ status: 503, code: 'verified_tier_unavailable' })
     expect(claims.p.requests).toHaveLength(0)
+    // Everything this exchange can check of it holds: it answered its challenge, and its jobs on the default tier are countersigned.
+    await chat(alice, 'claim-1')
+    expect(claims.p.requests).toHaveLength(1)
+    expect(claims.p.requests[0]!.brokerage_countersignature).toMatchObject({ authority: svc.brokerage!.did })
+    expect(await chat(alice, 'claim-1', {}, '/verified').catch((e) => e)).toMatchObject({ status: 503, code: 'verified_tier_unavailable' })
+    expect(claims.p.requests).toHaveLength(1)
   })
 
   it('cannot grow the exchange memory by flooding a requester that does not read: the job ends and the provider is told to stop', async () => {
