@@ -11,7 +11,22 @@ import { Hono, type Context } from 'hono'
 import { ValidationError } from '@atproto/lexicon'
 import { lexicons } from '../lexicon/validate.ts'
 import { InternalServerError, InvalidRequestError, MethodNotImplementedError, PayloadTooLargeError, RateLimitExceededError, XrpcError } from './errors.ts'
+import { readParams } from './params.ts'
 import type { Logger } from '../logger.ts'
+
+/**
+ * A handler's output already serialized: JSON text that holds stored JSON
+ * (a record's body as indexed) spliced in, rather than parsed and written
+ * again. `T` is the output it stands for. It is checked against the lexicon
+ * like any output when outputs are validated.
+ */
+export class JsonText<T = unknown> {
+  readonly text: string
+  declare readonly output?: T
+  constructor(text: string) {
+    this.text = text
+  }
+}
 
 export type QueryHandler<Ctx> = (ctx: Ctx, params: Record<string, unknown>, c: Context, input?: unknown) => unknown | Promise<unknown>
 
@@ -24,28 +39,6 @@ export interface XrpcRouterOpts<Ctx> {
   log: Logger
   /** Check every response against the lexicon's output schema (dev and tests). */
   validateOutput?: boolean
-}
-
-/** Coerces query-string values to the lexicon's parameter types; validation comes after. */
-function coerceParams(nsid: string, url: URL): Record<string, unknown> {
-  const def = lexicons.getDef(nsid) as { parameters?: { properties?: Record<string, { type: string; items?: { type: string } }> } } | undefined
-  const props = def?.parameters?.properties ?? {}
-  const out: Record<string, unknown> = {}
-  for (const key of new Set(url.searchParams.keys())) {
-    const values = url.searchParams.getAll(key)
-    const p = props[key]
-    if (!p) {
-      out[key] = values[0]
-      continue
-    }
-    const one = (type: string | undefined, v: string): unknown => {
-      if (type === 'integer') return /^-?\d+$/.test(v) ? Number(v) : v
-      if (type === 'boolean') return v === 'true' ? true : v === 'false' ? false : v
-      return v
-    }
-    out[key] = p.type === 'array' ? values.map((v) => one(p.items?.type, v)) : one(p.type, values[values.length - 1]!)
-  }
-  return out
 }
 
 export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
@@ -63,25 +56,22 @@ export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
       if (c.req.method !== 'POST') throw new InvalidRequestError(`${nsid} is a procedure: use POST`)
       input = await readInput(nsid, c)
     }
-    let params: Record<string, unknown>
-    try {
-      params = lexicons.assertValidXrpcParams(nsid, coerceParams(nsid, new URL(c.req.url))) ?? {}
-    } catch (err) {
-      if (err instanceof ValidationError) throw new InvalidRequestError(err.message)
-      throw err
-    }
+    const url = c.req.url
+    const q = url.indexOf('?')
+    const params = readParams(nsid, q < 0 ? '' : url.slice(q + 1))
     const output = await handler(opts.ctx, params, c, input)
     // A streamed output (text/event-stream) is the handler's own response.
     if (output instanceof Response) return output
+    const text = output instanceof JsonText ? output.text : undefined
     if (opts.validateOutput) {
       try {
-        lexicons.assertValidXrpcOutput(nsid, output)
+        lexicons.assertValidXrpcOutput(nsid, text === undefined ? output : JSON.parse(text))
       } catch (err) {
         opts.log.error('handler output does not match its lexicon', { nsid, err })
         throw new InternalServerError(`output of ${nsid} failed validation: ${(err as Error).message}`)
       }
     }
-    return c.json(output as object)
+    return text === undefined ? c.json(output as object) : c.body(text, 200, { 'Content-Type': 'application/json' })
   })
   return app
 }

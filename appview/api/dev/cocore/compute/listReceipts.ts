@@ -1,8 +1,8 @@
 import { ids } from '../../../../../src/lexicon/generated/ids.ts'
 import type { ComputeListReceiptsOutput, ComputeListReceiptsParams } from '../../../../../src/lexicon/generated/types.ts'
-import { pageRecords, recordView, type ApiContext } from '../../../util.ts'
+import type { JsonText } from '../../../../../src/xrpc/server.ts'
+import { pageRecords, recordList, type ApiContext } from '../../../util.ts'
 
-export default function listReceipts(ctx: ApiContext, params: ComputeListReceiptsParams): ComputeListReceiptsOutput {
-  const page = pageRecords(ctx.db, ids.ComputeReceipt, { providerDid: params.provider, requesterDid: params.requester, jobUri: params.job }, params.limit!, params.cursor)
-  return { receipts: page.rows.map(recordView), cursor: page.cursor }
+export default function listReceipts(ctx: ApiContext, params: ComputeListReceiptsParams): JsonText<ComputeListReceiptsOutput> {
+  return recordList('receipts', pageRecords(ctx.db, ids.ComputeReceipt, { providerDid: params.provider, requesterDid: params.requester, jobUri: params.job }, params.limit!, params.cursor))
 }
