@@ -17,6 +17,7 @@ import { appviewLogger as log } from '../src/logger.ts'
 import type { ComputeModelActivityOutput } from '../src/lexicon/generated/types.ts'
 import modelActivity from './api/dev/cocore/compute/modelActivity.ts'
 import { modelsDirectory, providerLeaderboard, type LeaderboardEntry, type ModelDirectoryEntry } from './api/aggregates.ts'
+import type { PublicReadOpts } from './api/public-reads.ts'
 import { startUpkeep } from './indexer/aggregates.ts'
 import { Indexer } from './indexer/indexer.ts'
 import { IndexStore } from './indexer/store.ts'
@@ -84,6 +85,8 @@ export interface AppViewOpts {
   rawCommitFilter?: boolean
   /** CIDRs of reverse proxies whose X-Forwarded-For names the client (COCORE_TRUSTED_PROXIES): the address forwarded calls are limited by. */
   trustedProxies?: string[]
+  /** The XRPC reads' limit per client address and cache of answers (appview/api/public-reads.ts; its defaults otherwise). */
+  publicReads?: Partial<PublicReadOpts>
   /** Brokerages whose countersignature verifyReceipt calls confidential (COCORE_TRUSTED_BROKERAGES; default: the network's). */
   trustedBrokerages?: string[]
 }
@@ -128,7 +131,7 @@ export class AppView implements AsyncDisposable {
     if (this.opts.port !== undefined) {
       // Loaded only when serving: an indexer-only process never loads the read API.
       const { createApp } = await import('./server.ts')
-      const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, brokerage: { trusted: this.trustedBrokerages, authorities: this.authorities }, publicUrl: this.opts.publicUrl, console: () => this.consoleLink, trustedProxies: new TrustedProxies(this.opts.trustedProxies ?? []) })
+      const app = createApp({ db: this.db, store: this.store, indexer: this.indexer, idResolver: this.idResolver, brokerage: { trusted: this.trustedBrokerages, authorities: this.authorities }, publicUrl: this.opts.publicUrl, console: () => this.consoleLink, trustedProxies: new TrustedProxies(this.opts.trustedProxies ?? []), publicReads: this.opts.publicReads })
       const host = this.opts.host ?? '127.0.0.1'
       await new Promise<void>((resolve) => {
         const refusalBody = (r: Refusal) => new XrpcError(r.status, r.code, r.message).toJSON()

@@ -10,6 +10,7 @@ import { contextClientAddress, TrustedProxies } from '../src/net/client-address.
 import { CONSOLE_METHODS, forwardedRequest, type ConsoleLink } from './console-link.ts'
 import { didWebOf } from '../src/config.ts'
 import { handlers } from './api/index.ts'
+import { cachedReads, publicReadLimit, PUBLIC_READ_DEFAULTS, type PublicReadOpts } from './api/public-reads.ts'
 import type { Indexer } from './indexer/indexer.ts'
 import type { IndexStore } from './indexer/store.ts'
 import type { ApiContext } from './api/util.ts'
@@ -25,6 +26,8 @@ export interface AppDeps {
   brokerage?: { trusted: ReadonlySet<string>; authorities: AuthorityResolver }
   publicUrl?: string
   validateOutput?: boolean
+  /** The public reads' limit per client address and cache of answers (PUBLIC_READ_DEFAULTS otherwise). */
+  publicReads?: Partial<PublicReadOpts>
   /** The console and the DID the AppView answers for, once linked (appview/console-link.ts). */
   console?: () => { link: ConsoleLink; did: string } | null
   /** Reverse proxies whose X-Forwarded-For names the client (COCORE_TRUSTED_PROXIES). */
@@ -44,6 +47,9 @@ export function createApp(deps: AppDeps): Hono {
     await next()
     c.header('Server-Timing', `app;dur=${(performance.now() - t0).toFixed(2)}`)
   })
+  const reads = { ...PUBLIC_READ_DEFAULTS, ...deps.publicReads }
+  // The AppView's own methods: the console's, handed over below, keep the console's limits.
+  app.use('/xrpc/*', publicReadLimit(reads, new Set(Object.keys(handlers)), (c) => contextClientAddress(c, deps.trustedProxies ?? TrustedProxies.none)))
 
   const health = () => ({
     status: 'ok',
@@ -76,7 +82,7 @@ export function createApp(deps: AppDeps): Hono {
     })
   }
 
-  app.route('/', xrpcRouter<ApiContext>({ handlers, ctx: { db: deps.db, idResolver: deps.idResolver, brokerage: deps.brokerage }, log, validateOutput: deps.validateOutput ?? process.env.NODE_ENV !== 'production' }))
+  app.route('/', xrpcRouter<ApiContext>({ handlers: cachedReads(handlers, reads), ctx: { db: deps.db, idResolver: deps.idResolver, brokerage: deps.brokerage }, log, validateOutput: deps.validateOutput ?? process.env.NODE_ENV !== 'production' }))
   return app
 }
 

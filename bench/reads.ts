@@ -298,7 +298,8 @@ async function main() {
     let mismatches = 0
     for (const mode of ['dev', 'production'] as const) {
       const validateOutput = mode === 'dev'
-      const apps = { baseline: baseline.createApp({ db, store, validateOutput }), current: createApp({ db, store, validateOutput }) }
+      // The current read API without its cache of answers: each request here is computed, as the baseline's are.
+      const apps = { baseline: baseline.createApp({ db, store, validateOutput }), current: createApp({ db, store, validateOutput, publicReads: { cacheEntries: 0, ratePerMinute: 0 } }) }
       const list = await targets(apps.current, w)
       // Warm-up: both variants once over everything (JIT, SQLite page cache, statement caches).
       for (const t of list) for (const app of Object.values(apps)) await pass(app, t)

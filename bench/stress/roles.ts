@@ -52,6 +52,9 @@ async function networkRole(p: { requesters: string[]; providers: string[]; excha
   }
 }
 
+/** The run's readers share one address, and measure answers computed, not ones served again: no limit, no cache. */
+const LOAD_READS = { ratePerMinute: 0, cacheEntries: 0 }
+
 export type ExchangeParams = { plcUrl: string; pdsUrl: string; exchange: Account }
 export type IndexerReport = { stats: AppView['indexer']['stats']; rejections: { reason: string; collection: string; count: number }[] }
 export type ExchangeMethods = { cursor(): Promise<number>; attested(): Promise<number>; indexerStats(): Promise<IndexerReport> }
@@ -59,7 +62,7 @@ export type ExchangeMethods = { cursor(): Promise<number>; attested(): Promise<n
 async function exchangeRole(p: ExchangeParams): Promise<Role<{ consoleUrl: string; appviewUrl: string }, ExchangeMethods>> {
   const dir = mkdtempSync(join(tmpdir(), 'exchange-'))
   // As test/fixture/appview.ts starts it: the PDS keeps its whole log, so the AppView replays it from seq 0.
-  const av = await new AppView({ dbPath: join(dir, 'appview.sqlite'), sources: [toWs(p.pdsUrl)], plcUrl: p.plcUrl, allowHttp: true, handlesViaPds: p.pdsUrl, port: 0, replayFromStart: true }).start()
+  const av = await new AppView({ dbPath: join(dir, 'appview.sqlite'), sources: [toWs(p.pdsUrl)], plcUrl: p.plcUrl, allowHttp: true, handlesViaPds: p.pdsUrl, port: 0, replayFromStart: true, publicReads: LOAD_READS }).start()
   const svc = await startConsole(
     consoleOpts(null, av.url, {
       plcUrl: p.plcUrl,
@@ -140,7 +143,7 @@ export type IndexerMethods = { cursor(): Promise<number>; stats(): Promise<Index
 async function indexerRole(p: IndexerParams): Promise<Role<{ appviewUrl: string }, IndexerMethods>> {
   const dir = mkdtempSync(join(tmpdir(), 'indexer-'))
   // The recording's DIDs are in no running PLC: the relay serves their recorded documents and handles.
-  const av = await new AppView({ dbPath: join(dir, 'appview.sqlite'), sources: [p.relayUrl], plcUrl: p.relayHttpUrl, allowHttp: true, handlesViaPds: p.relayHttpUrl, port: 0, replayFromStart: true }).start()
+  const av = await new AppView({ dbPath: join(dir, 'appview.sqlite'), sources: [p.relayUrl], plcUrl: p.relayHttpUrl, allowHttp: true, handlesViaPds: p.relayHttpUrl, port: 0, replayFromStart: true, publicReads: LOAD_READS }).start()
   return {
     info: { appviewUrl: av.url },
     methods: {

@@ -111,7 +111,7 @@ export const rejections = sqliteTable(
 
 /**
  * A counter every change of `records` and `accounts` moves (triggers of
- * migration 0008): the same value means the same index, so an answer
+ * migration 0010): the same value means the same index, so an answer
  * computed at it may be served again (the read API's cache of answers).
  */
 export const indexVersion = sqliteTable('index_version', {
