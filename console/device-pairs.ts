@@ -172,6 +172,7 @@ export class DevicePairs {
 
   /** Where the pairing a code names stands, while it is in progress (checked before anything costlier is done for a caller). */
   stateOf(code: string, now = Date.now()): InProgress | null {
+    this.gc(now)
     const row = this.rowOfCode(code)
     const status = row ? this.statusOf(row, now) : null
     return isInProgress(status) ? status : null
@@ -228,8 +229,8 @@ export class DevicePairs {
   /**
    * Pairings past their time: an approved one's key, never collected, is
    * revoked and its session dropped; rows go an hour after they expire. Runs
-   * on every call (one range of an index), so nothing outlives its time by
-   * more than the next call.
+   * on every start, poll and confirm (one range of an index), so nothing
+   * outlives its time by more than the next of them.
    */
   private gc(now: number): void {
     const at = new Date(now).toISOString()
