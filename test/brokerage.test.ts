@@ -13,20 +13,19 @@
 import { createServer, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import verifyReceiptHandler from '../appview/api/dev/cocore/compute/verifyReceipt.ts'
 import type { ConsoleService } from '../console/index.ts'
-import type { ExchangeEvent, JobInput } from '../console/exchange/exchange.ts'
 import { didWebOf } from '../src/config.ts'
 import { brokerageDidDocument, countersignatureVerifies, fromWireCountersignature, signWitness } from '../src/crypto/brokerage.ts'
-import { sealPromptTo } from '../src/crypto/enc-scheme.ts'
 import { P256Signer } from '../src/crypto/p256.ts'
 import type { LocalAccount } from '../src/dev/network.ts'
 import { AuthorityResolver, didWebDocumentUrl } from '../src/identity/authority.ts'
 import { createIdResolver } from '../src/identity/index.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import type { InferenceRequestFrame } from '../src/protocol/agent.ts'
-import { encodeInput, inputCommitment } from '../src/protocol/input.ts'
 import { startBuiltinAgent } from './fixture/agent.ts'
 import { signInWithBrowser } from './fixture/console.ts'
+import { runJob } from './fixture/jobs.ts'
 import { ReferenceProvider } from './fixture/reference-provider.ts'
 import { connectScripted, publishScriptedRecord, writeReceipt, type ScriptedProvider, type ScriptedRecord } from './fixture/scripted-provider.ts'
 import { settlingExchange, startStack, type Stack } from './fixture/stack.ts'
@@ -50,6 +49,8 @@ beforeAll(async () => {
   svc = stack.svc
   ;[alice, market] = stack.accounts as LocalAccount[] as [LocalAccount, LocalAccount]
   brokerage = svc.brokerage!.did
+  // As the stacks configure it (COCORE_TRUSTED_BROKERAGES' default), once the console's DID is known.
+  stack.av.trustedBrokerages.add(brokerage)
   // Signing in gives the OAuth session that publishes job records, and the welcome grant.
   await (await signInWithBrowser(stack.browser, svc.url, alice.handle, alice.password)).close()
 }, 180_000)
@@ -63,44 +64,23 @@ const decided = (uri: string) => waitFor(() => svc.db.$client.prepare('SELECT * 
 const rkeyOf = (uri: string) => uri.split('/').pop()!
 
 type Verdict = { ok: boolean; confidential?: boolean; brokerageAuthority?: string; findings: { severity: string; code: string }[] }
-async function verify(uri: string): Promise<Verdict> {
+/** verifyReceipt as the AppView serves it (it trusts the network's brokerage and this exchange's, as configured by default). */
+async function served(uri: string): Promise<Verdict> {
   await indexed(uri)
   const res = await fetch(`${stack.av.url}/xrpc/${ids.ComputeVerifyReceipt}?uri=${encodeURIComponent(uri)}`)
   expect(res.status).toBe(200)
   return (await res.json()) as Verdict
 }
-/** verifyReceipt with `did` trusted, then not. */
-async function verifyTrusting(did: string, uri: string): Promise<{ trusted: Verdict; untrusted: Verdict }> {
-  stack.av.trustedBrokerages.add(did)
-  try {
-    const trusted = await verify(uri)
-    stack.av.trustedBrokerages.delete(did)
-    return { trusted, untrusted: await verify(uri) }
-  } finally {
-    stack.av.trustedBrokerages.delete(did)
-  }
+/** verifyReceipt's answer by a verifier trusting `did`, by one trusting nothing, and as the AppView serves it. */
+async function verifyTrusting(did: string, uri: string): Promise<{ trusted: Verdict; untrusted: Verdict; served: Verdict }> {
+  await indexed(uri)
+  const as = (trusted: string[]) =>
+    verifyReceiptHandler({ db: stack.av.db, brokerage: { trusted: new Set(trusted), authorities: stack.av.authorities } }, { uri }) as Promise<Verdict>
+  return { trusted: await as([did]), untrusted: await as([]), served: await served(uri) }
 }
 
-/** Runs a job through the exchange, sealed as a requester seals it. */
-async function run(model: string, text = `hello ${model}`) {
-  const plaintext = encodeInput([{ role: 'user', content: text }], 'messages-v1')
-  const input: JobInput = {
-    route: { model, requesterDid: alice.did },
-    inputCommitment: inputCommitment(plaintext),
-    inputFormat: 'messages-v1',
-    inputBytes: plaintext.length,
-    maxTokensOut: 64,
-    params: {},
-    seal: (p) => {
-      const sealed = sealPromptTo(plaintext, { encryptionPubKey: p.encryptionPubKey, encScheme: p.record.body.encScheme })
-      return { ciphertext: sealed.sealed, requesterPubKey: sealed.ephemeralPublicKey }
-    },
-    signal: new AbortController().signal,
-  }
-  const events: ExchangeEvent[] = []
-  for await (const e of svc.exchange!.run(input)) events.push(e)
-  return { meta: events[0] as Extract<ExchangeEvent, { kind: 'meta' }>, done: events.at(-1) as Extract<ExchangeEvent, { kind: 'complete' }> }
-}
+/** A job through the exchange, sealed as a requester seals it. */
+const run = (model: string) => runJob(svc.exchange!, alice.did, model, [{ role: 'user', content: `hello ${model}` }])
 
 interface Machine {
   acct: LocalAccount
@@ -164,8 +144,9 @@ describe('countersigned at dispatch', () => {
 
     const receipt = await writeReceipt(rig.acct, rig.published, req, { ...HONEST, brokerageCountersignature: onReceipt(req) })
     expect(await decided(receipt.uri)).toMatchObject({ outcome: 'settled', amount: HONEST.price })
-    const { trusted, untrusted } = await verifyTrusting(brokerage, receipt.uri)
+    const { trusted, untrusted, served } = await verifyTrusting(brokerage, receipt.uri)
     expect(trusted).toMatchObject({ ok: true, confidential: true, brokerageAuthority: brokerage, findings: [] })
+    expect(served).toEqual(trusted)
     expect(untrusted).toMatchObject({ ok: true, confidential: false, findings: [{ severity: 'info', code: 'brokerage-untrusted' }] })
     expect(untrusted).not.toHaveProperty('brokerageAuthority')
   })
@@ -182,8 +163,9 @@ describe('countersigned at dispatch', () => {
       const body = (await acct.agent.com.atproto.repo.getRecord({ repo: acct.did, collection: ids.ComputeReceipt, rkey: rkeyOf(done.receiptUri!) })).data.value as Record<string, unknown>
       expect(body.brokerageCountersignature).toEqual({ authority: brokerage, machineId: witness.machineId, nonce: witness.nonce, sig: expect.any(String) })
       expect(await decided(done.receiptUri!)).toMatchObject({ outcome: 'settled', finding_code: null })
-      const { trusted, untrusted } = await verifyTrusting(brokerage, done.receiptUri!)
+      const { trusted, untrusted, served } = await verifyTrusting(brokerage, done.receiptUri!)
       expect(trusted).toMatchObject({ ok: true, confidential: true, brokerageAuthority: brokerage })
+      expect(served).toEqual(trusted)
       expect(untrusted).toMatchObject({ ok: true, confidential: false })
     } finally {
       await agent.stop()
@@ -218,7 +200,9 @@ describe('forged and lifted countersignatures', () => {
   /** A receipt for `req` carrying `countersignature`, its verifyReceipt verdict (this brokerage trusted) and its settlement. */
   async function judged(req: InferenceRequestFrame, countersignature: object) {
     const receipt = await writeReceipt(rig.acct, rig.published, req, { ...HONEST, brokerageCountersignature: countersignature })
-    return { verdict: (await verifyTrusting(brokerage, receipt.uri)).trusted, decision: await decided(receipt.uri) }
+    const { trusted, served } = await verifyTrusting(brokerage, receipt.uri)
+    expect(served).toEqual(trusted)
+    return { verdict: trusted, decision: await decided(receipt.uri) }
   }
   const invalid = { ok: false, confidential: false, findings: [{ severity: 'error', code: 'brokerage-countersignature-invalid' }] }
 
@@ -271,9 +255,11 @@ describe('forged and lifted countersignatures', () => {
       const req = await job(rig, 'bk-2')
       const receipt = await writeReceipt(rig.acct, rig.published, req, { ...HONEST, brokerageCountersignature: signedBy(key, other, req) })
       expect(await decided(receipt.uri)).toMatchObject({ outcome: 'settled', finding_code: null })
-      const { trusted, untrusted } = await verifyTrusting(other, receipt.uri)
+      const { trusted, untrusted, served } = await verifyTrusting(other, receipt.uri)
       expect(trusted).toMatchObject({ ok: true, confidential: true, brokerageAuthority: other })
       expect(untrusted).toMatchObject({ ok: true, confidential: false, findings: [{ severity: 'info', code: 'brokerage-untrusted' }] })
+      // The AppView does not trust it.
+      expect(served).toEqual(untrusted)
     })
 
     it('one that does not verify with its key, or whose document cannot be read, is refused', async () => {

@@ -12,14 +12,14 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { ConsoleService } from '../console/index.ts'
-import { ExchangeError, type ExchangeEvent, type JobInput } from '../console/exchange/exchange.ts'
+import { ExchangeError, type ExchangeEvent } from '../console/exchange/exchange.ts'
 import type { ConnectedProvider, JobCompletion } from '../console/exchange/gateway.ts'
 import { sealPromptTo } from '../src/crypto/enc-scheme.ts'
-import type { SealChannel } from '../src/crypto/seal.ts'
 import type { LocalAccount } from '../src/dev/network.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
-import { encodeInput, inputCommitment, type ChatMessage, type InputFormat } from '../src/protocol/input.ts'
+import { encodeInput, type ChatMessage, type InputFormat } from '../src/protocol/input.ts'
 import { signInWithBrowser } from './fixture/console.ts'
+import { runJob } from './fixture/jobs.ts'
 import { ReferenceProvider, referenceReply, type ReferenceProviderOpts } from './fixture/reference-provider.ts'
 import { resumeVectors } from './fixture/resume-vectors.ts'
 import { publishScriptedRecord } from './fixture/scripted-provider.ts'
@@ -60,32 +60,8 @@ async function referenceProvider(handle: string, model: string, opts: Partial<Re
   return p
 }
 
-/** Runs a job through the exchange, sealing as a requester does; the events and the reply channel that opens them. */
-async function run(model: string, messages: ChatMessage[], format: InputFormat = 'messages-v1', onEvent?: (e: ExchangeEvent) => void) {
-  const plaintext = encodeInput(messages, format)
-  let reply: SealChannel | null = null
-  const input: JobInput = {
-    route: { model, requesterDid: alice.did },
-    inputCommitment: inputCommitment(plaintext),
-    inputFormat: format,
-    inputBytes: plaintext.length,
-    maxTokensOut: 64,
-    params: {},
-    seal: (p) => {
-      const sealed = sealPromptTo(plaintext, { encryptionPubKey: p.encryptionPubKey, encScheme: p.record.body.encScheme })
-      reply = sealed.reply
-      return { ciphertext: sealed.sealed, requesterPubKey: sealed.ephemeralPublicKey }
-    },
-    signal: new AbortController().signal,
-  }
-  const events: ExchangeEvent[] = []
-  for await (const e of svc.exchange!.run(input)) {
-    events.push(e)
-    onEvent?.(e)
-  }
-  const open = (ciphertext: string) => new TextDecoder().decode(reply!.open(ciphertext)!)
-  return { events, open, chunks: events.flatMap((e) => (e.kind === 'chunk' ? [{ seq: e.seq, channel: e.channel, text: open(e.ciphertext) }] : [])) }
-}
+/** Runs a job through the exchange, sealing as a requester does. */
+const run = (model: string, messages: ChatMessage[], format: InputFormat = 'messages-v1', onEvent?: (e: ExchangeEvent) => void) => runJob(svc.exchange!, alice.did, model, messages, { format, onEvent })
 
 const decided = (uri: string) => waitFor(() => svc.db.$client.prepare('SELECT * FROM settlements WHERE receipt_uri = ?').get(uri) as Record<string, unknown> | undefined, `${uri} decided`)
 
