@@ -98,6 +98,18 @@ describe('public reads: caching', () => {
     expect((await w.app.request(PROFILES, { headers: { 'If-None-Match': a.headers.get('etag')! } })).status).toBe(304)
   })
 
+  it('answers a CORS preflight, and every answer to any page', async () => {
+    const w = world()
+    const pre = await w.app.request(PROFILES, { method: 'OPTIONS', headers: { Origin: 'https://example.com', 'Access-Control-Request-Method': 'GET' } })
+    expect(pre.status).toBe(204)
+    expect(pre.headers.get('access-control-allow-origin')).toBe('*')
+    expect(pre.headers.get('access-control-allow-methods')).toBe('GET,HEAD,OPTIONS')
+    const res = await w.app.request(PROFILES)
+    expect(res.headers.get('access-control-allow-origin')).toBe('*')
+    expect(res.headers.get('server-timing')).toMatch(/^app;dur=\d+\.\d\d$/)
+    expect(res.headers.get('content-type')).toBe('application/json')
+  })
+
   it('leaves errors uncached and unnamed', async () => {
     const w = world()
     const res = await w.app.request(`/xrpc/${ids.AccountGetProfile}?did=${DID}`)

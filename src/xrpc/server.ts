@@ -19,12 +19,19 @@ import type { Logger } from '../logger.ts'
  * (a record's body as indexed) spliced in, rather than parsed and written
  * again. `T` is the output it stands for. It is checked against the lexicon
  * like any output when outputs are validated.
+ *
+ * The router answers it as it is, with `headers` and the router's
+ * `answerHeaders` only (headers set on the context are not added): a response
+ * built once, with plain headers, which the Node adapter writes without
+ * building a Fetch Response and a stream for it.
  */
 export class JsonText<T = unknown> {
   readonly text: string
+  readonly headers: Record<string, string> | undefined
   declare readonly output?: T
-  constructor(text: string) {
+  constructor(text: string, headers?: Record<string, string>) {
     this.text = text
+    this.headers = headers
   }
 }
 
@@ -39,6 +46,8 @@ export interface XrpcRouterOpts<Ctx> {
   log: Logger
   /** Check every response against the lexicon's output schema (dev and tests). */
   validateOutput?: boolean
+  /** Headers of every JsonText answer besides its own (lower-case names). */
+  answerHeaders?: (c: Context) => Record<string, string>
 }
 
 export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
@@ -71,7 +80,8 @@ export function xrpcRouter<Ctx>(opts: XrpcRouterOpts<Ctx>): Hono {
         throw new InternalServerError(`output of ${nsid} failed validation: ${(err as Error).message}`)
       }
     }
-    return text === undefined ? c.json(output as object) : c.body(text, 200, { 'Content-Type': 'application/json' })
+    if (text === undefined) return c.json(output as object)
+    return new Response(text, { status: 200, headers: { 'content-type': 'application/json', ...opts.answerHeaders?.(c), ...(output as JsonText).headers } })
   })
   return app
 }
