@@ -19,7 +19,7 @@ import { openDb, type Db } from '../src/db/index.ts'
 import { ids } from '../src/lexicon/generated/ids.ts'
 import { IndexStore, type RecordWrite } from '../appview/indexer/store.ts'
 import { advanceWindows, rebuildAggregates, WINDOWS, WINDOW_NAMES, windowStarts } from '../appview/indexer/aggregates.ts'
-import { accountTotals, latencyBucket, latencySample, latencyStats, modelActivity, networkLatency, profileSeries } from '../appview/api/aggregates.ts'
+import { accountTotals, latencyBucket, latencySample, latencyStats, modelActivity, modelsDirectory, networkLatency, profileSeries, providerLeaderboard } from '../appview/api/aggregates.ts'
 import { dumpAggregates, expectedAggregates } from './fixture/aggregates.ts'
 import { fuzzConfig, rng, type Rng } from './fixture/fuzz.ts'
 
@@ -194,6 +194,38 @@ function referenceActivity(db: Db, now: number) {
   return models.sort((a, b) => b.totals.month!.requests - a.totals.month!.requests || cmp(a.modelId, b.modelId))
 }
 
+/** The models directory and the provider leaderboard by their definitions. */
+function referenceDirectory(db: Db, now: number) {
+  const all = records(db)
+  const receipts = all.filter((x) => x.collection === ids.ComputeReceipt && x.model !== null)
+  const windows = (xs: Rec[]) =>
+    Object.fromEntries(
+      WINDOW_NAMES.map((w) => {
+        const inside = xs.filter((x) => x.sortAt >= new Date(now - WINDOWS[w]).toISOString())
+        return [w, { requests: inside.length, tokens: inside.reduce((t, x) => t + tokensOf(x), 0) }]
+      }),
+    ) as Record<(typeof WINDOW_NAMES)[number], { requests: number; tokens: number }>
+  const offers = all.filter((x) => x.collection === ids.ComputeProvider).map((x) => ({ did: x.did, models: new Set(Array.isArray(x.body.supportedModels) ? (x.body.supportedModels as unknown[]).filter((m): m is string => typeof m === 'string' && m !== '') : []) }))
+  const models = [...new Set([...receipts.map((x) => x.model!), ...offers.flatMap((o) => [...o.models])])]
+  const directory = models
+    .map((modelId) => {
+      const mine = receipts.filter((x) => x.model === modelId)
+      const machines = offers.filter((o) => o.models.has(modelId))
+      return { modelId, providerCount: new Set(machines.map((o) => o.did)).size, machineCount: machines.length, requests: mine.length, tokens: mine.reduce((t, x) => t + tokensOf(x), 0), activity: windows(mine) }
+    })
+    .sort((a, b) => b.activity.month.requests - a.activity.month.requests || b.machineCount - a.machineCount || cmp(a.modelId, b.modelId))
+  const stats = db.$client.prepare('SELECT did, handle, machines FROM account_stats').all() as { did: string; handle: string | null; machines: number }[]
+  const leaderboard = [...new Set(receipts.map((x) => x.did))]
+    .map((did) => {
+      const mine = receipts.filter((x) => x.did === did)
+      const a = stats.find((s) => s.did === did)
+      return { did, handle: a?.handle ?? null, machines: a?.machines ?? 0, requests: mine.length, tokens: mine.reduce((t, x) => t + tokensOf(x), 0), activity: windows(mine) }
+    })
+    .sort((a, b) => b.activity.month.requests - a.activity.month.requests || b.activity.month.tokens - a.activity.month.tokens || cmp(a.did, b.did))
+    .slice(0, 5)
+  return { directory, leaderboard }
+}
+
 /** latency by its definition, over the buckets (three significant digits) the histograms keep. */
 function referenceLatency(db: Db, now: number) {
   const samples = records(db)
@@ -266,6 +298,7 @@ describe('aggregates', () => {
       expect(modelActivity(d.db, t).models, where).toEqual(referenceActivity(d.db, t))
       const { overall, byProvider, byModel } = networkLatency(d.db, t)
       expect({ overall, byProvider, byModel }, where).toEqual(referenceLatency(d.db, t))
+      expect({ directory: modelsDirectory(d.db, t), leaderboard: providerLeaderboard(d.db, t, 5) }, where).toEqual(referenceDirectory(d.db, t))
       for (const did of DIDS.slice(0, 3)) {
         const hidden = d.db.$client.prepare('SELECT 1 FROM accounts WHERE did = ? AND active = 0').get(did)
         if (hidden || accountTotals(d.db, did).recordCount === 0) continue
