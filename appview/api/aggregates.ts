@@ -32,7 +32,16 @@ const cmp = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0)
 
 /** Reads `fn` sees as one snapshot (another process may be writing between its statements). */
 function snapshot<T>(db: Db, fn: () => T): T {
-  return db.$client.inTransaction ? fn() : db.$client.transaction(fn)()
+  if (db.$client.inTransaction) return fn()
+  statement(db, 'BEGIN').run()
+  try {
+    const out = fn()
+    statement(db, 'COMMIT').run()
+    return out
+  } catch (err) {
+    if (db.$client.inTransaction) statement(db, 'ROLLBACK').run()
+    throw err
+  }
 }
 
 // ---- one account ----------------------------------------------------------------------------
