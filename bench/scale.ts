@@ -42,7 +42,7 @@ process.env.COCORE_LOG_LEVEL ??= 'error'
 setLogLevel(process.env.COCORE_LOG_LEVEL)
 
 /** Bumped when the mix changes: a cached index of an older mix is built again. */
-const MIX_VERSION = 1
+const MIX_VERSION = 2
 const ROOT = resolve(import.meta.dirname, '..')
 const DATA = join(ROOT, 'data', 'bench')
 

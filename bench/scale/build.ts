@@ -10,8 +10,9 @@
  * payment authorization per account, two machines (provider records) and an
  * attestation per provider, 10,000 profiles, 50,000 friend records, and the
  * rest chats (a job, a signed receipt, a settlement on the exchange's repo),
- * ~300,000 of each. Requesters, providers, models and friends' subjects are
- * picked with a Zipf skew (a few busy ones, a long tail); every record is
+ * ~300,000 of each. Each provider serves the models its machines offer (one
+ * to three). Requesters, providers, models and friends' subjects are picked
+ * with a Zipf skew (a few busy ones, a long tail); every record is
  * dated uniformly over the last `days` days (default 90), so each trailing
  * window holds its share.
  */
@@ -155,12 +156,12 @@ export function buildIndex(db: Db, o: MixOpts, log: (msg: string) => void): Targ
     put(accounts[Math.floor(random() * o.accounts)]!, { $type: ids.AccountFriend, subject, createdAt: iso(at()) })
     friendsOf.set(subject, (friendsOf.get(subject) ?? 0) + 1)
   }
-  // Providers: an attestation and their machines, each offering a few models.
+  // Providers: an attestation and their machines, each offering the provider's models (one to three).
   const attestations = providers.map((did) => put(did, attestationRecord(signer)))
+  const offered = providers.map(() => [...new Set(Array.from({ length: 1 + Math.floor(random() * 3) }, () => MODELS[pickModel()]!))])
   for (let i = 0; i < counts.machines!; i++) {
-    const did = providers[i % o.providers]!
-    const models = [...new Set([MODELS[pickModel()]!, MODELS[pickModel()]!, MODELS[pickModel()]!])]
-    put(did, { ...providerRecord(signer, undefined, models[0]), supportedModels: models, createdAt: iso(at()) })
+    const p = i % o.providers
+    put(providers[p]!, { ...providerRecord(signer, undefined, offered[p]![0]), supportedModels: offered[p], createdAt: iso(at()) })
   }
   flush()
 
@@ -175,7 +176,7 @@ export function buildIndex(db: Db, o: MixOpts, log: (msg: string) => void): Targ
     const requester = accounts[r]!
     const p = pickProvider()
     const provider = providers[p]!
-    const model = MODELS[pickModel()]!
+    const model = offered[p]![Math.floor(random() * offered[p]!.length)]!
     const created = at()
     const job = put(requester, {
       $type: ids.ComputeJob,
