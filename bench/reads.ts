@@ -42,10 +42,10 @@ import { IndexStore, type RecordWrite } from '../appview/indexer/store.ts'
 import type { AppDeps } from '../appview/server.ts'
 import { openDb } from '../src/db/index.ts'
 import { P256Signer, sha256Hex } from '../src/crypto/p256.ts'
-import { signReceipt } from '../src/crypto/signing.ts'
-import { attestationRecord, authorizationRecord, friend, hex32, jobRecord, profile, providerRecord } from '../src/dev/records.ts'
+import { attestationRecord, authorizationRecord, friend, hex32, jobRecord, profile, providerRecord, receiptRecord, settlementRecord } from '../src/dev/records.ts'
 import { ids, NSID_PREFIX } from '../src/lexicon/generated/ids.ts'
 import { validateRecord } from '../src/lexicon/validate.ts'
+import { median, table } from './report.ts'
 
 process.env.COCORE_LOG_LEVEL ??= 'error'
 setLogLevel(process.env.COCORE_LOG_LEVEL)
@@ -78,11 +78,6 @@ const ACCOUNTS = int('accounts', 8)
 const ROUNDS = int('rounds', 1)
 const PAGES = int('pages', 1)
 const log = (msg: string) => process.stderr.write(`[bench] ${msg}\n`)
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b)
-  const m = s.length >> 1
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2
-}
 
 // ---- the index ------------------------------------------------------------------------
 
@@ -156,36 +151,10 @@ function buildIndex(store: IndexStore): World {
     const completedAt = new Date(Date.parse(createdAt) + 1500 + (i % 7) * 100).toISOString()
     const receipt = put(
       provider,
-      signReceipt(
-        {
-          $type: ids.ComputeReceipt,
-          job,
-          requester,
-          model,
-          inputCommitment: hex32(),
-          outputCommitment: sha256Hex(`reply ${i}`),
-          tokens: { in: 12 + (i % 5), out: 64 },
-          startedAt: createdAt,
-          completedAt,
-          price: { amount: 42, currency: 'CC' },
-          attestation,
-        },
-        signer,
-      ),
+      receiptRecord(signer, { job, requester, model, inputCommitment: hex32(), outputCommitment: sha256Hex(`reply ${i}`), tokens: { in: 12 + (i % 5), out: 64 }, startedAt: createdAt, completedAt, attestation }),
     )
     receipts.push(receipt.uri)
-    const money = (amount: number) => ({ amount, currency: 'CC' })
-    const settlement = put(exchange, {
-      $type: ids.ComputeSettlement,
-      receipt,
-      requesterAuthorization: auth,
-      amountCharged: money(42),
-      providerPayout: money(40),
-      exchangeFee: money(2),
-      processorReference: Buffer.from(`ledger ${i}`).toString('base64'),
-      status: 'settled',
-      settledAt: completedAt,
-    })
+    const settlement = put(exchange, settlementRecord({ receipt, authorization: auth, amount: 42, fee: 2, reference: `ledger ${i}`, settledAt: completedAt }))
     settlements.push(settlement.uri)
     if (i % 500 === 499) flush()
   }
@@ -331,10 +300,6 @@ async function main() {
       results[mode] = rows
     }
 
-    const table = (rows: string[][]) => {
-      const widths = rows[0]!.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)))
-      return rows.map((row) => row.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!))).join('  ')).join('\n')
-    }
     const out = [
       `environment: node ${process.version}, ${availableParallelism()} cores, load average ${loadavg()[0]!.toFixed(2)}`,
       `index: ${w.records} records (${CHATS} chats, ${ACCOUNTS} accounts); ${ROUNDS} rounds of up to ${PAGES} requests per method; CPU µs per request, median over rounds`,

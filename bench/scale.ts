@@ -37,6 +37,7 @@ import { setLogLevel } from '../src/logger.ts'
 import { optimizePlanner } from '../appview/indexer/aggregates.ts'
 import { buildIndex, type MixOpts, type Targets } from './scale/build.ts'
 import { load, probe, type LoadResult } from './scale/client.ts'
+import { median, table } from './report.ts'
 
 process.env.COCORE_LOG_LEVEL ??= 'error'
 setLogLevel(process.env.COCORE_LOG_LEVEL)
@@ -214,11 +215,6 @@ interface Row {
   ratioToFixedBody: number
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b)
-  const m = s.length >> 1
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2
-}
 const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits
 
 async function measureSize(records: number): Promise<Row[]> {
@@ -272,10 +268,6 @@ async function measureSize(records: number): Promise<Row[]> {
   }
 }
 
-function table(rows: string[][]): string {
-  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)))
-  return rows.map((row) => row.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!))).join('  ')).join('\n')
-}
 
 async function main() {
   const load0 = loadavg()[0]!

@@ -20,9 +20,8 @@ import { randomBytes } from 'node:crypto'
 import { TID } from '@atproto/common-web'
 import { IndexStore, type RecordWrite } from '../../appview/indexer/store.ts'
 import { P256Signer, sha256Hex } from '../../src/crypto/p256.ts'
-import { signReceipt } from '../../src/crypto/signing.ts'
 import type { Db } from '../../src/db/index.ts'
-import { attestationRecord, providerRecord } from '../../src/dev/records.ts'
+import { attestationRecord, providerRecord, receiptRecord, settlementRecord } from '../../src/dev/records.ts'
 import { ids } from '../../src/lexicon/generated/ids.ts'
 import { validateRecord } from '../../src/lexicon/validate.ts'
 
@@ -170,7 +169,6 @@ export function buildIndex(db: Db, o: MixOpts, log: (msg: string) => void): Targ
   const settlements: string[] = []
   const jobsOf = new Map<string, number>()
   const servedBy = new Map<string, number>()
-  const money = (amount: number) => ({ amount, currency: 'CC' })
   for (let i = 0; i < counts.jobs!; i++) {
     const r = pickAccount()
     const requester = accounts[r]!
@@ -183,7 +181,7 @@ export function buildIndex(db: Db, o: MixOpts, log: (msg: string) => void): Targ
       model,
       inputCommitment: sha256Hex(`input ${i}`),
       maxTokensOut: 512,
-      priceCeiling: money(1_000_000),
+      priceCeiling: { amount: 1_000_000, currency: 'CC' },
       acceptedTrustLevel: 'self-attested',
       paymentAuthorization: auths[r]!,
       nonce: randomBytes(16).toString('hex'),
@@ -194,34 +192,19 @@ export function buildIndex(db: Db, o: MixOpts, log: (msg: string) => void): Targ
     const ms = Math.round(1500 * Math.exp(0.6 * Math.sqrt(-2 * Math.log(1 - random())) * Math.cos(2 * Math.PI * random())))
     const receipt = put(
       provider,
-      signReceipt(
-        {
-          $type: ids.ComputeReceipt,
-          job,
-          requester,
-          model,
-          inputCommitment: sha256Hex(`input ${i}`),
-          outputCommitment: sha256Hex(`reply ${i}`),
-          tokens: { in: 20 + Math.floor(random() * 500), out: 50 + Math.floor(random() * 800) },
-          startedAt: iso(created + 200),
-          completedAt: iso(created + 200 + ms),
-          price: money(42),
-          attestation: attestations[p]!,
-        },
-        signer,
-      ),
+      receiptRecord(signer, {
+        job,
+        requester,
+        model,
+        inputCommitment: sha256Hex(`input ${i}`),
+        outputCommitment: sha256Hex(`reply ${i}`),
+        tokens: { in: 20 + Math.floor(random() * 500), out: 50 + Math.floor(random() * 800) },
+        startedAt: iso(created + 200),
+        completedAt: iso(created + 200 + ms),
+        attestation: attestations[p]!,
+      }),
     )
-    const settlement = put(exchange, {
-      $type: ids.ComputeSettlement,
-      receipt,
-      requesterAuthorization: auths[r]!,
-      amountCharged: money(42),
-      providerPayout: money(40),
-      exchangeFee: money(2),
-      processorReference: Buffer.from(`ledger ${i}`).toString('base64'),
-      status: 'settled',
-      settledAt: iso(created + 1000 + ms),
-    })
+    const settlement = put(exchange, settlementRecord({ receipt, authorization: auths[r]!, amount: 42, fee: 2, reference: `ledger ${i}`, settledAt: iso(created + 1000 + ms) }))
     if (receipts.length < 1000 && random() < 0.05) {
       receipts.push(receipt.uri)
       settlements.push(settlement.uri)
