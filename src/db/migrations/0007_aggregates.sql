@@ -324,6 +324,19 @@ END;--> statement-breakpoint
 -- the count below it. Adding or removing one sample moves the nearest rank by at most one, so a percentile
 -- moves by at most one non-empty bucket: one index step, never a walk of the histogram.
 CREATE VIEW `latency_changes` AS SELECT 0 AS `sign`, `kind`, `key`, 0 AS `bucket`, 0 AS `ms`, '' AS `sort_at`, '' AS `uri` FROM `latency_stats` WHERE 0;--> statement-breakpoint
+-- A scope's percentiles after a sample came or went: each moves to the next non-empty bucket below or above
+-- when its rank left its bucket (at most one step, see above).
+CREATE VIEW `latency_pointer_moves` AS SELECT `kind`, `key` FROM `latency_stats` WHERE 0;--> statement-breakpoint
+CREATE TRIGGER `latency_pointer_moves_apply` INSTEAD OF INSERT ON `latency_pointer_moves` BEGIN
+	UPDATE `latency_stats` SET
+			`p50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
+			`below50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN `below50` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
+		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below50` >= (50 * `n` + 99) / 100 OR `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (50 * `n` + 99) / 100);
+	UPDATE `latency_stats` SET
+			`p95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
+			`below95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN `below95` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
+		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below95` >= (95 * `n` + 99) / 100 OR `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (95 * `n` + 99) / 100);
+END;--> statement-breakpoint
 CREATE TRIGGER `latency_changes_added` INSTEAD OF INSERT ON `latency_changes` WHEN NEW.`sign` = 1 BEGIN
 	INSERT INTO `latency_hist` (`kind`, `key`, `bucket`, `n`) VALUES (NEW.`kind`, NEW.`key`, NEW.`bucket`, 1)
 		ON CONFLICT (`kind`, `key`, `bucket`) DO UPDATE SET `n` = `n` + 1;
@@ -334,14 +347,7 @@ CREATE TRIGGER `latency_changes_added` INSTEAD OF INSERT ON `latency_changes` WH
 			`last_at` = CASE WHEN (excluded.`last_at`, excluded.`last_uri`) > (`last_at`, `last_uri`) THEN excluded.`last_at` ELSE `last_at` END,
 			`last_uri` = CASE WHEN (excluded.`last_at`, excluded.`last_uri`) > (`last_at`, `last_uri`) THEN excluded.`last_uri` ELSE `last_uri` END,
 			`last_ms` = CASE WHEN (excluded.`last_at`, excluded.`last_uri`) > (`last_at`, `last_uri`) THEN excluded.`last_ms` ELSE `last_ms` END;
-	UPDATE `latency_stats` SET
-			`p50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
-			`below50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN `below50` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
-		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below50` >= (50 * `n` + 99) / 100 OR `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (50 * `n` + 99) / 100);
-	UPDATE `latency_stats` SET
-			`p95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
-			`below95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN `below95` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
-		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below95` >= (95 * `n` + 99) / 100 OR `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (95 * `n` + 99) / 100);
+	INSERT INTO `latency_pointer_moves` VALUES (NEW.`kind`, NEW.`key`);
 END;--> statement-breakpoint
 CREATE TRIGGER `latency_changes_removed` INSTEAD OF INSERT ON `latency_changes` WHEN NEW.`sign` = -1 BEGIN
 	UPDATE `latency_hist` SET `n` = `n` - 1 WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND `bucket` = NEW.`bucket`;
@@ -356,14 +362,7 @@ CREATE TRIGGER `latency_changes_removed` INSTEAD OF INSERT ON `latency_changes` 
 		WHERE NEW.`kind` = 'provider' AND `kind` = 'provider' AND `key` = NEW.`key` AND `last_uri` = NEW.`uri`;
 	UPDATE `latency_stats` SET (`last_at`, `last_uri`, `last_ms`) = (SELECT `sort_at`, `uri`, `ms` FROM `latency_samples` WHERE `model` = NEW.`key` ORDER BY `sort_at` DESC, `uri` DESC LIMIT 1)
 		WHERE NEW.`kind` = 'model' AND `kind` = 'model' AND `key` = NEW.`key` AND `last_uri` = NEW.`uri`;
-	UPDATE `latency_stats` SET
-			`p50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
-			`below50` = CASE WHEN `below50` >= (50 * `n` + 99) / 100 THEN `below50` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p50` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
-		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below50` >= (50 * `n` + 99) / 100 OR `below50` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p50` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (50 * `n` + 99) / 100);
-	UPDATE `latency_stats` SET
-			`p95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE (SELECT `h`.`bucket` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` > `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1) END,
-			`below95` = CASE WHEN `below95` >= (95 * `n` + 99) / 100 THEN `below95` - (SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` < `latency_stats`.`p95` ORDER BY `h`.`bucket` DESC LIMIT 1) ELSE `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) END
-		WHERE `kind` = NEW.`kind` AND `key` = NEW.`key` AND (`below95` >= (95 * `n` + 99) / 100 OR `below95` + COALESCE((SELECT `h`.`n` FROM `latency_hist` `h` WHERE `h`.`kind` = NEW.`kind` AND `h`.`key` = NEW.`key` AND `h`.`bucket` = `latency_stats`.`p95` ORDER BY `h`.`bucket` ASC LIMIT 1), 0) < (95 * `n` + 99) / 100);
+	INSERT INTO `latency_pointer_moves` VALUES (NEW.`kind`, NEW.`key`);
 END;--> statement-breakpoint
 CREATE TRIGGER `latency_samples_added` AFTER INSERT ON `latency_samples` BEGIN
 	INSERT INTO `latency_changes` SELECT 1, `k`.`kind`, `k`.`key`, NEW.`bucket`, NEW.`ms`, NEW.`sort_at`, NEW.`uri`
