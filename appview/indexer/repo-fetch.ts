@@ -15,6 +15,7 @@ import { outboundFailure, outboundFetch } from '../../src/net/safe-fetch.ts'
 import { NSID_PREFIX } from '../../src/lexicon/generated/ids.ts'
 import { MAX_RECORD_BYTES } from '../../src/lexicon/validate.ts'
 import { indexerLogger as log } from '../../src/logger.ts'
+import { readRepoCar } from './repo-car.ts'
 import type { RecordWrite } from './store.ts'
 
 export class RepoFetchError extends Error {
@@ -95,8 +96,11 @@ export async function fetchRepo(idResolver: IdResolver, did: string, fetchImpl: 
     // Too large, too slow, or cut off: the fetch's limits stopped reading.
     throw new RepoFetchError(`${what} at ${pds}: ${outboundFailure(err)}`, false, { cause: err })
   }
-  const { root, blocks } = await readCarWithRoot(car)
   const key = await idResolver.did.resolveAtprotoKey(did)
+  // What a PDS writes is read in one pass (repo-car.ts); anything else by the library, as before.
+  const read = await readRepoCar(car, did, key)
+  if (read) return { did, ...read }
+  const { root, blocks } = await readCarWithRoot(car)
   let verified
   try {
     verified = await verifyRepo(blocks, root, did, key)
