@@ -146,6 +146,8 @@ class StepQueue implements JobSink {
   private answered = false
   private queuedBytes = 0
   private overflowed = false
+  /** Told at once when the queue overflows: the requester may not come back to read the failure for a long time. */
+  onOverflow: (() => void) | null = null
   private readonly poke = () => {
     const w = this.wake
     this.wake = null
@@ -182,6 +184,7 @@ class StepQueue implements JobSink {
       this.items.length = 0
       this.queuedBytes = 0
       this.items.push({ t: 'fail', code: 'requester_too_slow', message: 'the requester did not read the reply as fast as it came' })
+      this.onOverflow?.()
     } else this.items.push(s)
     this.poke()
   }
@@ -404,6 +407,8 @@ export class Exchange {
           steps.close()
           throw err
         }
+        // The provider stops now, not when the stalled requester's stream next moves.
+        steps.onOverflow = () => job.cancel('the requester did not read the reply as fast as it came')
         // The records are written once a provider has answered: the PDS commit (tens of ms of CPU on a
         // small machine) must not delay the first token, and a job no provider took leaves no records.
         let written: Promise<void> | null = null
