@@ -83,7 +83,8 @@ function from(address: string, path: string, authorization?: string): Promise<Se
 }
 
 const XRPC = `/xrpc/${ids.AccountListApiKeys}`
-const V1 = '/v1/models'
+// /v1/models is public (as on the network): the keyed listing is per tier.
+const V1 = '/v1/private/models'
 const bearer = (k: string) => `Bearer ${k}`
 
 const usageOf = (keyId: string) => svc.db.$client.prepare('SELECT coalesce(sum(requests), 0) FROM usage_daily WHERE key_id = ?').pluck().get(keyId) as number

@@ -88,7 +88,7 @@ const KEY_TARGETS: Target[] = [
   { name: 'xrpc revokeApiKey', path: `/xrpc/${ids.AccountRevokeApiKey}`, method: 'POST', body: { id: 'key_x' } },
   { name: 'xrpc getBalance', path: `/xrpc/${ids.OrgCocoreexchangeLedgerGetBalance}` },
   { name: 'xrpc listEntries', path: `/xrpc/${ids.OrgCocoreexchangeLedgerListEntries}` },
-  { name: 'v1 models', path: '/v1/models' },
+  { name: 'v1 private models', path: '/v1/private/models' },
   { name: 'v1 tier models', path: '/v1/fast/models' },
   { name: 'v1 chat completions', path: '/v1/chat/completions', method: 'POST', body: { model: 'builtin', messages: [{ role: 'user', content: 'hi' }] } },
 ]
