@@ -291,4 +291,5 @@ it(`keeps the books over ${JOBS} randomized jobs with crashes between steps (see
   expect(refusedAdmission + admitted).toBeGreaterThanOrEqual(JOBS)
   // A dishonest receipt (inflated, over the rate, from another repo) never settled, checked after every step above.
   db!.$client.close()
-})
+  // Long runs check the whole book after every step: their time grows with the jobs.
+}, Math.max(120_000, JOBS * 400))
