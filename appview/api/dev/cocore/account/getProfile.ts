@@ -35,10 +35,13 @@ export default function getProfile(ctx: ApiContext, params: AccountGetProfilePar
     ctx.db,
     `SELECT a.handle AS handle, p.body AS body FROM (SELECT ? AS did) x
     LEFT JOIN accounts a ON a.did = x.did
-    LEFT JOIN records p ON p.did = x.did AND p.collection = ? AND p.rkey = 'self'`,
-  ).get(did, ids.AccountProfile) as { handle: string | null; body: string | null }
+    LEFT JOIN records p ON p.uri = ?`,
+  ).get(did, `at://${did}/${ids.AccountProfile}/self`) as { handle: string | null; body: string | null }
   const profile = head.body ? (JSON.parse(head.body) as Record<string, unknown>) : {}
-  const machines = statement(ctx.db, `SELECT rkey, body FROM records WHERE did = ? AND collection = ? AND ${visible()} ORDER BY sort_at DESC, uri DESC`).all(did, ids.ComputeProvider) as { rkey: string; body: string }[]
+  const machines = statement(ctx.db, `SELECT rkey, body FROM records INDEXED BY records_did_collection WHERE did = ? AND collection = ? AND ${visible()} ORDER BY sort_at DESC, uri DESC`).all(did, ids.ComputeProvider) as {
+    rkey: string
+    body: string
+  }[]
   const { weekSeries, incomingFriendsCount } = profileSeries(ctx.db, did, Date.now())
 
   const view: AccountGetProfileProfileView = {
