@@ -112,6 +112,8 @@ function index(records: number): { path: string; targets: Targets; builtNow: boo
   for (const suffix of ['', '-wal', '-shm']) rmSync(`${tmp}${suffix}`, { force: true })
   log(`building ${records} records over ${mix.accounts} accounts (${mix.providers} providers, ${mix.days} days) through the store`)
   const db = openDb(tmp)
+  // A page cache for the build (the index outgrows SQLite's default 2 MB many times over); the servers keep the default.
+  db.$client.pragma('cache_size = -262144')
   const opts: MixOpts = { records, ...mix }
   const targets = buildIndex(db, opts, log)
   optimizePlanner(db, true)

@@ -41,35 +41,49 @@ class Connection {
     })
   }
 
-  /** Completes the pending request once its whole answer is in. */
+  /** The answer being read: its status, and the body bytes still to come (-1: chunked, parsed when whole). */
+  private reading: { status: number; remaining: number } | null = null
+
+  /** Completes the pending request once its whole answer is in; a body of known length is counted, not kept. */
   private onData(chunk: Buffer): void {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk
-    const head = this.buf.indexOf('\r\n\r\n')
-    if (head < 0) return
-    const headers = this.buf.subarray(0, head).toString('latin1')
-    const status = Number(headers.slice(9, 12))
-    const length = /\r\ncontent-length: *(\d+)/i.exec(headers)
-    let end: number
-    if (length) {
-      end = head + 4 + Number(length[1])
-      if (this.buf.length < end) return
-    } else if (/\r\ntransfer-encoding: *chunked/i.test(headers)) {
+    let buf: Buffer<ArrayBufferLike> = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk
+    if (!this.reading) {
+      const head = buf.indexOf('\r\n\r\n')
+      if (head < 0) {
+        this.buf = buf
+        return
+      }
+      const headers = buf.subarray(0, head).toString('latin1')
+      const length = /\r\ncontent-length: *(\d+)/i.exec(headers)
+      const chunked = !length && /\r\ntransfer-encoding: *chunked/i.test(headers)
+      this.reading = { status: Number(headers.slice(9, 12)), remaining: length ? Number(length[1]) : chunked ? -1 : 0 }
+      buf = buf.subarray(head + 4)
+    }
+    const r = this.reading
+    if (r.remaining >= 0) {
+      if (buf.length < r.remaining) {
+        r.remaining -= buf.length
+        this.buf = Buffer.alloc(0)
+        return
+      }
+      this.buf = buf.subarray(r.remaining)
+    } else {
       // Chunks until the empty one.
-      let at = head + 4
+      let at = 0
       for (;;) {
-        const line = this.buf.indexOf('\r\n', at)
-        if (line < 0) return
-        const size = parseInt(this.buf.subarray(at, line).toString('latin1'), 16)
+        const line = buf.indexOf('\r\n', at)
+        if (line < 0) return void (this.buf = buf)
+        const size = parseInt(buf.subarray(at, line).toString('latin1'), 16)
         at = line + 2 + size + 2
-        if (this.buf.length < at) return
+        if (buf.length < at) return void (this.buf = buf)
         if (size === 0) break
       }
-      end = at
-    } else end = head + 4
-    this.buf = this.buf.subarray(end)
+      this.buf = buf.subarray(at)
+    }
+    this.reading = null
     const done = this.pending
     this.pending = null
-    done?.(status)
+    done?.(r.status)
   }
 
   close(): void {
