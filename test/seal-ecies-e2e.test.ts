@@ -182,7 +182,10 @@ describe('sealed to it through the exchange', () => {
 
     const complete = events.at(-1) as Extract<ChatEvent, { type: 'complete' }>
     expect(complete.receiptUri).toMatch(new RegExp(`^at://${rig.did}/${ids.ComputeReceipt}/`))
-    expect(await verified(complete.receiptUri!)).toMatchObject({ ok: true, findings: [] })
+    // Countersigned by this stack's exchange, a brokerage the test AppView does not trust: an info finding, no error.
+    const verdict = await verified(complete.receiptUri!)
+    expect(verdict).toMatchObject({ ok: true })
+    expect((verdict.findings as { severity: string }[]).filter((f) => f.severity !== 'info')).toEqual([])
   })
 
   it('by the exchange on receipt (the OpenAI-compatible API), streamed and not', async () => {
