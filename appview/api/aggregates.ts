@@ -327,8 +327,23 @@ const emptyWindows = (): DefsActivityWindows => ({
   month: { requests: 0, tokens: 0 },
 })
 
-const ACTIVITY = `SELECT model, provider, requests, tokens, ${WINDOW_NAMES.map((w) => `${w}_requests AS ${w}Requests, ${w}_tokens AS ${w}Tokens`).join(', ')}
+const ACTIVITY = `SELECT model, provider, requests, tokens, hour_requests AS hr, hour_tokens AS ht, day_requests AS dr, day_tokens AS dt,
+    week_requests AS wr, week_tokens AS wt, month_requests AS mr, month_tokens AS mt
   FROM model_activity WHERE provider NOT IN (${HIDDEN})`
+interface ActivityRow {
+  model: string
+  provider: string
+  requests: number
+  tokens: number
+  hr: number
+  ht: number
+  dr: number
+  dt: number
+  wr: number
+  wt: number
+  mr: number
+  mt: number
+}
 
 /**
  * Receipts naming a model, per model and visible provider: all time and in
@@ -338,10 +353,9 @@ const ACTIVITY = `SELECT model, provider, requests, tokens, ${WINDOW_NAMES.map((
 export function activityPairs(db: Db, now: number): ActivityPair[] {
   return snapshot(db, () => {
     const pairs = new Map<string, ActivityPair>()
-    for (const r of statement(db, ACTIVITY).all() as Record<string, number | string>[]) {
-      const windows = emptyWindows()
-      for (const w of WINDOW_NAMES) windows[w] = { requests: r[`${w}Requests`] as number, tokens: r[`${w}Tokens`] as number }
-      pairs.set(`${r.model} ${r.provider}`, { model: r.model as string, provider: r.provider as string, requests: r.requests as number, tokens: r.tokens as number, windows })
+    for (const r of statement(db, ACTIVITY).all() as ActivityRow[]) {
+      const windows = { hour: { requests: r.hr, tokens: r.ht }, day: { requests: r.dr, tokens: r.dt }, week: { requests: r.wr, tokens: r.wt }, month: { requests: r.mr, tokens: r.mt } }
+      pairs.set(`${r.model} ${r.provider}`, { model: r.model, provider: r.provider, requests: r.requests, tokens: r.tokens, windows })
     }
     const starts = windowStarts(db)
     for (const w of WINDOW_NAMES) {
