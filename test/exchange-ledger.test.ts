@@ -242,8 +242,7 @@ describe('settlement', () => {
       const res = (await new OpenAI({ baseURL: `${quiet.url}/v1`, apiKey: key, maxRetries: 0 }).chat.completions.create({ model: 'builtin', messages: [{ role: 'user', content: 'twice' }] })) as unknown as { cocore: { receipt: string } }
       await indexed(res.cocore.receipt)
       const e = quiet.economy!
-      const twin = () =>
-        new Settler({ db: quiet.db, index: av.consoleIndex(), book: quiet.exchange!.book, ledger: e.ledger, outbox: e.outbox, exchangeDid: souk.did, policy: e.policy, refs: { policy: e.refs.policy, attestation: e.refs.attestation }, key: e.key })
+      const twin = () => new Settler(e.settlerOpts)
       const decided = await Promise.all([twin(), twin(), twin()].map(async (s) => s.pass()))
       // The first pass decides every receipt of this exchange; the others find them decided.
       expect(decided.filter((n) => n > 0)).toHaveLength(1)

@@ -53,6 +53,8 @@ export class Economy {
   readonly key: SigningKey
   readonly refs: PublishedPolicy
   readonly settler: Settler
+  /** What the settler was built with (a second pipeline on the same books is built the same way). */
+  readonly settlerOpts: SettlerOpts
   private readonly db: Db
   private readonly book: DispatchBook
   private timer: NodeJS.Timeout | null = null
@@ -67,7 +69,7 @@ export class Economy {
     this.refs = refs
     this.ledger = opts.book.ledger ?? new Ledger(opts.db)
     this.outbox = new Outbox(opts.db, repo, opts.outbox)
-    this.settler = new Settler({
+    this.settlerOpts = {
       db: opts.db,
       index: opts.index,
       book: opts.book,
@@ -80,7 +82,8 @@ export class Economy {
       brokerage: opts.brokerage,
       authorities: opts.authorities,
       afterDecide: opts.afterDecide,
-    })
+    }
+    this.settler = new Settler(this.settlerOpts)
   }
 
   /** Signs in to the exchange's repo, publishes the policy and attestation if they changed, and starts the pipeline. */
