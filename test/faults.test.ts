@@ -320,11 +320,12 @@ it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exc
     settled: (await listAll(market.did, ids.ComputeSettlement)).map((x) => (x.value.receipt as { uri: string }).uri).sort(),
     decided: decisions(),
   })
+  let seen: Awaited<ReturnType<typeof settledState>> | null = null
   const { receipts: receiptRecords, settled, decided } = await waitFor(
     async () => {
       const before = await settledState()
       await new Promise((res) => setTimeout(res, 1_000))
-      const after = await settledState()
+      const after = (seen = await settledState())
       const uris = after.receipts.map((x) => x.uri).sort()
       const settledRows = after.decided.filter((d) => d.outcome === 'settled').map((d) => d.uri)
       const stable = JSON.stringify(before) === JSON.stringify(after)
@@ -332,7 +333,12 @@ it('recovers from PDS outages, slowness and errors, and from SIGKILLs of the exc
     },
     'every receipt decided, and every settlement published',
     120_000,
-  )
+  ).catch((err: Error) => {
+    // What was still undecided or unpublished, for the failure's message.
+    const decidedUris = new Set(seen?.decided.map((d) => d.uri))
+    const undecided = seen?.receipts.filter((r) => !decidedUris.has(r.uri)).map((r) => r.uri)
+    throw new Error(`${err.message}; undecided ${JSON.stringify(undecided)}; decided ${JSON.stringify(seen?.decided)}; published ${seen?.settled.length}`)
+  })
   const receipts = receiptRecords.map((x) => x.uri).sort()
   expect(decided.map((d) => d.uri)).toEqual(receipts)
   for (const d of decided.filter((x) => x.outcome === 'refused')) expect(d.code, d.uri).toBe('job-not-completed')
