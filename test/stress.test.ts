@@ -33,7 +33,7 @@ it('serves every kind of load at once with no error, and reports served, errors,
   expect(report.ok).toBe(true)
   for (const kind of ['xrpc read', 'chat', 'sign-in', 'api-key']) expect(report.served[kind], kind).toBeGreaterThan(0)
   // Each read method of both AppViews, each API-key call, and the chats were timed.
-  for (const endpoint of ['exchange: compute.listJobs', 'exchange: compute.listReceipts', 'replay: account.listFriendEdges', 'createApiKey', 'GET /v1/models, revoked key (401)', 'chat TTFT', 'sign-in (browser, PDS OAuth)']) {
+  for (const endpoint of ['exchange: compute.listJobs', 'exchange: compute.listReceipts', 'replay: account.listFriendEdges', 'createApiKey', 'GET /v1/private/models, revoked key (401)', 'chat TTFT', 'sign-in (browser, PDS OAuth)']) {
     const row = report.latency[endpoint]
     expect(row, endpoint).toBeDefined()
     expect(row!.count).toBeGreaterThan(0)

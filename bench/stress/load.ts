@@ -236,7 +236,7 @@ const post = (consoleUrl: string, cookie: string, input: unknown): RequestInit =
 
 /**
  * One key's life, again and again: created with a console session, used on
- * /v1/models, listed, revoked, refused once revoked (401: the expected answer),
+ * /v1/private/models (a keyed listing: /v1/models is public), listed, revoked, refused once revoked (401: the expected answer),
  * deleted. The sessions come from the sign-ins.
  */
 export async function keyCalls(ctx: LoadContext, opts: { consoleUrl: string; loop: number; session(i: number): string }): Promise<void> {
@@ -246,8 +246,9 @@ export async function keyCalls(ctx: LoadContext, opts: { consoleUrl: string; loo
     const key = await createKey(ctx, consoleUrl, cookie, `stress-${opts.loop}-${i}`, ['inference'])
     if (!key) continue
     const bearer = { headers: { authorization: `Bearer ${key.secret}` } }
-    await request(ctx, 'api-key', 'GET /v1/models', `${consoleUrl}/v1/models`, bearer, (s, b) =>
-      s === 200 && ((b as { data?: { id: string }[] }).data ?? []).some((m) => m.id === MODEL) ? null : 'status or no model',
+    await request(ctx, 'api-key', 'GET /v1/private/models', `${consoleUrl}/v1/private/models`, bearer, (s, b) =>
+      // The private tier lists friends' models only (none here): the key is what is exercised.
+      s === 200 && Array.isArray((b as { data?: unknown }).data) ? null : 'status or no list',
     )
     await request(ctx, 'api-key', 'listApiKeys', `${consoleUrl}/xrpc/${ids.AccountListApiKeys}`, { headers: { cookie, origin: consoleUrl } }, (s, b) =>
       s === 200 && ((b as { keys?: { id: string }[] }).keys ?? []).some((k) => k.id === key.id) ? null : 'status or key not listed',
@@ -255,7 +256,7 @@ export async function keyCalls(ctx: LoadContext, opts: { consoleUrl: string; loo
     await request(ctx, 'api-key', 'revokeApiKey', `${consoleUrl}/xrpc/${ids.AccountRevokeApiKey}`, post(consoleUrl, cookie, { id: key.id }), (s, b) =>
       s === 200 && (b as { revoked?: unknown }).revoked === true ? null : 'status or not revoked',
     )
-    await request(ctx, 'api-key', 'GET /v1/models, revoked key (401)', `${consoleUrl}/v1/models`, bearer, (s) => (s === 401 ? null : 'revoked key not refused'))
+    await request(ctx, 'api-key', 'GET /v1/private/models, revoked key (401)', `${consoleUrl}/v1/private/models`, bearer, (s) => (s === 401 ? null : 'revoked key not refused'))
     await request(ctx, 'api-key', 'deleteApiKey', `${consoleUrl}/xrpc/${ids.AccountDeleteApiKey}`, post(consoleUrl, cookie, { id: key.id }), (s, b) =>
       s === 200 && (b as { deleted?: unknown }).deleted === true ? null : 'status or not deleted',
     )
