@@ -212,7 +212,10 @@ export class DispatchBook {
   recoverInterrupted(): number {
     const c = this.db.$client
     return c.transaction(() => {
-      const rows = c.prepare("SELECT job_uri AS jobUri, requester_did AS requesterDid, hold FROM exchange_jobs WHERE state IN ('admitted', 'running')").all() as { jobUri: string; requesterDid: string; hold: number }[]
+      // Also a job that ended while its records' publication was still in flight: the exchange never saw them land.
+      const rows = c
+        .prepare("SELECT job_uri AS jobUri, requester_did AS requesterDid, hold FROM exchange_jobs WHERE state IN ('admitted', 'running') OR (state IN ('completed', 'cancelled') AND recorded = 0)")
+        .all() as { jobUri: string; requesterDid: string; hold: number }[]
       const mark = c.prepare("UPDATE exchange_jobs SET state = 'failed', hold = 0, reserved = 0, updated_at = ? WHERE job_uri = ?")
       for (const r of rows) {
         mark.run(new Date().toISOString(), r.jobUri)
